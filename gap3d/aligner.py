@@ -1,0 +1,232 @@
+"""AlignerDiT: a diffusion transformer that generates DINOv2 tokens from VLM soft-token latents.
+
+The sequence is the TRELLIS conditioning layout: `num_special_tokens` tokens (CLS + registers) first, then
+the grid_size x grid_size patch grid, each of dim `token_dim`. Patches get 2-D rotary positions (row,
+column); the special tokens get learned role embeddings and identity rotation. The VLM latents are
+projected to the hidden size and read through tanh-gated cross-attention in every block; their mean joins
+the timestep embedding that drives the adaLN modulation (scale and gate, Lumina-Next style), zero-initialised
+so every block starts as the identity. Time t is in [0, 1] (see gap3d/flow.py); the embedder scales it by
+1000 internally.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AlignerConfig:
+    token_dim: int = 1024  # D: feature size of the DINOv2 tokens being generated
+    grid_size: int = 37  # patch grid side (518 px / patch 14)
+    num_special_tokens: int = 5  # CLS + 4 registers, placed before the patches
+    cond_dim: int = 2048  # d_vlm: hidden size of the VLM latents
+    num_cond_tokens: int = 64  # s: number of soft-token latents per prompt
+    hidden_size: int = 1792  # transformer width
+    depth: int = 24  # number of blocks
+    num_heads: int = 28  # attention heads (head dim = hidden_size / num_heads, must be divisible by 4 for 2-D RoPE)
+    mlp_ratio: float = 4.0  # SwiGLU hidden = 2/3 * mlp_ratio * hidden_size, rounded up to a multiple of 64
+    qk_norm: bool = True  # RMS-normalise queries and keys (stabilises bf16 training)
+    null_condition: str = "zeros"  # CFG null condition: "zeros" (authors) or "learned"
+    rope_theta: float = 10000.0  # base of the rotary frequencies
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"aligner.hidden_size {self.hidden_size} is not divisible by aligner.num_heads {self.num_heads}")
+        if (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(f"aligner head dim {self.hidden_size // self.num_heads} must be divisible by 4 for 2-D RoPE")
+        if self.null_condition not in ("zeros", "learned"):
+            raise ValueError(f"aligner.null_condition must be 'zeros' or 'learned', got {self.null_condition!r}")
+        for name in ("token_dim", "grid_size", "cond_dim", "num_cond_tokens", "depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"aligner.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_special_tokens + self.grid_size**2
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+
+
+def rope_2d(grid_size: int, num_special: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (N, head_dim/2): half the frequencies rotate by row, half by column; special tokens don't rotate."""
+    quarter = head_dim // 4
+    freqs = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (head_dim/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # (grid^2, head_dim/2)
+    angles = torch.cat([torch.zeros(num_special, angles.shape[1], dtype=angles.dtype), angles])  # (N, head_dim/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of x (B, H, N, hd) by the angles in cos/sin (N, hd/2)."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, N, hd/2, 2)
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention with RoPE when `context` is None, else cross-attention."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, cross: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+        # Cross-attention enters through a per-head tanh gate that starts closed (Lumina-Next).
+        self.gate = nn.Parameter(torch.zeros(num_heads)) if cross else None
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, rope: tuple | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        source = x if context is None else context
+        q = self.q(x).view(B, N, self.num_heads, -1).transpose(1, 2)  # (B, H, N, hd)
+        k, v = self.kv(source).view(B, source.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, S, hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
+        if self.gate is not None:
+            out = out * self.gate.tanh().view(1, -1, 1, 1).to(out.dtype)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, mlp_ratio: float):
+        super().__init__()
+        hidden = 64 * math.ceil(2 * mlp_ratio * dim / 3 / 64)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> (B, hidden) through sinusoidal features of 1000 * t and an MLP."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_size // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = 1000.0 * t.float()[:, None] * freqs[None]  # (B, half)
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype))
+
+
+def modulate(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None])
+
+
+class AlignerBlock(nn.Module):
+    """Self-attention (RoPE) -> gated cross-attention to the condition -> SwiGLU, adaLN scale/gate around each."""
+
+    def __init__(self, config: AlignerConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.attn_norm = RMSNorm(dim)
+        self.attn = Attention(dim, config.num_heads, config.qk_norm, cross=False)
+        self.cross_norm = RMSNorm(dim)
+        self.cross_attn = Attention(dim, config.num_heads, config.qk_norm, cross=True)
+        self.mlp_norm = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, config.mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 4 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, cond: torch.Tensor, rope: tuple) -> torch.Tensor:
+        scale_attn, gate_attn, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=-1)  # each (B, hidden)
+        x = x + gate_attn.tanh()[:, None] * self.attn(modulate(self.attn_norm(x), scale_attn), rope=rope)
+        x = x + self.cross_attn(self.cross_norm(x), context=cond)
+        return x + gate_mlp.tanh()[:, None] * self.mlp(modulate(self.mlp_norm(x), scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.linear = nn.Linear(hidden_size, out_dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(self.norm(x) * (1 + scale[:, None]) + shift[:, None])
+
+
+class AlignerDiT(nn.Module):
+    """(x_t (B, N, D), t (B,), cond (B, s, d_vlm), drop_cond (B,) bool) -> velocity (B, N, D)."""
+
+    def __init__(self, config: AlignerConfig):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.x_embedder = nn.Linear(config.token_dim, hidden)
+        self.special_embed = nn.Parameter(torch.zeros(config.num_special_tokens, hidden))  # roles of CLS and registers
+        self.t_embedder = TimestepEmbedder(hidden)
+        self.cond_embedder = nn.Sequential(nn.LayerNorm(config.cond_dim), nn.Linear(config.cond_dim, hidden))
+        self.cond_pool = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        if config.null_condition == "learned":
+            self.null_cond = nn.Parameter(torch.zeros(config.num_cond_tokens, config.cond_dim))
+        else:
+            self.register_buffer("null_cond", torch.zeros(config.num_cond_tokens, config.cond_dim), persistent=False)
+        self.blocks = nn.ModuleList([AlignerBlock(config) for _ in range(config.depth)])
+        self.final_layer = FinalLayer(hidden, config.token_dim)
+        cos, sin = rope_2d(config.grid_size, config.num_special_tokens, hidden // config.num_heads, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Xavier linears; adaLN modulation, special/null embeddings and the output layer start at zero."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.special_embed, std=0.02)
+        if isinstance(self.null_cond, nn.Parameter):
+            nn.init.normal_(self.null_cond, std=0.02)
+        for mlp in (self.t_embedder.mlp, self.cond_pool):
+            nn.init.normal_(mlp[0].weight, std=0.02)
+            nn.init.normal_(mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, drop_cond: torch.Tensor | None = None) -> torch.Tensor:
+        config = self.config
+        if x.shape[1:] != (config.num_tokens, config.token_dim):
+            raise ValueError(f"aligner input must be (B, {config.num_tokens}, {config.token_dim}), got {tuple(x.shape)}")
+        if cond.shape[1:] != (config.num_cond_tokens, config.cond_dim):
+            raise ValueError(f"aligner condition must be (B, {config.num_cond_tokens}, {config.cond_dim}), got {tuple(cond.shape)}")
+        if drop_cond is not None:
+            cond = torch.where(drop_cond.view(-1, 1, 1), self.null_cond.to(cond.dtype).expand_as(cond), cond)
+        h = self.x_embedder(x)  # (B, N, hidden)
+        special = config.num_special_tokens
+        h = torch.cat([h[:, :special] + self.special_embed, h[:, special:]], dim=1)
+        cond_h = self.cond_embedder(cond)  # (B, s, hidden)
+        c = self.t_embedder(t) + self.cond_pool(cond_h.mean(dim=1))  # (B, hidden)
+        rope = (self.rope_cos, self.rope_sin)
+        for block in self.blocks:
+            h = block(h, c, cond_h, rope)
+        return self.final_layer(h, c)  # (B, N, D)

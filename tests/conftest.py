@@ -1,0 +1,102 @@
+"""Shared fixtures: a real S3 API server (moto) on 127.0.0.1, and one local Ray cluster per session."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server in its own process; AWS_* variables point s3fs/pyarrow/boto3 at it."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in _AWS_ENV}
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_REGION="us-east-1",
+    )
+    try:
+        _wait_for_port(port, timeout_s=30)
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh, empty bucket on the moto server; yields its s3:// URI."""
+    import boto3
+
+    name = ("gap3d-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()))[:50].strip("-")
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session (start-up costs seconds)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Tiny random VLM and DINOv2 written once per session with save_pretrained: {'vlm': Path, 'dino': Path}."""
+    from gap3d.tiny_models import write_tiny_checkpoints
+
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_checkpoints):
+    """The tiny preset pointed at the session's tiny checkpoints."""
+    from gap3d.config import load_config
+
+    return load_config("tiny", overrides=[f"vlm.path={tiny_checkpoints['vlm']}", f"dino.path={tiny_checkpoints['dino']}"])

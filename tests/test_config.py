@@ -1,0 +1,71 @@
+"""Config: presets, YAML round trip, key.sub=value overrides, validation."""
+
+import pytest
+
+from gap3d.config import Gap3DConfig, load_config, save_config
+
+
+def test_paper_preset_is_the_authors_recipe():
+    config = load_config("paper")
+    assert (config.aligner.hidden_size, config.aligner.depth, config.aligner.num_heads) == (1792, 24, 28)
+    assert (config.vlm.num_soft_tokens, config.aligner.cond_dim) == (64, 2048)
+    assert (config.train.lr, config.train.min_lr, config.train.weight_decay) == (2.8e-4, 1e-5, 0.0)
+    assert (config.flow.cond_dropout, config.flow.cfg_scale) == (0.1, 3.0)
+    assert config.flow.loss_weights == {"patches": 0.4, "cls": 0.3, "registers": 0.3}
+    assert config.aligner.null_condition == "zeros"
+
+
+def test_tiny_preset_keeps_token_layout_consistent_with_its_dino_image_size():
+    config = load_config("tiny")
+    assert config.aligner.grid_size == config.dino.image_size // 14
+    assert config.aligner.num_cond_tokens == config.vlm.num_soft_tokens
+
+
+def test_yaml_round_trip_gives_an_equal_config(tmp_path):
+    config = load_config("tiny", overrides=["train.max_steps=7"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(yaml_path=tmp_path / "config.yaml") == config
+
+
+def test_yaml_values_override_the_preset_and_command_line_overrides_the_yaml(tmp_path):
+    (tmp_path / "run.yaml").write_text("preset: tiny\ntrain:\n  lr: 0.01\n  max_steps: 5\n")
+    config = load_config(yaml_path=tmp_path / "run.yaml", overrides=["train.max_steps=9"])
+    assert (config.preset, config.train.lr, config.train.max_steps) == ("tiny", 0.01, 9)
+
+
+def test_overrides_parse_yaml_values_and_coerce_to_the_field_type():
+    config = load_config("tiny", overrides=["train.lr=1e-4", "train.use_gpu=true", "flow.loss_weights={patches: 1, cls: 0, registers: 0}"])
+    assert config.train.lr == 1e-4 and isinstance(config.train.lr, float)
+    assert config.train.use_gpu is True
+    assert config.flow.loss_weights == {"patches": 1, "cls": 0, "registers": 0}
+
+
+def test_unknown_key_is_rejected_naming_it_and_the_valid_keys():
+    with pytest.raises(ValueError, match=r"unknown config key train\.lrr; valid keys here: .*\blr\b"):
+        load_config("tiny", overrides=["train.lrr=1"])
+
+
+def test_malformed_override_and_wrong_type_are_rejected():
+    with pytest.raises(ValueError, match="key.sub=value"):
+        load_config("tiny", overrides=["train.lr"])
+    with pytest.raises(ValueError, match="train.max_steps needs an integer"):
+        load_config("tiny", overrides=["train.max_steps=many"])
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ValueError, match="tiny, paper"):
+        load_config("huge")
+
+
+def test_soft_token_count_must_match_the_aligner_condition_length():
+    with pytest.raises(ValueError, match="vlm.num_soft_tokens"):
+        load_config("tiny", overrides=["vlm.num_soft_tokens=4"])
+
+
+def test_global_batch_must_divide_across_workers_and_accumulation():
+    with pytest.raises(ValueError, match="not divisible"):
+        load_config("tiny", overrides=["train.global_batch_size=15"])
+
+
+def test_default_config_constructs_the_paper_recipe():
+    assert Gap3DConfig() == load_config("paper")

@@ -1,0 +1,59 @@
+"""DinoTargetEncoder: the exact TRELLIS conditioning format from a real (tiny) Dinov2WithRegistersModel."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gap3d.dino import DinoConfig, DinoTargetEncoder, normalize_images
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).integers(0, 255, (2, 518, 518, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_checkpoints):
+    return DinoTargetEncoder.from_pretrained(DinoConfig(path=str(tiny_checkpoints["dino"]), image_size=518))
+
+
+def test_518px_images_give_1374_tokens_cls_4_registers_37x37_patches(encoder, images):
+    assert encoder.encode(images).shape == (2, 1 + 4 + 37 * 37, 64)
+
+
+def test_targets_are_the_pre_norm_last_block_output_with_non_affine_layer_norm(encoder, images):
+    pixels = normalize_images(images)
+    hidden = encoder.model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+    mean, var = hidden.mean(-1, keepdim=True), hidden.var(-1, unbiased=False, keepdim=True)
+    reference = (hidden - mean) / torch.sqrt(var + 1e-5)
+    torch.testing.assert_close(encoder(pixels), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_targets_differ_from_the_models_final_affine_norm_output(encoder, images):
+    # The tiny factory gives the final norm non-trivial affine weights, as the real DINOv2 has.
+    with torch.no_grad():
+        last = encoder.model(pixel_values=normalize_images(images)).last_hidden_state
+    assert not torch.allclose(encoder.encode(images), F.layer_norm(last, last.shape[-1:]), atol=1e-2)
+
+
+def test_each_token_is_normalised_to_zero_mean_unit_std(encoder, images):
+    targets = encoder.encode(images)
+    torch.testing.assert_close(targets.mean(-1), torch.zeros(targets.shape[:2]), atol=1e-5, rtol=0)
+    # std = sqrt(var / (var + eps)): low-variance tokens of a random model sit a little under 1.
+    torch.testing.assert_close(targets.std(-1, unbiased=False), torch.ones(targets.shape[:2]), atol=2e-2, rtol=0)
+
+
+def test_imagenet_normalisation_of_uint8_images():
+    white = np.full((1, 14, 14, 3), 255, dtype=np.uint8)
+    expected = (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(normalize_images(white)[0, :, 0, 0], expected)
+
+
+def test_dino_weights_are_frozen(encoder):
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_wrong_image_size_is_rejected_with_expected_size(encoder):
+    with pytest.raises(ValueError, match="518x518"):
+        encoder(torch.zeros(1, 3, 224, 224))

@@ -1,0 +1,59 @@
+"""Feature shards: rows round-trip through Arrow/Parquet, and the manifest guards encoder compatibility."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from gap3d.config import load_config
+from gap3d.features import (
+    FeatureManifest,
+    caches_from_rows,
+    dino_from_rows,
+    encoder_identity,
+    latents_from_rows,
+    rows_to_table,
+)
+
+
+def test_prompt_cache_rows_round_trip_through_parquet(tmp_path):
+    rng = np.random.default_rng(0)
+    dino = [rng.standard_normal((6, 4)).astype(np.float32) for _ in range(2)]
+    caches = [rng.standard_normal((2, 2, 1, n, 3)).astype(np.float32) for n in (3, 5)]
+    rows = {"key": ["a", "b"], "caption": ["x", "y"], "input_ids": [[1, 2, 3], [1, 2, 3, 4, 5]],
+            "dino": dino, "next_position": [3, 5], "prompt_cache": caches}
+    pq.write_table(rows_to_table(rows, "prompt_cache"), tmp_path / "f.parquet")
+    table = pq.read_table(tmp_path / "f.parquet").to_pydict()
+    manifest = FeatureManifest(encoders={}, dino_shape=[6, 4], cache_shape=[2, 2, 1, 3])
+    torch.testing.assert_close(dino_from_rows(table["dino"], manifest), torch.tensor(np.stack(dino)).half().float())
+    restored = caches_from_rows(table["prompt_cache"], table["input_ids"], table["next_position"], manifest)
+    assert [c.next_position for c in restored] == [3, 5]
+    for cache, original in zip(restored, caches):
+        torch.testing.assert_close(cache.key_values, torch.tensor(original).half().float())
+
+
+def test_soft_latent_rows_restore_their_shape():
+    latents = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    table = rows_to_table({"key": ["a", "b"], "caption": ["x", "y"], "input_ids": [[1], [2]], "dino": [np.zeros(2)] * 2,
+                           "next_position": [1, 1], "soft_latents": list(latents)}, "soft_latents").to_pydict()
+    manifest = FeatureManifest(encoders={}, dino_shape=[1, 2], latents_shape=[3, 4])
+    torch.testing.assert_close(latents_from_rows(table["soft_latents"], manifest), torch.tensor(latents))
+
+
+def test_manifest_json_round_trip():
+    manifest = FeatureManifest(encoders={"vlm_path": "/x"}, dino_shape=[261, 64], cache_shape=[2, 2, 2, 16], shards={"s": {"rows": 3}})
+    assert FeatureManifest.from_json(manifest.to_json()) == manifest
+
+
+def test_manifest_of_another_schema_version_asks_to_rerun_preprocessing():
+    with pytest.raises(ValueError, match="re-run preprocessing"):
+        FeatureManifest.from_json('{"schema_version": 0, "encoders": {}, "dino_shape": [1, 1]}')
+
+
+def test_features_from_other_encoders_are_rejected_naming_the_difference():
+    config = load_config("tiny")
+    manifest = FeatureManifest(encoders=encoder_identity(config), dino_shape=[261, 64])
+    manifest.check_compatible(config)
+    other = load_config("tiny", overrides=["dino.path=/elsewhere/dino"])
+    with pytest.raises(ValueError, match="dino_path: features have .* config has '/elsewhere/dino'"):
+        manifest.check_compatible(other)

@@ -1,0 +1,35 @@
+"""Storage: local paths and s3:// URIs served by a real S3 API on 127.0.0.1."""
+
+import pytest
+
+from gap3d.storage import is_remote, local_dir, upload_dir
+
+
+def test_remote_schemes_are_recognised():
+    assert is_remote("s3://bucket/x") and is_remote("gs://bucket/x")
+    assert not is_remote("/tmp/x") and not is_remote("file:///tmp/x") and not is_remote("relative/dir")
+
+
+def test_local_directory_is_returned_as_is(tmp_path):
+    assert local_dir(str(tmp_path)) == tmp_path
+    assert local_dir(f"file://{tmp_path}") == tmp_path
+
+
+def test_s3_directory_is_downloaded_once_into_the_cache(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("GAP3D_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "src"
+    (source / "sub").mkdir(parents=True)
+    (source / "a.json").write_text("{}")
+    (source / "sub" / "b.bin").write_bytes(b"\x00\x01")
+    upload_dir(source, f"{s3_bucket}/ckpt")
+    first = local_dir(f"{s3_bucket}/ckpt")
+    assert (first / "a.json").read_text() == "{}" and (first / "sub" / "b.bin").read_bytes() == b"\x00\x01"
+    (first / "a.json").write_text("cached")  # a second call must not download again
+    assert (local_dir(f"{s3_bucket}/ckpt/") / "a.json").read_text() == "cached"
+
+
+def test_missing_local_and_remote_directories_name_the_path(s3_bucket, tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "missing")):
+        local_dir(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=f"{s3_bucket}/nothing"):
+        local_dir(f"{s3_bucket}/nothing")
