@@ -57,3 +57,18 @@ def test_dino_weights_are_frozen(encoder):
 def test_wrong_image_size_is_rejected_with_expected_size(encoder):
     with pytest.raises(ValueError, match="518x518"):
         encoder(torch.zeros(1, 3, 224, 224))
+
+
+def test_loads_from_s3_uri_on_a_local_s3_server(tiny_checkpoints, s3_bucket, tmp_path, monkeypatch, images):
+    from gap3d.storage import upload_dir
+
+    monkeypatch.setenv("GAP3D_CACHE", str(tmp_path / "cache"))
+    upload_dir(tiny_checkpoints["dino"], f"{s3_bucket}/models/dino")
+    from_s3 = DinoTargetEncoder.from_pretrained(DinoConfig(path=f"{s3_bucket}/models/dino", image_size=518))
+    from_dir = DinoTargetEncoder.from_pretrained(DinoConfig(path=str(tiny_checkpoints["dino"]), image_size=518))
+    torch.testing.assert_close(from_s3.encode(images[:1]), from_dir.encode(images[:1]))
+
+
+def test_missing_checkpoint_directory_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "none")):
+        DinoTargetEncoder.from_pretrained(DinoConfig(path=str(tmp_path / "none")))
