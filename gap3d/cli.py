@@ -10,6 +10,7 @@ COMMAND_MODULES = (
     "gap3d.tiny_models",
     "gap3d.smoke",
     "gap3d.data.synth",
+    "gap3d.trellis.commands",
 )
 
 

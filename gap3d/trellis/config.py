@@ -1,0 +1,93 @@
+"""pipeline.json of a TRELLIS image-to-3D release, parsed and checked.
+
+Layout (TRELLIS-image-large): {"name": "TrellisImageTo3DPipeline", "args": {"models": {name: "ckpts/<stem>"},
+"sparse_structure_sampler": {"name", "args": {"sigma_min"}, "params": {"steps", "cfg_strength",
+"cfg_interval", "rescale_t"}}, "slat_sampler": {...}, "slat_normalization": {"mean", "std"},
+"image_cond_model": ...}}. Each ckpts/<stem>.json holds {"name": class name, "args": {...}}.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Sampler classes of TRELLIS we reproduce: plain Euler, Euler + CFG, Euler + CFG inside a time interval.
+SAMPLER_NAMES = ("FlowEulerSampler", "FlowEulerCfgSampler", "FlowEulerGuidanceIntervalSampler")
+
+SPARSE_STRUCTURE_FLOW = "sparse_structure_flow_model"
+SPARSE_STRUCTURE_DECODER = "sparse_structure_decoder"
+STAGE1_MODELS = (SPARSE_STRUCTURE_FLOW, SPARSE_STRUCTURE_DECODER)
+
+
+@dataclass
+class SamplerConfig:
+    name: str = "FlowEulerGuidanceIntervalSampler"  # one of SAMPLER_NAMES
+    sigma_min: float = 1e-5  # TRELLIS's noise floor; enters only its x0 estimate, not the Euler update
+    steps: int = 50  # Euler steps from t=1 (noise) to t=0 (data)
+    cfg_strength: float = 3.0  # guidance s: v = (1 + s) v(cond) - s v(zeros)
+    cfg_interval: tuple[float, float] = (0.0, 1.0)  # guide only while lo <= t <= hi (t in [0, 1])
+    rescale_t: float = 1.0  # time warp t' = r t / (1 + (r - 1) t); r > 1 spends more steps near t=1
+
+    def __post_init__(self):
+        if self.name not in SAMPLER_NAMES:
+            raise ValueError(f"sampler name {self.name!r} is not supported; use one of {', '.join(SAMPLER_NAMES)}")
+        if self.steps < 1:
+            raise ValueError(f"sampler steps must be >= 1, got {self.steps}")
+        if self.rescale_t <= 0:
+            raise ValueError(f"sampler rescale_t must be positive, got {self.rescale_t}")
+        if self.cfg_strength < 0:
+            raise ValueError(f"sampler cfg_strength must be >= 0, got {self.cfg_strength}")
+        low, high = (float(v) for v in self.cfg_interval)
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"sampler cfg_interval must satisfy 0 <= lo <= hi <= 1, got {self.cfg_interval}")
+        self.cfg_interval = (low, high)
+        if self.name == "FlowEulerSampler":
+            self.cfg_strength = 0.0
+        elif self.name == "FlowEulerCfgSampler":
+            self.cfg_interval = (0.0, 1.0)
+
+    @classmethod
+    def from_json(cls, entry: dict, where: str) -> "SamplerConfig":
+        """Build from a pipeline.json sampler entry {"name", "args", "params"}."""
+        try:
+            return cls(name=entry["name"], **entry.get("args", {}), **entry.get("params", {}))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{where}: bad sampler entry {entry!r}: {err}") from err
+
+    def to_json(self) -> dict:
+        params = {"steps": self.steps, "cfg_strength": self.cfg_strength, "cfg_interval": list(self.cfg_interval), "rescale_t": self.rescale_t}
+        return {"name": self.name, "args": {"sigma_min": self.sigma_min}, "params": params}
+
+
+@dataclass
+class PipelineConfig:
+    models: dict[str, str]  # model name -> checkpoint stem relative to the root, e.g. "ckpts/ss_dec_conv3d_16l8_fp16"
+    sparse_structure_sampler: SamplerConfig = field(default_factory=SamplerConfig)  # stage-1 sampler
+    slat_sampler: SamplerConfig = field(default_factory=SamplerConfig)  # stage-2 sampler
+    slat_normalization: dict[str, list[float]] | None = None  # stage-2 latent {"mean": [...], "std": [...]}
+
+    def __post_init__(self):
+        missing = [name for name in STAGE1_MODELS if name not in self.models]
+        if missing:
+            raise ValueError(f"pipeline.json lists no {', '.join(missing)} under args.models (has {sorted(self.models)})")
+
+    @classmethod
+    def load(cls, root: Path) -> "PipelineConfig":
+        """Read and check `root`/pipeline.json."""
+        path = Path(root) / "pipeline.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"TRELLIS checkpoint at {root} has no pipeline.json")
+        args = json.loads(path.read_text()).get("args")
+        if not isinstance(args, dict) or not isinstance(args.get("models"), dict):
+            raise ValueError(f"{path}: expected {{'args': {{'models': {{...}}, ...}}}}")
+        samplers = {key: SamplerConfig.from_json(args[key], f"{path} args.{key}") for key in ("sparse_structure_sampler", "slat_sampler") if key in args}
+        return cls(models=dict(args["models"]), slat_normalization=args.get("slat_normalization"), **samplers)
+
+    def to_json(self) -> dict:
+        args = {
+            "models": dict(self.models),
+            "sparse_structure_sampler": self.sparse_structure_sampler.to_json(),
+            "slat_sampler": self.slat_sampler.to_json(),
+        }
+        if self.slat_normalization is not None:
+            args["slat_normalization"] = self.slat_normalization
+        return {"name": "TrellisImageTo3DPipeline", "args": args}

@@ -1,0 +1,103 @@
+"""Submanifold sparse 3-D convolution by neighbour gathering over hashed voxel coordinates.
+
+A submanifold convolution keeps the input voxels as the output voxels: output voxel p sums
+W[offset] @ x[p + offset - centre] over the kernel offsets whose neighbour is occupied, which is
+exactly a dense `F.conv3d` (cross-correlation, zero padding k // 2) read at the occupied sites when
+empty sites hold zeros. Neighbours are found by encoding each [batch, x, y, z] as one int64 key and
+binary-searching the sorted keys (a hash table that works the same on CPU and CUDA).
+
+Weights use spconv 2.x's saved layout (out, kx, ky, kz, in) under `<name>.conv.weight`, which is
+how the released TRELLIS checkpoints (trained with spconv) store them.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn as nn
+
+from gap3d.trellis.sparse.tensor import SparseTensor
+
+
+def _encode(coords: torch.Tensor, extent: int) -> torch.Tensor:
+    """(M, 4) [batch, x, y, z] with 0 <= x, y, z < extent -> (M,) int64 keys ordered like the rows."""
+    c = coords.long()
+    return ((c[:, 0] * extent + c[:, 1]) * extent + c[:, 2]) * extent + c[:, 3]
+
+
+def lookup_voxels(table: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Row index of each query [batch, x, y, z] (Q, 4) in `table` (M, 4), or -1 where absent."""
+    # the margin keeps every shifted coordinate non-negative and below `extent`
+    margin = 1 + int(queries[:, 1:].abs().max()) if queries.numel() else 1
+    extent = 2 * margin + int(table[:, 1:].max()) + 1
+    shift = torch.tensor([0, margin, margin, margin], device=table.device, dtype=torch.int64)
+    keys = _encode(table.long() + shift, extent)
+    sorted_keys, order = torch.sort(keys)
+    query_keys = _encode(queries.long() + shift, extent)
+    slot = torch.searchsorted(sorted_keys, query_keys).clamp(max=sorted_keys.shape[0] - 1)
+    found = sorted_keys[slot] == query_keys
+    return torch.where(found, order[slot], torch.full_like(slot, -1))
+
+
+def kernel_offsets(kernel_size: int, device: torch.device) -> torch.Tensor:
+    """(K^3, 3) offsets in the (kx, ky, kz) row-major order of the weight tensor."""
+    r = kernel_size // 2
+    grid = itertools.product(range(-r, r + 1), repeat=3)
+    return torch.tensor(list(grid), device=device, dtype=torch.int64)
+
+
+def neighbour_map(x: SparseTensor, kernel_size: int) -> torch.Tensor:
+    """(K^3, M) row of the neighbour of each voxel at each kernel offset, -1 where empty; cached."""
+    key = f"neighbours_{kernel_size}"
+    if key not in x.cache:
+        offsets = kernel_offsets(kernel_size, x.device)  # (K, 3)
+        coords = x.coords.long()
+        queries = coords[None].repeat(offsets.shape[0], 1, 1)  # (K, M, 4)
+        queries[:, :, 1:] += offsets[:, None, :]
+        x.cache[key] = lookup_voxels(coords, queries.reshape(-1, 4)).reshape(offsets.shape[0], -1)
+    return x.cache[key]
+
+
+class SubmanifoldConv3dWeights(nn.Module):
+    """Holds a submanifold conv's weight (out, k, k, k, in) and bias (out,) and applies them."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(out_channels, kernel_size, kernel_size, kernel_size, in_channels))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        nn.init.kaiming_uniform_(self.weight.view(out_channels, -1), a=5**0.5)
+
+    def forward(self, x: SparseTensor) -> torch.Tensor:
+        feats = x.feats.to(self.weight.dtype)  # (M, in)
+        weight = self.weight.reshape(self.out_channels, -1, self.in_channels)  # (out, K, in)
+        centre = weight.shape[1] // 2
+        out = feats @ weight[:, centre].t()  # the centre tap always exists
+        if weight.shape[1] > 1:
+            neighbours = neighbour_map(x, self.kernel_size)  # (K, M)
+            for k in range(weight.shape[1]):
+                if k == centre:
+                    continue
+                rows = torch.nonzero(neighbours[k] >= 0).squeeze(1)
+                if rows.numel() == 0:
+                    continue
+                out.index_add_(0, rows, feats[neighbours[k, rows]] @ weight[:, k].t())
+        if self.bias is not None:
+            out = out + self.bias
+        return out  # (M, out)
+
+
+class SparseConv3d(nn.Module):
+    """Submanifold sparse conv (stride 1, odd kernel) with TRELLIS's `<name>.conv.{weight,bias}` keys."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"submanifold convolution needs an odd kernel size, got {kernel_size}")
+        self.conv = SubmanifoldConv3dWeights(in_channels, out_channels, kernel_size, bias)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return x.replace(self.conv(x))
