@@ -8,12 +8,21 @@ from gap3d.trellis import commands
 from gap3d.trellis.decoder import Decoder
 
 
-def test_make_tiny_writes_a_loadable_checkpoint_with_the_requested_condition_width(tmp_path):
+def make_tiny(out, *flags):
     parser = argparse.ArgumentParser()
     commands.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["trellis", "make-tiny", "--out", str(tmp_path / "tiny"), "--cond-dim", "24", "--steps", "2"])
+    args = parser.parse_args(["trellis", "make-tiny", "--out", str(out), *flags])
     args.func(args)
-    decoder = Decoder.from_pretrained(str(tmp_path / "tiny"), device="cpu")
+    return Decoder.from_pretrained(str(out), device="cpu")
+
+
+def test_make_tiny_writes_both_stages_unless_coarse_only(tmp_path):
+    assert make_tiny(tmp_path / "full", "--steps", "1").default_stage == "full"
+    assert make_tiny(tmp_path / "coarse", "--steps", "1", "--coarse-only").default_stage == "coarse"
+
+
+def test_make_tiny_writes_a_loadable_checkpoint_with_the_requested_condition_width(tmp_path):
+    decoder = make_tiny(tmp_path / "tiny", "--cond-dim", "24", "--steps", "2")
     assert decoder.cond_dim == 24
     assert decoder.pipeline.sparse_structure_sampler.steps == 2
     assert decoder.sample_sparse_structure(torch.zeros(1, 5, 24)).logits.shape == (1, 64, 64, 64)

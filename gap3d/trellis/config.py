@@ -16,6 +16,9 @@ SAMPLER_NAMES = ("FlowEulerSampler", "FlowEulerCfgSampler", "FlowEulerGuidanceIn
 SPARSE_STRUCTURE_FLOW = "sparse_structure_flow_model"
 SPARSE_STRUCTURE_DECODER = "sparse_structure_decoder"
 STAGE1_MODELS = (SPARSE_STRUCTURE_FLOW, SPARSE_STRUCTURE_DECODER)
+SLAT_FLOW = "slat_flow_model"
+SLAT_DECODER_MESH = "slat_decoder_mesh"
+STAGE2_MODELS = (SLAT_FLOW, SLAT_DECODER_MESH)
 
 
 @dataclass
@@ -69,6 +72,15 @@ class PipelineConfig:
         missing = [name for name in STAGE1_MODELS if name not in self.models]
         if missing:
             raise ValueError(f"pipeline.json lists no {', '.join(missing)} under args.models (has {sorted(self.models)})")
+        if self.slat_normalization is not None:
+            for key in ("mean", "std"):
+                if not isinstance(self.slat_normalization.get(key), list):
+                    raise ValueError(f"pipeline.json slat_normalization needs a list under {key!r}, got {self.slat_normalization!r}")
+
+    @property
+    def has_stage2(self) -> bool:
+        """Whether the structured-latent flow and mesh decoder are listed (stage "full" is possible)."""
+        return all(name in self.models for name in STAGE2_MODELS)
 
     @classmethod
     def load(cls, root: Path) -> "PipelineConfig":

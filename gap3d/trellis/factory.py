@@ -2,8 +2,9 @@
 written in the release's on-disk layout (pipeline.json + ckpts/<stem>.json + ckpts/<stem>.safetensors),
 so tests, the demo and serving run the real loading and sampling code on CPU in seconds.
 
-The writer is data-driven: a dict of pipeline model name -> ModelSpec. Stage-2 models join by
-adding their specs (see `tiny_model_specs` and `write_trellis_checkpoint`).
+The writer is data-driven: a dict of pipeline model name -> ModelSpec (see `tiny_model_specs`,
+`tiny_stage2_specs` and `write_trellis_checkpoint`). Random weights are shaped just enough that
+outputs look like objects: a few smooth blobs in stage 1, a surface hugging the voxels in stage 2.
 """
 
 import json
@@ -15,10 +16,20 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from gap3d.trellis.config import SPARSE_STRUCTURE_DECODER, SPARSE_STRUCTURE_FLOW, PipelineConfig, SamplerConfig
+from gap3d.trellis.config import (
+    SLAT_DECODER_MESH,
+    SLAT_FLOW,
+    SPARSE_STRUCTURE_DECODER,
+    SPARSE_STRUCTURE_FLOW,
+    PipelineConfig,
+    SamplerConfig,
+)
 from gap3d.trellis.loading import build_model
+from gap3d.trellis.mesh_extraction import NUM_WEIGHTS
 from gap3d.trellis.sampler import FlowEulerSampler
 from gap3d.trellis.sparse_structure_decoder import UpsampleBlock3d
+from gap3d.trellis.structured_latent_decoder import TINY_SLAT_MESH_DECODER_ARGS
+from gap3d.trellis.structured_latent_flow import TINY_SLAT_FLOW_ARGS
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +56,41 @@ OFFICIAL_SPARSE_STRUCTURE_DECODER_ARGS = {
     "channels": [512, 128, 32],
     "use_fp16": True,
 }
+# The release's stage-2 architectures (ckpts/slat_flow_img_dit_L_64l8p2_fp16.json, slat_dec_mesh_swin8_B_64l8m256c_fp16.json).
+OFFICIAL_SLAT_FLOW_ARGS = {
+    **OFFICIAL_SPARSE_STRUCTURE_FLOW_ARGS,
+    "resolution": 64,
+    "patch_size": 2,
+    "num_io_res_blocks": 2,
+    "io_block_channels": [128],
+}
+OFFICIAL_SLAT_MESH_DECODER_ARGS = {
+    "resolution": 64,
+    "model_channels": 768,
+    "latent_channels": 8,
+    "num_blocks": 12,
+    "num_heads": 12,
+    "mlp_ratio": 4,
+    "attn_mode": "swin",
+    "window_size": 8,
+    "use_fp16": True,
+    "representation_config": {"use_color": True},
+}
 # Sampler settings of the release's pipeline.json.
 OFFICIAL_SPARSE_STRUCTURE_SAMPLER = SamplerConfig(steps=25, cfg_strength=7.5, cfg_interval=(0.5, 1.0), rescale_t=3.0)
 OFFICIAL_SLAT_SAMPLER = SamplerConfig(steps=25, cfg_strength=3.0, cfg_interval=(0.5, 1.0), rescale_t=3.0)
-# Share of voxels the tiny decoder marks occupied on a probe latent: a visible, non-trivial shape.
-TINY_OCCUPANCY = 0.05
+# Share of voxels the tiny decoder marks occupied on a probe latent: a visible, non-trivial shape of
+# about 1k voxels, which keeps the tiny stage 2 (64 cubes per voxel) around a second on a CPU.
+TINY_OCCUPANCY = 0.004
 # Scale of the tiny flow's output layer. A full-size random velocity swamps the noise, and occupancy
 # then swings from empty to full between conditions; a small one keeps every sample a few blobs.
 TINY_FLOW_OUTPUT_SCALE = 0.05
+# Tiny mesh decoder outputs: an SDF of TINY_SDF_BIAS (inside) plus a small random part, so the surface
+# follows the boundary of the voxels with some relief; colours mid-grey plus a random tint.
+TINY_SDF_BIAS = -0.2
+TINY_SDF_SCALE = 0.1
+TINY_COLOR_BIAS = 0.5
+TINY_COLOR_SCALE = 0.3
 
 
 @dataclass
@@ -79,6 +117,35 @@ def tiny_model_specs(cond_dim: int = 64) -> dict[str, ModelSpec]:
         SPARSE_STRUCTURE_FLOW: ModelSpec("ckpts/ss_flow_img_dit_tiny", "SparseStructureFlowModel", flow_args),
         SPARSE_STRUCTURE_DECODER: ModelSpec("ckpts/ss_dec_conv3d_tiny", "SparseStructureDecoder", decoder_args),
     }
+
+
+def tiny_stage2_specs(cond_dim: int = 64) -> dict[str, ModelSpec]:
+    """Stage-2 models at toy sizes on the stage-1 grid (64^3); `cond_dim` as in `tiny_model_specs`."""
+    flow_args = {**TINY_SLAT_FLOW_ARGS, "resolution": 64, "cond_channels": cond_dim}
+    decoder_args = {**TINY_SLAT_MESH_DECODER_ARGS, "resolution": 64}
+    return {
+        SLAT_FLOW: ModelSpec("ckpts/slat_flow_img_dit_tiny", "SLatFlowModel", flow_args),
+        SLAT_DECODER_MESH: ModelSpec("ckpts/slat_dec_mesh_swin_tiny", "SLatMeshDecoder", decoder_args),
+    }
+
+
+def tiny_slat_normalization(generator: torch.Generator, channels: int = 8) -> dict[str, list[float]]:
+    """Random per-channel mean and std, as pipeline.json's slat_normalization holds."""
+    mean = 0.2 * torch.randn(channels, generator=generator)
+    std = 0.5 + torch.rand(channels, generator=generator)
+    return {"mean": [round(float(v), 4) for v in mean], "std": [round(float(v), 4) for v in std]}
+
+
+def shape_tiny_mesh_decoder(decoder: nn.Module) -> None:
+    """Make the random mesh decoder predict an inside SDF with relief and mid-grey colours (see TINY_SDF_*)."""
+    layer = decoder.out_layer
+    with torch.no_grad():
+        layer.weight[:8].mul_(TINY_SDF_SCALE)
+        layer.bias[:8] = TINY_SDF_BIAS
+        layer.weight[8 : 32 + NUM_WEIGHTS].mul_(TINY_SDF_SCALE)
+        layer.bias[8 : 32 + NUM_WEIGHTS] = 0.0
+        layer.weight[32 + NUM_WEIGHTS :].mul_(TINY_COLOR_SCALE)
+        layer.bias[32 + NUM_WEIGHTS :] = TINY_COLOR_BIAS
 
 
 def randomize(model: nn.Module, generator: torch.Generator) -> None:
@@ -143,22 +210,29 @@ def write_tiny_trellis(
     steps: int = 4,
     extra_specs: dict[str, ModelSpec] | None = None,
     slat_normalization: dict[str, list[float]] | None = None,
+    stage2: bool = True,
 ) -> Path:
     """A tiny random TRELLIS checkpoint in the release layout at `out_dir`; returns its path.
 
-    The release's sampler settings are kept except `steps` (few, for speed). `extra_specs` adds
-    models (e.g. stage 2) to ckpts/ and pipeline.json; `slat_normalization` goes to pipeline.json.
+    The release's sampler settings are kept except `steps` (few, for speed). `stage2` adds the tiny
+    structured-latent flow and mesh decoder (and a random slat_normalization unless one is given);
+    `extra_specs` adds or replaces models in ckpts/ and pipeline.json.
     """
-    specs = {**tiny_model_specs(cond_dim), **(extra_specs or {})}
+    specs = {**tiny_model_specs(cond_dim), **(tiny_stage2_specs(cond_dim) if stage2 else {}), **(extra_specs or {})}
     generator = torch.Generator().manual_seed(seed)
+    if stage2 and slat_normalization is None:
+        slat_normalization = tiny_slat_normalization(generator)
     models = {}
     for name, spec in specs.items():
         models[name] = build_model({"name": spec.class_name, "args": spec.args}, f"tiny spec {name}")
         randomize(models[name], generator)
     smooth_random_convs(models[SPARSE_STRUCTURE_DECODER], generator)
     with torch.no_grad():
-        for param in models[SPARSE_STRUCTURE_FLOW].out_layer.parameters():
-            param.mul_(TINY_FLOW_OUTPUT_SCALE)
+        for flow in (SPARSE_STRUCTURE_FLOW, SLAT_FLOW):
+            for param in models[flow].out_layer.parameters() if flow in models else ():
+                param.mul_(TINY_FLOW_OUTPUT_SCALE)
+    if SLAT_DECODER_MESH in models:
+        shape_tiny_mesh_decoder(models[SLAT_DECODER_MESH])
     sampler = SamplerConfig(**{**OFFICIAL_SPARSE_STRUCTURE_SAMPLER.__dict__, "steps": steps})
     calibrate_occupancy(models[SPARSE_STRUCTURE_FLOW], models[SPARSE_STRUCTURE_DECODER], sampler, generator)
     slat_sampler = SamplerConfig(**{**OFFICIAL_SLAT_SAMPLER.__dict__, "steps": steps})

@@ -90,11 +90,16 @@ def load_model(root: Path, stem: str, device: torch.device | str = "cpu") -> nn.
     return model.eval().requires_grad_(False)
 
 
-def load_pipeline(uri: str, names: tuple[str, ...], device: torch.device | str = "cpu") -> tuple[PipelineConfig, dict[str, nn.Module]]:
-    """pipeline.json and the models `names` of a TRELLIS checkpoint directory or s3:// URI."""
+def load_pipeline(
+    uri: str, names: tuple[str, ...], device: torch.device | str = "cpu", optional: tuple[str, ...] = ()
+) -> tuple[PipelineConfig, dict[str, nn.Module]]:
+    """pipeline.json and the models `names` of a TRELLIS checkpoint directory or s3:// URI, plus the
+    models `optional` when pipeline.json lists all of them."""
     root = storage.local_dir(uri)
     pipeline = PipelineConfig.load(root)
     unknown = [name for name in names if name not in pipeline.models]
     if unknown:
         raise ValueError(f"{uri}/pipeline.json lists no model {', '.join(unknown)} (has {sorted(pipeline.models)})")
+    if all(name in pipeline.models for name in optional):
+        names = (*names, *optional)
     return pipeline, {name: load_model(root, pipeline.models[name], device) for name in names}

@@ -198,21 +198,26 @@ def sample_structured_latent(
     cond: torch.Tensor,
     normalization: dict[str, list[float]] | None,
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
     **sampler_overrides,
 ) -> sp.SparseTensor:
     """Stage 2: noise on voxels `coords` (M, 4) [batch, x, y, z] -> un-normalised structured latent (M, C).
 
-    cond (B, N, cond_channels); the negative condition is zeros (TRELLIS's). `normalization` is
-    pipeline.json's slat_normalization {"mean": [C], "std": [C]} (None leaves the latent as sampled).
+    cond (B, N, cond_channels); the negative condition is zeros (TRELLIS's). `noise` (M, C) is the
+    starting point at t=1 (default: drawn from `generator`). `normalization` is pipeline.json's
+    slat_normalization {"mean": [C], "std": [C]} (None leaves the latent as sampled).
     `sampler_overrides` (steps, cfg_strength, cfg_interval, rescale_t) override pipeline.json's values.
     """
     if coords.shape[0] == 0:
         raise ValueError("stage 2 got no voxels: the sparse structure from stage 1 is empty, nothing to decode")
     parameter = next(model.parameters())
     coords = coords.to(parameter.device).int()
-    noise_device = parameter.device if generator is None else generator.device
-    noise = torch.randn(coords.shape[0], model.in_channels, generator=generator, device=noise_device)
-    latent = sp.SparseTensor(noise.to(parameter.device), coords)
+    if noise is None:
+        noise_device = parameter.device if generator is None else generator.device
+        noise = torch.randn(coords.shape[0], model.in_channels, generator=generator, device=noise_device)
+    if noise.shape != (coords.shape[0], model.in_channels):
+        raise ValueError(f"stage-2 noise must be (M, C) = ({coords.shape[0]}, {model.in_channels}), got {tuple(noise.shape)}")
+    latent = sp.SparseTensor(noise.float().to(parameter.device), coords)
     if latent.batch_size != cond.shape[0]:
         raise ValueError(f"coords cover {latent.batch_size} samples but cond has batch {cond.shape[0]}")
     latent = sampler.sample(model, latent, cond.to(parameter.device), **sampler_overrides)

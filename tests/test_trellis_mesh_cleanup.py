@@ -1,0 +1,61 @@
+"""Mesh post-processing: cavity walls and specks dropped, stage-2 voxel selection, colour-keeping simplification."""
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from gap3d.trellis.mesh_cleanup import remove_hidden_components
+from gap3d.trellis.mesh_export import simplify
+from gap3d.trellis.stage2_inputs import TooManyVoxelsError, stage2_voxels, surface_mask, voxel_budget_groups
+
+
+def coloured(mesh: trimesh.Trimesh, rgb: tuple[int, int, int]) -> trimesh.Trimesh:
+    mesh.visual.vertex_colors = np.tile([*rgb, 255], (len(mesh.vertices), 1)).astype(np.uint8)
+    return mesh
+
+
+def test_cavity_walls_and_specks_are_dropped_and_the_outer_shell_kept():
+    outer = coloured(trimesh.creation.icosphere(subdivisions=3, radius=0.4), (200, 0, 0))
+    cavity = trimesh.creation.icosphere(subdivisions=3, radius=0.2)
+    cavity.invert()  # faces point into the pocket, as an extractor orients a cavity's wall
+    speck = trimesh.creation.box(extents=(0.01, 0.01, 0.01))
+    speck.apply_translation((0.45, 0.45, 0.45))
+    mesh = trimesh.util.concatenate([outer, coloured(cavity, (0, 200, 0)), coloured(speck, (0, 0, 200))])
+    cleaned = remove_hidden_components(mesh, min_faces=48)
+    assert len(cleaned.faces) == len(outer.faces)
+    assert cleaned.volume == pytest.approx(outer.volume)
+    assert (cleaned.visual.vertex_colors == [200, 0, 0, 255]).all()
+
+
+def test_a_clean_mesh_is_returned_unchanged():
+    mesh = trimesh.creation.icosphere(subdivisions=2)
+    assert remove_hidden_components(mesh) is mesh
+
+
+def test_surface_mask_drops_only_enclosed_voxels():
+    occupancy = torch.zeros(8, 8, 8, dtype=torch.bool)
+    occupancy[1:6, 1:6, 1:6] = True
+    surface = surface_mask(occupancy)
+    assert int(surface.sum()) == 5**3 - 3**3
+    assert not surface[2:5, 2:5, 2:5].any()
+
+
+def test_stage2_voxels_keep_everything_under_the_bound_then_the_surface_then_fail():
+    occupancy = torch.zeros(8, 8, 8, dtype=torch.bool)
+    occupancy[1:6, 1:6, 1:6] = True
+    assert stage2_voxels(occupancy, 125, "s").shape == (125, 3)
+    assert stage2_voxels(occupancy, 124, "s").shape == (98, 3)
+    with pytest.raises(TooManyVoxelsError, match="sample 2: .*125 voxels \\(98 on the surface\\)"):
+        stage2_voxels(occupancy, 97, "sample 2")
+
+
+def test_voxel_budget_groups_keep_order_and_bound():
+    assert voxel_budget_groups({0: 5, 1: 4, 3: 2, 4: 9}, 10) == [[0, 1], [3], [4]]
+
+
+def test_simplification_keeps_vertex_colours():
+    mesh = coloured(trimesh.creation.icosphere(subdivisions=4), (10, 120, 250))
+    simplified = simplify(mesh, 500)
+    assert 0 < len(simplified.faces) <= 500
+    assert (simplified.visual.vertex_colors == [10, 120, 250, 255]).all()
