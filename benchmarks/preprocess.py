@@ -1,0 +1,141 @@
+"""Preprocessing throughput: the Ray Data pipeline against a plain single-process loop, plus bytes per sample.
+
+    python benchmarks/preprocess.py [--num 192] [--shard-size 16] [--repeats 3] [--preset tiny] [key.sub=value ...]
+
+Both sides decode and encode the same synthetic shards with the same gap3d.data.encode code; the Ray side runs
+streaming mode (no writes) and the full preprocessing job (writes Parquet to a local directory). Ray's times
+include starting the encoder actors, as a job's would. Prints one JSON line per figure (medians over repeats),
+then the storage arithmetic: bytes per sample measured on the tiny files and computed for the paper shapes.
+"""
+
+import argparse
+import dataclasses
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from gap3d.config import add_config_arguments, config_from_args
+from gap3d.data.encode import FeatureEncoder, decode_shard
+from gap3d.data.shards import list_shards
+from gap3d.data.synth import write_synth
+from gap3d.tiny_models import ensure_tiny_checkpoints
+from ray_jobs.pipeline import stream_features
+from ray_jobs.preprocess import run_preprocess
+
+# Paper shapes: DINOv2 ViT-L/14-reg at 518 px; Qwen2.5-VL-3B text model (36 layers, 2 KV heads of 128) and s = 64.
+PAPER_DINO = (1374, 1024)
+PAPER_CACHE_PER_TOKEN = (36, 2, 2, 128)
+PAPER_SOFT_LATENTS = (64, 2048)
+FP16_BYTES = 2
+
+
+def emit(**figure) -> None:
+    print(json.dumps(figure), flush=True)
+
+
+def plain_loop(config, raw: str) -> int:
+    """Decode and encode every shard in this process; returns rows encoded."""
+    encoder = FeatureEncoder(config)
+    rows = 0
+    for shard in list_shards(raw):
+        decoded = decode_shard(shard, config.dino.image_size, config.data.min_image_side)
+        rows += sum(table.num_rows for table, _ in encoder.encode_shard(decoded, config.data.encode_batch_size))
+    return rows
+
+
+def ray_stream(config, raw: str) -> tuple[int, float, int, float]:
+    """Stream every encoded row; returns (rows, total seconds, rows in the first batch, seconds to the first batch)."""
+    start = time.perf_counter()
+    rows, first_rows, first_s = 0, 0, 0.0
+    for batch in stream_features(config, raw).iter_batches(batch_format="pyarrow", batch_size=None):
+        if not rows:
+            first_rows, first_s = batch.num_rows, time.perf_counter() - start
+        rows += batch.num_rows
+    return rows, time.perf_counter() - start, first_rows, first_s
+
+
+def stream_figures(config, raw: str, repeats: int, plain: float, common: dict) -> None:
+    """End-to-end rows/s, start-up (first batch) and steady-state rows/s after it, medians over repeats."""
+    runs = [ray_stream(config, raw) for _ in range(repeats)]
+    rows = runs[0][0]
+    end_to_end = statistics.median(r / total for r, total, _, _ in runs)
+    steady = statistics.median((r - first) / (total - first_s) for r, total, first, first_s in runs)
+    startup = statistics.median(first_s for _, _, _, first_s in runs)
+    emit(figure="ray_stream_rows_per_s", value=round(end_to_end, 2), rows=rows, ratio_to_plain_loop=round(end_to_end / plain, 3), **common)
+    emit(figure="ray_stream_first_batch_s", value=round(startup, 2), **common)
+    emit(figure="ray_stream_steady_rows_per_s", value=round(steady, 2), ratio_to_plain_loop=round(steady / plain, 3), **common)
+
+
+def ray_preprocess(config, raw: str, scratch: Path) -> int:
+    output = scratch / f"features-{time.monotonic_ns()}"
+    rows = run_preprocess(config, raw, str(output))["rows_written"]
+    shutil.rmtree(output)
+    return rows
+
+
+def timed_rows_per_s(run, repeats: int) -> tuple[float, int]:
+    """Median rows/s of `run()` over repeats, and its row count."""
+    rates, rows = [], 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        rows = run()
+        rates.append(rows / (time.perf_counter() - start))
+    return statistics.median(rates), rows
+
+
+def storage_figures(config, raw: str, scratch: Path, prompt_tokens: int) -> None:
+    """Bytes per sample on the tiny files, and the paper-shape arithmetic."""
+    output = scratch / "storage"
+    summary = run_preprocess(config, raw, str(output))
+    on_disk = sum(path.stat().st_size for path in output.glob("*.parquet"))
+    emit(figure="feature_bytes_per_sample", preset=config.preset, bytes=round(on_disk / summary["rows_written"]))
+    dino = PAPER_DINO[0] * PAPER_DINO[1] * FP16_BYTES
+    layers, two, kv_heads, head_dim = PAPER_CACHE_PER_TOKEN
+    cache = layers * two * kv_heads * head_dim * prompt_tokens * FP16_BYTES
+    latents = PAPER_SOFT_LATENTS[0] * PAPER_SOFT_LATENTS[1] * FP16_BYTES
+    for mode, extra in (("prompt_cache", cache), ("soft_latents", latents)):
+        total = dino + extra
+        emit(
+            figure="paper_bytes_per_sample", mode=mode, prompt_tokens=prompt_tokens, dino_bytes=dino, vlm_bytes=extra,
+            total_bytes=total, tb_per_million_pairs=round(total * 1e6 / 1e12, 2),
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num", type=int, default=192, help="synthetic samples")
+    parser.add_argument("--shard-size", type=int, default=16, help="samples per raw shard")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (medians reported)")
+    parser.add_argument("--pools", type=lambda text: [int(v) for v in text.split(",")], default=[1, 2], help="encoder actor counts to stream with")
+    parser.add_argument("--prompt-tokens", type=int, default=60, help="prompt length for the paper cache arithmetic")
+    add_config_arguments(parser)
+    args = parser.parse_args()
+    config = config_from_args(args)
+    ensure_tiny_checkpoints(config)
+    ray.init(log_to_driver=False)
+    scratch = Path(tempfile.mkdtemp(prefix="gap3d-bench-preprocess-"))
+    try:
+        raw = str(scratch / "raw")
+        write_synth(raw, args.num, seed=0, shard_size=args.shard_size, image_size=config.dino.image_size)
+        common = {"preset": config.preset, "samples": args.num, "shard_size": args.shard_size}
+        plain, rows = timed_rows_per_s(lambda: plain_loop(config, raw), args.repeats)
+        emit(figure="plain_loop_rows_per_s", value=round(plain, 2), rows=rows, torch_threads=torch.get_num_threads(), **common)
+        for pool in args.pools:
+            pooled = dataclasses.replace(config, data=dataclasses.replace(config.data, encoder_pool_min=pool, encoder_pool_max=pool))
+            stream_figures(pooled, raw, args.repeats, plain, {**common, "encoder_actors": pool})
+        rate, rows = timed_rows_per_s(lambda: ray_preprocess(config, raw, scratch), args.repeats)
+        emit(figure="ray_preprocess_rows_per_s", value=round(rate, 2), rows=rows, ratio_to_plain_loop=round(rate / plain, 3), encoder_actors=config.data.encoder_pool_max, **common)
+        storage_figures(config, raw, scratch, args.prompt_tokens)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
