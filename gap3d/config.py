@@ -38,13 +38,17 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest checkpoints kept in storage
     eval_every: int = 5000  # steps between held-out evaluations
     seed: int = 0  # seeds data order, noise and dropout
+    worker_cpus: float = 1.0  # CPUs reserved per Ray Train worker (fractional on small machines)
+    log_every: int = 50  # steps between progress lines / metric reports
+    eval_samples: int = 128  # held-out rows evaluated every eval_every steps
+    shuffle_buffer_rows: int = 256  # Ray Data local shuffle buffer per worker (0 = read order)
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"train.zero_stage must be 0-3, got {self.zero_stage}")
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"train.precision must be 'bf16' or 'fp32', got {self.precision!r}")
-        for name in ("num_workers", "global_batch_size", "grad_accum_steps", "max_steps", "checkpoint_every", "keep_checkpoints"):
+        for name in ("num_workers", "global_batch_size", "grad_accum_steps", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.global_batch_size % (self.num_workers * self.grad_accum_steps):
@@ -77,6 +81,8 @@ class ServeConfig:
     max_image_pixels: int = 4096 * 4096  # larger prompt images are rejected with 413
     max_body_bytes: int = 32 * 1024 * 1024  # request body cap
     max_steps: int = 100  # upper bound on requested sampling steps
+    max_cfg_scale: float = 20.0  # upper bound on requested guidance scale
+    target_faces: int = 50_000  # served meshes are simplified to at most about this many faces
     max_batch_size: int = 8  # Aligner @serve.batch size
     batch_wait_timeout_s: float = 0.02  # Aligner @serve.batch wait
 
@@ -122,6 +128,7 @@ def _tiny_preset() -> dict:
             "num_workers": 2, "use_gpu": False, "global_batch_size": 16, "lr": 1e-3, "min_lr": 1e-4,
             "warmup_ratio": 0.05, "max_steps": 300, "ema_decay": 0.99, "precision": "fp32",
             "gradient_checkpointing": False, "checkpoint_every": 100, "eval_every": 100,
+            "worker_cpus": 0.5, "log_every": 10, "eval_samples": 64, "shuffle_buffer_rows": 64,
         },
         "data": {
             "min_image_side": 64, "encode_batch_size": 16, "encoder_pool_min": 1, "encoder_pool_max": 1,

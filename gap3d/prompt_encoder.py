@@ -44,6 +44,10 @@ class PromptEncoderConfig:
             raise ValueError(f"vlm.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
 
 
+class PromptTooLongError(ValueError):
+    """A prompt tokenises to more than vlm.max_prompt_tokens."""
+
+
 @dataclass
 class PromptCache:
     """One prompt's per-layer key/value cache, storable per sample."""
@@ -124,7 +128,7 @@ class PromptEncoder(nn.Module):
         ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
         too_long = [len(row) for row in ids if len(row) > self.config.max_prompt_tokens]
         if too_long:
-            raise ValueError(f"prompt of {too_long[0]} tokens exceeds vlm.max_prompt_tokens={self.config.max_prompt_tokens}")
+            raise PromptTooLongError(f"prompt of {too_long[0]} tokens exceeds vlm.max_prompt_tokens={self.config.max_prompt_tokens}")
         length = max(len(row) for row in ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(ids), length), pad, dtype=torch.long)

@@ -1,0 +1,1 @@
+"""Ray Serve application for GAP3D: `serve run serve/config.yaml`."""
