@@ -11,6 +11,7 @@ COMMAND_MODULES = (
     "gap3d.smoke",
     "gap3d.data.synth",
     "gap3d.trellis.commands",
+    "gap3d.demo_command",
 )
 
 

@@ -48,22 +48,31 @@ def local_dir(uri: str) -> Path:
             raise FileNotFoundError(f"checkpoint directory {path} does not exist")
         return path
     target = cache_root() / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:24]
-    if (target / _COMPLETE_MARKER).exists():
-        return target
     fs, root = filesystem(uri)
     if not fs.isdir(root):
         raise FileNotFoundError(f"checkpoint directory {uri} does not exist (or is empty)")
+    version = _listing_fingerprint(fs, root)
+    marker = target / _COMPLETE_MARKER
+    if marker.exists() and marker.read_text() == version:
+        return target
     logger.info("downloading %s to %s", uri, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".partial-"))
     try:
         fs.get(root.rstrip("/") + "/", str(staging), recursive=True)
-        (staging / _COMPLETE_MARKER).touch()
+        (staging / _COMPLETE_MARKER).write_text(version)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _listing_fingerprint(fs: fsspec.AbstractFileSystem, root: str) -> str:
+    """Hash of every file's name, size and ETag/mtime under root: a changed remote checkpoint is downloaded again."""
+    entries = fs.find(root, detail=True)
+    parts = sorted(f"{name}:{info.get('size')}:{info.get('ETag') or info.get('LastModified') or info.get('mtime')}" for name, info in entries.items())
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def upload_dir(local: str | Path, uri: str) -> None:

@@ -181,3 +181,13 @@ def test_metrics_are_scrapeable_in_prometheus_format(service):
 def test_openapi_documents_the_versioned_routes(service):
     paths = httpx.get(f"{service}/openapi.json", headers=AUTH, timeout=30).json()["paths"]
     assert {"/v1/generate", "/v1/embed", "/v1/models", "/healthz"} <= set(paths)
+
+
+@pytest.mark.parametrize("path", ["serve/config.yaml", "serve/config.gpu.yaml"])
+def test_shipped_serve_configs_validate_and_name_every_deployment_of_the_app(path):
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema(**yaml.safe_load(open(path)))
+    application = schema.applications[0]
+    assert application.import_path == "serve.app:app"
+    assert {d.name for d in application.deployments} == {"Gateway", "PromptEncoder", "Aligner", "Decoder"}

@@ -33,3 +33,15 @@ def test_missing_local_and_remote_directories_name_the_path(s3_bucket, tmp_path)
         local_dir(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match=f"{s3_bucket}/nothing"):
         local_dir(f"{s3_bucket}/nothing")
+
+
+def test_a_changed_remote_directory_is_downloaded_again(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("GAP3D_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "weights.bin").write_bytes(b"old")
+    upload_dir(source, f"{s3_bucket}/ckpt")
+    assert (local_dir(f"{s3_bucket}/ckpt") / "weights.bin").read_bytes() == b"old"
+    (source / "weights.bin").write_bytes(b"new weights")
+    upload_dir(source, f"{s3_bucket}/ckpt")
+    assert (local_dir(f"{s3_bucket}/ckpt") / "weights.bin").read_bytes() == b"new weights"
