@@ -75,13 +75,17 @@ def run_preprocess(config: Gap3DConfig, input_uri: str, output_uri: str) -> dict
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; connects to the cluster at RAY_ADDRESS, else starts a local one."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="raw shards: directory, glob or file; local path, file:// or s3:// URI")
     parser.add_argument("--output", required=True, help="feature directory (local path or s3:// URI)")
     add_config_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; connects to the cluster at RAY_ADDRESS, else starts a local one."""
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = config_from_args(args)
     ray.init()
