@@ -81,7 +81,7 @@ def main() -> None:
                 raise TimeoutError("service not healthy after 300 s")
             time.sleep(1)
         body = {"prompt": "a small red cone on the left", "seed": 0}
-        direct = TextTo3D.load(export, trellis)
+        direct = TextTo3D.load(export, trellis, decoder_stages=config["applications"][0]["args"].get("decoder_stages", "auto"))
         flow = direct.export.config.flow
         direct_times, http_times = [], []
         for _ in range(args.direct_repeats):

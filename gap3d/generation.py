@@ -71,10 +71,10 @@ class TextTo3D:
     decoder: Decoder
 
     @classmethod
-    def load(cls, export_uri: str, trellis_uri: str, vlm_path: str | None = None, device: str = "cpu") -> "TextTo3D":
-        """Load every stage from paths or s3:// URIs."""
+    def load(cls, export_uri: str, trellis_uri: str, vlm_path: str | None = None, device: str = "cpu", decoder_stages: str = "auto") -> "TextTo3D":
+        """Load every stage from paths or s3:// URIs; `decoder_stages` as in Decoder.from_pretrained(stages=)."""
         export = load_export(export_uri, device)
-        decoder = Decoder.from_pretrained(trellis_uri, device)
+        decoder = Decoder.from_pretrained(trellis_uri, device, stages=decoder_stages)
         check_decoder_matches(export, decoder)
         return cls(load_prompt_encoder(export, vlm_path, device), export, decoder)
 

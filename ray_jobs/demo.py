@@ -79,7 +79,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     raw, features = workdir / "raw", workdir / "features"
     timings: dict = {}
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)  # workers log training progress
     try:
         with stage("synthetic data", timings):
             synth = write_synth(str(raw), num=args.num_samples, seed=args.seed)

@@ -96,11 +96,11 @@ class Aligner:
 class Decoder:
     """TRELLIS: (N, D) tokens -> asset bytes."""
 
-    def __init__(self, trellis_uri: str, export_uri: str, target_faces: int):
-        self.decoder = TrellisDecoder.from_pretrained(trellis_uri)
+    def __init__(self, trellis_uri: str, export_uri: str, target_faces: int, stages: str):
+        self.decoder = TrellisDecoder.from_pretrained(trellis_uri, stages=stages)
         check_decoder_matches(load_export(export_uri), self.decoder)
         self.target_faces = target_faces
-        self.info = {"trellis": trellis_uri, "cond_dim": self.decoder.cond_dim, "target_faces": target_faces}
+        self.info = {"trellis": trellis_uri, "cond_dim": self.decoder.cond_dim, "stage": self.decoder.default_stage, "target_faces": target_faces}
 
     def ready(self) -> dict:
         return self.info
@@ -255,6 +255,7 @@ class AppArgs(BaseModel):
     export: str  # trained aligner export (or training checkpoint) directory or s3:// URI
     trellis: str  # TRELLIS checkpoint directory or s3:// URI
     vlm: str | None = None  # VLM checkpoint, overriding the one recorded in the export's config
+    decoder_stages: str = "auto"  # TRELLIS stages to run: "auto" (all the checkpoint has), "coarse" or "full"
     serve: dict = {}  # overrides of gap3d.config.ServeConfig fields
 
 
@@ -272,7 +273,7 @@ def app(args: dict) -> serve.Application:
     return Gateway.bind(
         PromptEncoder.bind(export, vlm),
         Aligner.bind(export, limits.max_batch_size, limits.batch_wait_timeout_s),
-        Decoder.bind(trellis, export, limits.target_faces),
+        Decoder.bind(trellis, export, limits.target_faces, parsed.decoder_stages),
         asdict(limits),
         {**asdict(config), "artifacts": {"export": export, "trellis": trellis, "vlm": vlm or config.vlm.path}},
     )
