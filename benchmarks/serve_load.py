@@ -10,6 +10,7 @@ One JSON line per figure.
 
 import argparse
 import json
+import socket
 import statistics
 import subprocess
 import tempfile
@@ -28,7 +29,12 @@ from gap3d.export import save_export
 from gap3d.generation import TextTo3D
 from gap3d.tiny_models import ensure_tiny_checkpoints
 from gap3d.trellis import write_tiny_trellis
-from tests.conftest import free_port
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def emit(figure: str, value, unit: str, **extra) -> None:
