@@ -39,7 +39,10 @@ def test_submanifold_conv_equals_dense_conv3d_at_occupied_sites(kernel_size):
     x = random_voxels()
     conv = sp.SparseConv3d(5, 7, kernel_size)
     torch.nn.init.normal_(conv.conv.bias)
-    dense_weight = conv.conv.weight.permute(0, 4, 1, 2, 3)  # spconv (out, kx, ky, kz, in) -> conv3d layout
+    if kernel_size == 1:  # spconv reads a 1x1x1 weight's (out, 1, 1, 1, in) memory as an (in, out) matrix
+        dense_weight = conv.conv.weight.reshape(5, 7).t().reshape(7, 5, 1, 1, 1)
+    else:
+        dense_weight = conv.conv.weight.permute(0, 4, 1, 2, 3)  # spconv (out, kx, ky, kz, in) -> conv3d layout
     reference = F.conv3d(to_dense(x, RES), dense_weight, conv.conv.bias, padding=kernel_size // 2)
     out = conv(x)
     torch.testing.assert_close(out.feats, read_dense(reference, x.coords), rtol=1e-5, atol=1e-5)

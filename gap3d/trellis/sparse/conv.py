@@ -3,11 +3,19 @@
 A submanifold convolution keeps the input voxels as the output voxels: output voxel p sums
 W[offset] @ x[p + offset - centre] over the kernel offsets whose neighbour is occupied, which is
 exactly a dense `F.conv3d` (cross-correlation, zero padding k // 2) read at the occupied sites when
-empty sites hold zeros. Neighbours are found by encoding each [batch, x, y, z] as one int64 key and
-binary-searching the sorted keys (a hash table that works the same on CPU and CUDA).
+empty sites hold zeros (for k = 1 see spconv's quirk below). Neighbours are found by encoding each
+[batch, x, y, z] as one int64 key and binary-searching the sorted keys (a hash table that works the
+same on CPU and CUDA).
 
 Weights use spconv 2.x's saved layout (out, kx, ky, kz, in) under `<name>.conv.weight`, which is
-how the released TRELLIS checkpoints (trained with spconv) store them.
+how the released TRELLIS checkpoints (trained with spconv) store them. Kernel index (a, b, c) reads
+the voxel at [x, y, z] + (a, b, c) - k // 2 (spconv's convention, that of F.conv3d: no kernel flip).
+
+One spconv quirk is kept on purpose: spconv >= 2.2 runs a 1x1x1 submanifold conv as
+`feats @ weight.view(in, out)` on its (out, 1, 1, 1, in) parameter, i.e. it reads the stored memory
+as an (in, out) matrix, not as the (out, in) matrix the shape suggests (spconv issue #450). The
+released mesh decoder's subdivision skip connections are such convs and were trained that way, so
+we apply their weights the same way.
 """
 
 from __future__ import annotations
@@ -79,7 +87,8 @@ class SubmanifoldConv3dWeights(nn.Module):
         feats = x.feats.to(self.weight.dtype)  # (M, in)
         weight = self.weight.reshape(self.out_channels, -1)  # (out, K * in), offset-major like the gather below
         if self.kernel_size == 1:
-            out = feats @ weight.t()
+            # spconv's 1x1x1 path: the (out, 1, 1, 1, in) memory read as an (in, out) matrix (see module doc)
+            out = feats @ self.weight.reshape(self.in_channels, self.out_channels)
         else:
             # Gather every neighbour into one (rows, K * in) block and multiply once: far faster than a
             # scatter-add per offset. Chunking the rows bounds the block's memory.
