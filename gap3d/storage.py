@@ -4,6 +4,7 @@ S3 endpoint, credentials and region come from the standard AWS environment varia
 (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), so real S3, MinIO and moto all work unchanged.
 """
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -53,18 +54,21 @@ def local_dir(uri: str) -> Path:
         raise FileNotFoundError(f"checkpoint directory {uri} does not exist (or is empty)")
     version = _listing_fingerprint(fs, root)
     marker = target / _COMPLETE_MARKER
-    if marker.exists() and marker.read_text() == version:
-        return target
-    logger.info("downloading %s to %s", uri, target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".partial-"))
-    try:
-        fs.get(root.rstrip("/") + "/", str(staging), recursive=True)
-        (staging / _COMPLETE_MARKER).write_text(version)
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # Processes on one node (training workers, replicas) share the cache: one downloads, the others wait.
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists() and marker.read_text() == version:
+            return target
+        logger.info("downloading %s to %s", uri, target)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".partial-"))
+        try:
+            fs.get(root.rstrip("/") + "/", str(staging), recursive=True)
+            (staging / _COMPLETE_MARKER).write_text(version)
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -1,6 +1,11 @@
 """Storage: local paths and s3:// URIs served by a real S3 API on 127.0.0.1."""
 
+import logging
+import multiprocessing
+import time
+
 import pytest
+import s3fs
 
 from gap3d.storage import is_remote, local_dir, upload_dir
 
@@ -45,3 +50,43 @@ def test_a_changed_remote_directory_is_downloaded_again(s3_bucket, tmp_path, mon
     (source / "weights.bin").write_bytes(b"new weights")
     upload_dir(source, f"{s3_bucket}/ckpt")
     assert (local_dir(f"{s3_bucket}/ckpt") / "weights.bin").read_bytes() == b"new weights"
+
+
+class _Messages(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _fetch_and_count_downloads(uri: str, start) -> int:
+    """Subprocess body: wait for the others at `start`, local_dir(uri), then how many downloads this process logged."""
+    original_get = s3fs.S3FileSystem.get
+
+    def slow_get(self, *args, **kwargs):
+        time.sleep(1.0)  # a real checkpoint takes minutes to download, so processes overlap as they would
+        return original_get(self, *args, **kwargs)
+
+    s3fs.S3FileSystem.get = slow_get
+    messages = _Messages()
+    logging.getLogger("gap3d.storage").addHandler(messages)
+    logging.getLogger("gap3d.storage").setLevel(logging.INFO)
+    start.wait(timeout=60)
+    assert (local_dir(uri) / "weights.bin").read_bytes() == b"w" * 100_000
+    return sum(message.startswith("downloading") for message in messages.messages)
+
+
+def test_processes_sharing_the_cache_download_a_remote_directory_once(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("GAP3D_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "weights.bin").write_bytes(b"w" * 100_000)
+    upload_dir(source, f"{s3_bucket}/ckpt")
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, context.Pool(4) as pool:
+        start = manager.Barrier(4)
+        downloads = pool.starmap(_fetch_and_count_downloads, [(f"{s3_bucket}/ckpt", start)] * 4)
+    assert sum(downloads) == 1, downloads
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if ".partial-" in p.name) == []
