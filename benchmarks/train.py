@@ -40,7 +40,7 @@ def benchmark_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from ray_jobs.train import build_engine
+    from ray_jobs.parallelize import build_engine
 
     config, backend, steps, warmup = loop_config["config"], loop_config["backend"], loop_config["steps"], loop_config["warmup"]
     world = ray.train.get_context().get_world_size()

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -36,8 +35,9 @@ from gap3d.export import EXPORT_DIR, save_export
 from gap3d.features import soft_token_mode
 from gap3d.prompt_encoder import PromptEncoder
 from gap3d.tiny_models import ensure_tiny_checkpoints
-from gap3d.training import AlignerTrainModule, EMA, TrainBatch, evaluate_alignment, lr_schedule, optimizer_state_digest, trainable_parameters, with_soft_tokens
+from gap3d.training import AlignerTrainModule, EMA, TrainBatch, evaluate_alignment, optimizer_state_digest, trainable_parameters, with_soft_tokens
 from gap3d.training_data import RowCollator, arrow_filesystem, check_features, condition_for, count_rows, feature_files, load_rows
+from ray_jobs.parallelize import build_engine, global_grad_norm, init_single_process_group, update_ema
 from ray_jobs.pipeline import stream_features, stream_manifest
 
 logger = logging.getLogger("gap3d.train")
@@ -135,7 +135,7 @@ def train_worker(loop_config: dict) -> None:
     rank_env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
     saved = {key: os.environ.get(key) for key in rank_env}
     os.environ.update(rank_env)
-    _init_process_group()
+    init_single_process_group()
     try:
         return _train(job)
     finally:
@@ -192,7 +192,7 @@ def _train(job: WorkerJob) -> None:
             boundary = engine.is_gradient_accumulation_boundary()
             losses = engine(batch.to(device, dtype, cache_dtype), generator)
             engine.backward(losses["loss"])
-            grad_norm = _grad_norm(engine) if boundary and train.zero_stage == 0 else None
+            grad_norm = global_grad_norm(engine) if boundary and train.zero_stage == 0 else None
             engine.step()
             progress["batches_in_epoch"] = index + 1
             progress["samples"] += len(batch) * world
@@ -200,7 +200,7 @@ def _train(job: WorkerJob) -> None:
             if not boundary:
                 continue
             progress["step"] += 1
-            _update_ema(ema, engine, train.zero_stage)
+            update_ema(ema, engine, train.zero_stage)
             step = progress["step"]
             _maybe_inject_fault(job, rank, step)
             report = _due(step, train.log_every, train.max_steps) or _due(step, train.checkpoint_every, train.max_steps)
@@ -237,18 +237,6 @@ class _Collator(NumpyBatchCollateFn):
         return self.collate(batch)
 
 
-def build_engine(module: AlignerTrainModule, config: Gap3DConfig, micro_batch: int):
-    """DeepSpeed engine over the trainable parameters (torch AdamW + warmup/cosine schedule) -> (engine, scheduler)."""
-    import deepspeed
-
-    train = config.train
-    optimizer = torch.optim.AdamW(trainable_parameters(module).values(), lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.999))
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, train), config=_deepspeed_config(config, micro_batch), dist_init_required=False
-    )
-    return engine, scheduler
-
-
 def _configure_worker_logging(rank: int) -> None:
     """Progress lines from gap3d loggers on the worker's stderr (Ray forwards it to the driver and job logs)."""
     handler = logging.StreamHandler()
@@ -257,52 +245,6 @@ def _configure_worker_logging(rank: int) -> None:
     package_logger.handlers[:] = [handler]
     package_logger.setLevel(logging.INFO)
     package_logger.propagate = False
-
-
-def _init_process_group() -> None:
-    """In-process runs have no Ray-made process group; make a one-rank gloo group for DeepSpeed.
-
-    It is torn down with deepspeed.comm.destroy_process_group() at the end of the run, which also drops
-    DeepSpeed's cached groups, so a later in-process run in the same interpreter starts clean.
-    """
-    if torch.distributed.is_initialized():
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-
-
-def _deepspeed_config(config: Gap3DConfig, micro_batch: int) -> dict:
-    train = config.train
-    return {
-        "train_batch_size": train.global_batch_size,
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": train.grad_accum_steps,
-        "gradient_clipping": train.grad_clip,
-        "zero_optimization": {"stage": train.zero_stage},
-        "bf16": {"enabled": train.precision == "bf16"},
-        "zero_allow_untested_optimizer": True,  # torch AdamW: no extra C++ op to build on CPU
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def _grad_norm(engine) -> float:
-    """Global gradient norm after the all-reduce (ZeRO 0 does not compute one itself)."""
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item() if grads else 0.0
-
-
-def _update_ema(ema: EMA, engine, zero_stage: int) -> None:
-    parameters = trainable_parameters(engine.module)
-    if zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(parameters.values())):
-            ema.update(parameters)
-    else:
-        ema.update(parameters)
 
 
 def _due(step: int, every: int, max_steps: int) -> bool:

@@ -75,7 +75,7 @@ def untrained_loss(config, features: str) -> float:
 
 
 def test_in_process_run_trains_with_deepspeed_and_returns_an_export(ray_cluster, tiny_checkpoints, tmp_path):
-    config = small_config(tiny_checkpoints, "train.zero_stage=0", "train.max_steps=10")
+    config = small_config(tiny_checkpoints, "train.zero_stage=0", "train.max_steps=10", "train.gradient_checkpointing=true")
     train, _ = synthetic_features(config, NUM_SCENES)
     result = run_training(config, str(tmp_path), features=str(train), in_process=True, name="local")
     assert result.metrics["step"] == 10 and result.metrics["grad_norm"] > 0

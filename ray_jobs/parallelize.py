@@ -1,0 +1,85 @@
+"""How training wraps the plain-PyTorch model from outside: activation checkpointing and DeepSpeed.
+
+The model code (gap3d/) knows nothing of either; ray_jobs/train.py calls these on every worker.
+"""
+
+import functools
+import socket
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from gap3d.config import Gap3DConfig
+from gap3d.training import EMA, AlignerTrainModule, lr_schedule, trainable_parameters
+
+
+def apply_activation_checkpointing(aligner: nn.Module) -> None:
+    """Recompute each aligner block in backward instead of keeping its activations.
+
+    The blocks' forwards are wrapped in place, so parameter names (EMA, export, DeepSpeed state) stay unchanged.
+    """
+    for block in aligner.blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def build_engine(module: AlignerTrainModule, config: Gap3DConfig, micro_batch: int):
+    """DeepSpeed engine over the trainable parameters (torch AdamW + warmup/cosine schedule) -> (engine, scheduler)."""
+    import deepspeed
+
+    train = config.train
+    if train.gradient_checkpointing:
+        apply_activation_checkpointing(module.aligner)
+    optimizer = torch.optim.AdamW(trainable_parameters(module).values(), lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.999))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, train), config=deepspeed_config(config, micro_batch), dist_init_required=False
+    )
+    return engine, scheduler
+
+
+def deepspeed_config(config: Gap3DConfig, micro_batch: int) -> dict:
+    """The DeepSpeed JSON config of a run: batch sizes, clipping, ZeRO stage, precision."""
+    train = config.train
+    return {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": train.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # torch AdamW: no extra C++ op to build on CPU
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def init_single_process_group() -> None:
+    """In-process runs have no Ray-made process group; make a one-rank gloo group for DeepSpeed.
+
+    Tear it down with deepspeed.comm.destroy_process_group(), which also drops DeepSpeed's cached groups,
+    so a later in-process run in the same interpreter starts clean.
+    """
+    if torch.distributed.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def global_grad_norm(engine) -> float:
+    """Global gradient norm after the all-reduce (ZeRO 0 does not compute one itself)."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item() if grads else 0.0
+
+
+def update_ema(ema: EMA, engine, zero_stage: int) -> None:
+    """EMA step from the engine's parameters, gathered first where ZeRO-3 partitions them."""
+    parameters = trainable_parameters(engine.module)
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(parameters.values())):
+            ema.update(parameters)
+    else:
+        ema.update(parameters)
