@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import sys
 import time
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def run_smoke(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - start, 3),
     }
     logger.info("smoke generation done (untrained aligner: shapes and plumbing only)")
-    print(json.dumps(summary))  # the command's output; the library itself logs
+    sys.stdout.write(json.dumps(summary) + "\n")  # the command's result on stdout; progress goes to logging
     return 0
 
 
