@@ -42,6 +42,7 @@ class TrainConfig:
     log_every: int = 50  # steps between progress lines / metric reports
     eval_samples: int = 128  # held-out rows evaluated every eval_every steps
     shuffle_buffer_rows: int = 256  # Ray Data local shuffle buffer per worker (0 = read order)
+    materialize_features: bool = False  # hold --features rows in Ray's object store across epochs (small data sets)
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
@@ -123,12 +124,14 @@ def _tiny_preset() -> dict:
             "token_dim": 64, "grid_size": 16, "cond_dim": 64, "num_cond_tokens": 8,
             "hidden_size": 128, "depth": 4, "num_heads": 4, "null_condition": "learned",
         },
-        "flow": {"time_schedule": "logit_normal", "sample_steps": 10, "cfg_scale": 2.0},
+        # Uniform t, as the authors train: logit-normal t rarely lands near t = 1, where sampling starts, and a
+        # 300-step run then samples far from its targets (token cosine 0.63 against 0.86 with uniform t).
+        "flow": {"time_schedule": "uniform", "sample_steps": 10, "cfg_scale": 2.0},
         "train": {
-            "num_workers": 2, "use_gpu": False, "global_batch_size": 16, "lr": 1e-3, "min_lr": 1e-4,
+            "num_workers": 2, "use_gpu": False, "global_batch_size": 16, "lr": 3e-3, "min_lr": 1e-4,
             "warmup_ratio": 0.05, "max_steps": 300, "ema_decay": 0.99, "precision": "fp32",
             "gradient_checkpointing": False, "checkpoint_every": 100, "eval_every": 100,
-            "worker_cpus": 0.5, "log_every": 10, "eval_samples": 64, "shuffle_buffer_rows": 64,
+            "worker_cpus": 0.5, "log_every": 10, "eval_samples": 64, "shuffle_buffer_rows": 64, "materialize_features": True,
         },
         "data": {
             "min_image_side": 64, "encode_batch_size": 16, "encoder_pool_min": 1, "encoder_pool_max": 1,

@@ -95,6 +95,7 @@ def run_demo(args: argparse.Namespace) -> dict:
             metrics = evaluate(str(workdir / "export"), str(features / "eval-*.parquet"), limit=config.train.eval_samples)
             logger.info("trained %s", json.dumps(metrics["trained"]))
             logger.info("untrained %s", json.dumps(metrics["untrained"]))
+            logger.info("mean target (prompt-blind reference) %s", json.dumps(metrics["mean_target"]))
         with stage("serving (Ray Serve) and HTTP generation", timings):
             if not (workdir / "trellis" / "pipeline.json").is_file():
                 write_tiny_trellis(workdir / "trellis", cond_dim=config.aligner.token_dim)
@@ -119,7 +120,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         "samples": synth.get("counts", synth.get("num")),
         "preprocess": {k: preprocess[k] for k in ("rows_in", "rows_written", "skipped") if k in preprocess},
         "checkpoint": checkpoint,
-        "alignment": {"trained": metrics["trained"], "untrained": metrics["untrained"]},
+        "alignment": {name: metrics[name] for name in ("trained", "untrained", "mean_target")},
         "assets": assets,
         "seconds": timings,
     }

@@ -4,6 +4,8 @@
 
 --checkpoint is a training checkpoint (its `export/` is used) or an export directory. Both aligners sample
 from the same noise; the untrained one is freshly initialised with train.seed and the initial soft tokens.
+`mean_target` scores the mean of the evaluated targets given for every prompt: a prompt-blind reference
+whose cosine is high wherever targets share much (backgrounds), and whose recall@k is chance.
 Sampling runs on the driver (it is small next to training); pass --device cuda where a GPU is available.
 """
 
@@ -17,6 +19,7 @@ import torch
 from gap3d.build import build_aligner
 from gap3d.export import apply_soft_tokens, load_export
 from gap3d.features import soft_token_mode
+from gap3d.metrics import alignment_metrics
 from gap3d.prompt_encoder import PromptEncoder
 from gap3d.training import evaluate_alignment
 from gap3d.training_data import condition_for, load_rows
@@ -25,7 +28,7 @@ logger = logging.getLogger("gap3d.evaluate")
 
 
 def evaluate(checkpoint: str, features: str, limit: int | None = None, device: str = "cpu", seed: int = 0) -> dict:
-    """{"trained": metrics, "untrained": metrics, "samples", "step", ...} on up to `limit` rows of `features`."""
+    """{"trained", "untrained", "mean_target": metrics, "samples", "step", ...} on up to `limit` rows of `features`."""
     start = time.perf_counter()
     device = torch.device(device)
     export = load_export(checkpoint, device)
@@ -46,6 +49,8 @@ def evaluate(checkpoint: str, features: str, limit: int | None = None, device: s
         "cfg_scale": config.flow.cfg_scale,
         "trained": evaluate_alignment(export.aligner, trained_cond, batch.dino, config.flow, seed=seed),
         "untrained": evaluate_alignment(untrained, untrained_cond, batch.dino, config.flow, seed=seed),
+        # A prompt-blind constant: what an aligner must beat to show that it uses the prompt.
+        "mean_target": alignment_metrics(batch.dino.mean(0, keepdim=True).expand_as(batch.dino), batch.dino),
         "seconds": round(time.perf_counter() - start, 3),
     }
 

@@ -6,6 +6,7 @@ import secrets
 import boto3
 import pytest
 import torch
+from ray.data.dataset import MaterializedDataset
 
 from gap3d.build import build_aligner
 from gap3d.data.synth import write_synth
@@ -16,7 +17,7 @@ from gap3d.training import AlignerTrainModule, optimizer_state_digest
 from gap3d.training_data import feature_files, load_rows
 from ray_jobs.evaluate import evaluate
 from ray_jobs.preprocess import run_preprocess
-from ray_jobs.train import FAULT_MARKER, main, run_training
+from ray_jobs.train import FAULT_MARKER, build_dataset, main, run_training
 from tests.test_training_support import small_config, synthetic_features, upload_features
 
 NUM_SCENES = 400
@@ -98,6 +99,13 @@ def test_trained_aligner_beats_an_untrained_one_on_held_out_pairs(zero1_run, buc
     assert zero1_run.metrics["eval_cosine_mean"] > 0.15
 
 
+def test_evaluation_scores_the_held_out_mean_as_a_prompt_blind_reference(zero1_run, tiny_checkpoints, bucket, s3_features):
+    report = evaluate(f"{bucket}/runs/zero1/checkpoint_{STEPS:08d}", s3_features[1])
+    targets = load_rows(s3_features[1], zero1_config(tiny_checkpoints), limit=report["samples"])[0].dino
+    expected = torch.nn.functional.cosine_similarity(targets, targets.mean(0, keepdim=True), dim=-1).mean().item()
+    assert report["mean_target"]["cosine_mean"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_checkpoint_holds_every_ranks_deepspeed_state_ema_export_and_config(zero1_run, bucket):
     fs, root = filesystem(f"{bucket}/runs/zero1/checkpoint_{STEPS:08d}")
     names = {path[len(root) + 1 :] for path in fs.find(root)}
@@ -148,6 +156,15 @@ def test_stream_mode_trains_on_raw_shards_encoded_on_the_fly(ray_cluster, tiny_c
     config = small_config(tiny_checkpoints, "train.max_steps=3", "train.zero_stage=1")
     result = run_training(config, str(tmp_path / "runs"), stream=str(raw_shards), in_process=True)
     assert result.metrics["step"] == 3 and result.metrics["loss"] > 0
+
+
+@pytest.mark.parametrize("materialize", [True, False])
+def test_feature_rows_stay_in_the_object_store_across_epochs_only_when_configured(ray_cluster, tiny_checkpoints, materialize):
+    config = small_config(tiny_checkpoints, f"train.materialize_features={str(materialize).lower()}")
+    train, _ = synthetic_features(config, NUM_SCENES)
+    dataset = build_dataset(config, str(train), None)
+    assert isinstance(dataset, MaterializedDataset) == materialize
+    assert dataset.count() == len(load_rows(str(train), config)[1])
 
 
 def test_missing_features_fail_at_start_naming_the_path(tiny_checkpoints, tmp_path):
