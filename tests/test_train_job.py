@@ -10,6 +10,7 @@ from ray.data.dataset import MaterializedDataset
 
 from gap3d.build import build_aligner
 from gap3d.data.synth import write_synth
+from gap3d.export import load_export
 from gap3d.features import MANIFEST_NAME
 from gap3d.prompt_encoder import PromptEncoder
 from gap3d.storage import filesystem
@@ -82,6 +83,16 @@ def test_in_process_run_trains_with_deepspeed_and_returns_an_export(ray_cluster,
     assert result.metrics["step"] == 10 and result.metrics["grad_norm"] > 0
     with result.checkpoint.as_directory() as directory:
         assert json.loads(open(f"{directory}/export/export.json").read())["step"] == 10
+
+
+def test_zero3_with_activation_checkpointing_trains_and_exports_whole_weights(ray_cluster, tiny_checkpoints, tmp_path):
+    config = small_config(tiny_checkpoints, "train.zero_stage=3", "train.max_steps=4", "train.gradient_checkpointing=true")
+    train, _ = synthetic_features(config, NUM_SCENES)
+    result = run_training(config, str(tmp_path), features=str(train), in_process=True, name="zero3")
+    assert result.metrics["step"] == 4 and result.metrics["loss"] > 0
+    with result.checkpoint.as_directory() as directory:
+        export = load_export(f"{directory}/export")
+    assert any(value.abs().sum() > 0 for value in export.aligner.final_layer.state_dict().values())
 
 
 def test_two_zero1_workers_lower_the_loss(zero1_run, tiny_checkpoints, s3_features):
