@@ -5,8 +5,9 @@
 Both sides decode and encode the same synthetic shards with the same gap3d.data.encode code; the Ray side runs
 streaming mode (no writes) and the full preprocessing job (writes Parquet to a local directory). Ray's times
 include starting the encoder actors, as a job's would, and are set against a plain loop that loads its encoders
-each run; Ray's steady state (after the first batch) against a plain loop whose encoders are loaded. Prints one JSON line per figure (medians over repeats),
-then the storage arithmetic: bytes per sample measured on the tiny files and computed for the paper shapes.
+each run; Ray's steady state (after the first batch) against a plain loop whose encoders are loaded. Prints one
+JSON line per figure (medians over repeats), then the storage arithmetic: bytes per sample measured on the tiny
+files and computed for the paper shapes.
 """
 
 import argparse
