@@ -20,17 +20,21 @@ import time
 import numpy as np
 import torch
 
-from gap3d.trellis.config import SLAT_DECODER_MESH, SLAT_FLOW, SPARSE_STRUCTURE_DECODER, SPARSE_STRUCTURE_FLOW, PipelineConfig
-from gap3d.trellis.decoder import Decoder, per_sample_seeds
-from gap3d.trellis.factory import (
+from gap3d.tiny.trellis import write_tiny_trellis
+from gap3d.trellis.config import (
     OFFICIAL_SLAT_FLOW_ARGS,
     OFFICIAL_SLAT_MESH_DECODER_ARGS,
     OFFICIAL_SLAT_SAMPLER,
     OFFICIAL_SPARSE_STRUCTURE_DECODER_ARGS,
     OFFICIAL_SPARSE_STRUCTURE_FLOW_ARGS,
     OFFICIAL_SPARSE_STRUCTURE_SAMPLER,
-    write_tiny_trellis,
+    SLAT_DECODER_MESH,
+    SLAT_FLOW,
+    SPARSE_STRUCTURE_DECODER,
+    SPARSE_STRUCTURE_FLOW,
+    PipelineConfig,
 )
+from gap3d.trellis.decoder import Decoder, per_sample_seeds
 from gap3d.trellis.loading import build_model
 from gap3d.trellis.mesh_cleanup import remove_hidden_components
 from gap3d.trellis.mesh_export import export_mesh

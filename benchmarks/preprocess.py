@@ -22,12 +22,11 @@ from pathlib import Path
 import ray
 import torch
 
-from gap3d.config import add_config_arguments, config_from_args
 from gap3d.data.encode import FeatureEncoder, decode_shard
 from gap3d.data.shards import list_shards
 from gap3d.data.synth import write_synth
-from gap3d.tiny_models import ensure_tiny_checkpoints
-from ray_jobs.pipeline import stream_features
+from ray_jobs.config import add_config_arguments, job_config_from_args
+from ray_jobs.pipeline import ENCODE_SECTION, stream_features
 from ray_jobs.preprocess import run_preprocess
 
 # Paper shapes: DINOv2 ViT-L/14-reg at 518 px; Qwen2.5-VL-3B text model (36 layers, 2 KV heads of 128) and s = 64.
@@ -41,33 +40,33 @@ def emit(**figure) -> None:
     print(json.dumps(figure), flush=True)
 
 
-def plain_loop(config, raw: str, encoder: FeatureEncoder | None = None) -> int:
+def plain_loop(config, encode, raw: str, encoder: FeatureEncoder | None = None) -> int:
     """Decode and encode every shard in this process (loading the encoders unless given); returns rows encoded."""
     encoder = encoder or FeatureEncoder(config)
     rows = 0
     for shard in list_shards(raw):
         decoded = decode_shard(shard, config.dino.image_size, config.data.min_image_side)
-        rows += sum(table.num_rows for table, _ in encoder.encode_shard(decoded, config.data.encode_batch_size))
+        rows += sum(table.num_rows for table, _ in encoder.encode_shard(decoded, encode.encode_batch_size))
     return rows
 
 
-def ray_stream(config, raw: str) -> tuple[int, float, int, float]:
+def ray_stream(config, encode, raw: str) -> tuple[int, float, int, float]:
     """Stream every encoded row; returns (rows, total seconds, rows in the first batch, seconds to the first batch)."""
     start = time.perf_counter()
     rows, first_rows, first_s = 0, 0, 0.0
-    for batch in stream_features(config, raw).iter_batches(batch_format="pyarrow", batch_size=None):
+    for batch in stream_features(config, encode, raw).iter_batches(batch_format="pyarrow", batch_size=None):
         if not rows:
             first_rows, first_s = batch.num_rows, time.perf_counter() - start
         rows += batch.num_rows
     return rows, time.perf_counter() - start, first_rows, first_s
 
 
-def stream_figures(config, raw: str, repeats: int, plain: float, plain_steady: float, common: dict) -> None:
+def stream_figures(config, encode, raw: str, repeats: int, plain: float, plain_steady: float, common: dict) -> None:
     """End-to-end rows/s, start-up (first batch) and steady-state rows/s after it, medians over repeats.
 
     End to end is compared with the plain loop that loads its encoders, steady state with one that has them loaded.
     """
-    runs = [ray_stream(config, raw) for _ in range(repeats)]
+    runs = [ray_stream(config, encode, raw) for _ in range(repeats)]
     rows = runs[0][0]
     end_to_end = statistics.median(r / total for r, total, _, _ in runs)
     steady = statistics.median((r - first) / (total - first_s) for r, total, first, first_s in runs)
@@ -77,9 +76,9 @@ def stream_figures(config, raw: str, repeats: int, plain: float, plain_steady: f
     emit(figure="ray_stream_steady_rows_per_s", value=round(steady, 2), ratio_to_plain_loop_steady=round(steady / plain_steady, 3), **common)
 
 
-def ray_preprocess(config, raw: str, scratch: Path) -> int:
+def ray_preprocess(config, encode, raw: str, scratch: Path) -> int:
     output = scratch / f"features-{time.monotonic_ns()}"
-    rows = run_preprocess(config, raw, str(output))["rows_written"]
+    rows = run_preprocess(config, encode, raw, str(output))["rows_written"]
     shutil.rmtree(output)
     return rows
 
@@ -94,10 +93,10 @@ def timed_rows_per_s(run, repeats: int) -> tuple[float, int]:
     return statistics.median(rates), rows
 
 
-def storage_figures(config, raw: str, scratch: Path, prompt_tokens: int) -> None:
+def storage_figures(config, encode, raw: str, scratch: Path, prompt_tokens: int) -> None:
     """Bytes per sample on the tiny files, and the paper-shape arithmetic."""
     output = scratch / "storage"
-    summary = run_preprocess(config, raw, str(output))
+    summary = run_preprocess(config, encode, raw, str(output))
     on_disk = sum(path.stat().st_size for path in output.glob("*.parquet"))
     emit(figure="feature_bytes_per_sample", preset=config.preset, bytes=round(on_disk / summary["rows_written"]))
     dino = PAPER_DINO[0] * PAPER_DINO[1] * FP16_BYTES
@@ -121,25 +120,25 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=60, help="prompt length for the paper cache arithmetic")
     add_config_arguments(parser)
     args = parser.parse_args()
-    config = config_from_args(args)
-    ensure_tiny_checkpoints(config)
+    config, sections = job_config_from_args(args, ENCODE_SECTION)
+    encode = sections["encode"]
     ray.init(log_to_driver=False)
     scratch = Path(tempfile.mkdtemp(prefix="gap3d-bench-preprocess-"))
     try:
         raw = str(scratch / "raw")
         write_synth(raw, args.num, seed=0, shard_size=args.shard_size, image_size=config.dino.image_size)
         common = {"preset": config.preset, "samples": args.num, "shard_size": args.shard_size}
-        plain, rows = timed_rows_per_s(lambda: plain_loop(config, raw), args.repeats)
+        plain, rows = timed_rows_per_s(lambda: plain_loop(config, encode, raw), args.repeats)
         emit(figure="plain_loop_rows_per_s", value=round(plain, 2), rows=rows, torch_threads=torch.get_num_threads(), **common)
         encoder = FeatureEncoder(config)
-        plain_steady, _ = timed_rows_per_s(lambda: plain_loop(config, raw, encoder), args.repeats)
+        plain_steady, _ = timed_rows_per_s(lambda: plain_loop(config, encode, raw, encoder), args.repeats)
         emit(figure="plain_loop_steady_rows_per_s", value=round(plain_steady, 2), rows=rows, torch_threads=torch.get_num_threads(), **common)
         for pool in args.pools:
-            pooled = dataclasses.replace(config, data=dataclasses.replace(config.data, encoder_pool_min=pool, encoder_pool_max=pool))
-            stream_figures(pooled, raw, args.repeats, plain, plain_steady, {**common, "encoder_actors": pool})
-        rate, rows = timed_rows_per_s(lambda: ray_preprocess(config, raw, scratch), args.repeats)
-        emit(figure="ray_preprocess_rows_per_s", value=round(rate, 2), rows=rows, ratio_to_plain_loop=round(rate / plain, 3), encoder_actors=config.data.encoder_pool_max, **common)
-        storage_figures(config, raw, scratch, args.prompt_tokens)
+            pooled = dataclasses.replace(encode, pool_min=pool, pool_max=pool)
+            stream_figures(config, pooled, raw, args.repeats, plain, plain_steady, {**common, "encoder_actors": pool})
+        rate, rows = timed_rows_per_s(lambda: ray_preprocess(config, encode, raw, scratch), args.repeats)
+        emit(figure="ray_preprocess_rows_per_s", value=round(rate, 2), rows=rows, ratio_to_plain_loop=round(rate / plain, 3), encoder_actors=encode.pool_max, **common)
+        storage_figures(config, encode, raw, scratch, args.prompt_tokens)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         ray.shutdown()

@@ -27,8 +27,7 @@ from gap3d.build import build_aligner
 from gap3d.config import load_config
 from gap3d.export import save_export
 from gap3d.generation import TextTo3D
-from gap3d.tiny_models import ensure_tiny_checkpoints
-from gap3d.trellis import write_tiny_trellis
+from gap3d.tiny.trellis import write_tiny_trellis
 
 
 def free_port() -> int:
@@ -43,7 +42,6 @@ def emit(figure: str, value, unit: str, **extra) -> None:
 
 def tiny_artifacts(root: Path) -> tuple[str, str]:
     config = load_config("tiny")
-    ensure_tiny_checkpoints(config)
     save_export(root / "export", build_aligner(config, seed=0).state_dict(), None, config, step=0)
     write_tiny_trellis(root / "trellis", cond_dim=config.aligner.token_dim)
     return str(root / "export"), str(root / "trellis")
@@ -92,7 +90,7 @@ def main() -> None:
         direct_times, http_times = [], []
         for _ in range(args.direct_repeats):
             start = time.perf_counter()
-            direct.generate(body["prompt"], None, 0, flow.sample_steps, flow.cfg_scale, "glb", direct.export.config.serve.target_faces)
+            direct.generate(body["prompt"], None, 0, flow.sample_steps, flow.cfg_scale, "glb", config["applications"][0]["args"]["limits"]["target_faces"])
             direct_times.append(time.perf_counter() - start)
             start = time.perf_counter()
             httpx.post(f"{base}/v1/generate", json=body, timeout=300).raise_for_status()

@@ -20,19 +20,21 @@ from pathlib import Path
 import torch
 
 from gap3d.build import build_aligner
-from gap3d.config import Gap3DConfig, add_config_arguments, config_from_args, load_config
+from gap3d.config import Gap3DConfig, load_config
+from gap3d.features.format import FeatureBatch
 from gap3d.prompt_encoder import PromptEncoder
-from gap3d.tiny_models import ensure_tiny_checkpoints
-from gap3d.training import AlignerTrainModule, TrainBatch, trainable_parameters
+from gap3d.training import AlignerTrainModule, trainable_parameters
+from ray_jobs.config import add_config_arguments, job_config_from_args
+from ray_jobs.train import TRAIN_SECTIONS
 
 CAPTIONS = ("a small red cone on the left", "a large blue cube in the center", "a medium green sphere on the right", "a white torus in the middle")
 
 
-def synthetic_batch(config: Gap3DConfig, prompt_encoder: PromptEncoder, size: int) -> TrainBatch:
+def synthetic_batch(config: Gap3DConfig, prompt_encoder: PromptEncoder, size: int) -> FeatureBatch:
     """Prompt caches of real captions and layer-normed random targets (B, N, D)."""
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(size)]
     dino = torch.nn.functional.layer_norm(torch.randn(size, config.aligner.num_tokens, config.aligner.token_dim), (config.aligner.token_dim,))
-    return TrainBatch(dino=dino, caches=prompt_encoder.encode_prompt_cache(captions))
+    return FeatureBatch(dino=dino, caches=prompt_encoder.encode_prompt_cache(captions))
 
 
 def benchmark_worker(loop_config: dict) -> None:
@@ -42,7 +44,8 @@ def benchmark_worker(loop_config: dict) -> None:
 
     from ray_jobs.parallelize import build_engine
 
-    config, backend, steps, warmup = loop_config["config"], loop_config["backend"], loop_config["steps"], loop_config["warmup"]
+    config, scaling = loop_config["config"], loop_config["scaling"]
+    backend, steps, warmup = loop_config["backend"], loop_config["steps"], loop_config["warmup"]
     world = ray.train.get_context().get_world_size()
     micro_batch = config.train.global_batch_size // world
     prompt_encoder = PromptEncoder.from_pretrained(config.vlm)
@@ -50,7 +53,7 @@ def benchmark_worker(loop_config: dict) -> None:
     batch = synthetic_batch(config, prompt_encoder, micro_batch)
     generator = torch.Generator().manual_seed(0)
     if backend == "deepspeed":
-        engine, _ = build_engine(module, config, micro_batch)
+        engine, _ = build_engine(module, config, scaling, micro_batch)
 
         def step():
             engine.backward(engine(batch, generator)["loss"])
@@ -77,15 +80,15 @@ def benchmark_worker(loop_config: dict) -> None:
     ray.train.report({"samples_per_s": statistics.median(rates)}, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def measure(config: Gap3DConfig, backend: str, workers: int, steps: int, warmup: int) -> float:
+def measure(config: Gap3DConfig, scaling, backend: str, workers: int, steps: int, warmup: int) -> float:
     """Median samples/s of one configuration."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         benchmark_worker,
-        train_loop_config={"config": config, "backend": backend, "steps": steps, "warmup": warmup},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": config.train.worker_cpus}),
+        train_loop_config={"config": config, "scaling": scaling, "backend": backend, "steps": steps, "warmup": warmup},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": scaling.worker_cpus}),
         run_config=RunConfig(name=f"bench-{backend}-{workers}-{time.time_ns()}", storage_path="/tmp/gap3d-bench"),
     )
     return trainer.fit().metrics["samples_per_s"]
@@ -93,7 +96,7 @@ def measure(config: Gap3DConfig, backend: str, workers: int, steps: int, warmup:
 
 def gpu_figures(peak_tflops: float, steps: int, warmup: int) -> list[dict]:
     """Paper-preset aligner forward+backward+AdamW in bf16 on one GPU: samples/s and achieved TFLOP/s."""
-    config = load_config("paper", overrides=["vlm.path=unused", "dino.path=unused"])
+    config = load_config("paper")
     aligner = build_aligner(config, seed=0).cuda().to(torch.bfloat16)
     optimizer = torch.optim.AdamW(aligner.parameters(), lr=1e-4)
     batch = 8
@@ -130,17 +133,17 @@ def main() -> None:
     add_config_arguments(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    config = config_from_args(args)
-    ensure_tiny_checkpoints(config)
+    config, sections = job_config_from_args(args, TRAIN_SECTIONS)
+    scaling = sections["scaling"]
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     rates = {
-        ("deepspeed", 1): measure(config, "deepspeed", 1, args.steps, args.warmup),
-        ("deepspeed", 2): measure(config, "deepspeed", 2, args.steps, args.warmup),
-        ("ddp", 2): measure(config, "ddp", 2, args.steps, args.warmup),
+        ("deepspeed", 1): measure(config, scaling, "deepspeed", 1, args.steps, args.warmup),
+        ("deepspeed", 2): measure(config, scaling, "deepspeed", 2, args.steps, args.warmup),
+        ("ddp", 2): measure(config, scaling, "ddp", 2, args.steps, args.warmup),
     }
-    common = {"preset": config.preset, "global_batch": config.train.global_batch_size, "zero_stage": config.train.zero_stage, "device": "cpu"}
+    common = {"preset": config.preset, "global_batch": config.train.global_batch_size, "zero_stage": scaling.zero_stage, "device": "cpu"}
     for (backend, workers), value in rates.items():
         print(json.dumps({"figure": "train_samples_per_s", "backend": backend, "workers": workers, "value": round(value, 2), **common}))
     print(json.dumps({"figure": "scaling_2_vs_1_workers", "value": round(rates[("deepspeed", 2)] / rates[("deepspeed", 1)], 3), **common}))

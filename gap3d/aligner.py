@@ -183,14 +183,22 @@ class AlignerDiT(nn.Module):
         self.cond_pool = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         if config.null_condition == "learned":
             self.null_cond = nn.Parameter(torch.zeros(config.num_cond_tokens, config.cond_dim))
-        else:
-            self.register_buffer("null_cond", torch.zeros(config.num_cond_tokens, config.cond_dim), persistent=False)
         self.blocks = nn.ModuleList([AlignerBlock(config) for _ in range(config.depth)])
         self.final_layer = FinalLayer(hidden, config.token_dim)
-        cos, sin = rope_2d(config.grid_size, config.num_special_tokens, hidden // config.num_heads, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_buffers()
         self.initialize_weights()
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the non-persistent buffers: RoPE tables and the zero null condition.
+
+        Called again after a meta-device build whose weights were then loaded (gap3d.export.load_export).
+        """
+        config = self.config
+        cos, sin = rope_2d(config.grid_size, config.num_special_tokens, config.hidden_size // config.num_heads, config.rope_theta)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)  # (N, head_dim/2)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        if config.null_condition == "zeros":
+            self.register_buffer("null_cond", torch.zeros(config.num_cond_tokens, config.cond_dim, device=device), persistent=False)
 
     def initialize_weights(self) -> None:
         """Xavier linears; adaLN modulation, special/null embeddings and the output layer start at zero."""

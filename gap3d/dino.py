@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gap3d import storage
-from gap3d.checkpoints import require_files
+from gap3d.checkpoints import require_files, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +79,7 @@ class DinoTargetEncoder(nn.Module):
         """Load a Dinov2WithRegistersModel from config.path (local dir or s3:// URI)."""
         from transformers import Dinov2WithRegistersModel
 
-        path = storage.local_dir(config.path)
+        path = resolve(config.path)
         require_files(path, ["config.json"], what="DINOv2 checkpoint")
         device = torch.device(device)
         model = Dinov2WithRegistersModel.from_pretrained(path, dtype=resolve_dtype(config.dtype, device))

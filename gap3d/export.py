@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from gap3d import storage
 from gap3d.aligner import AlignerDiT
-from gap3d.checkpoints import require_files
+from gap3d.checkpoints import require_files, resolve
 from gap3d.config import Gap3DConfig, load_config, save_config
 from gap3d.prompt_encoder import PromptEncoder
 
@@ -35,12 +35,12 @@ EXPORT_DIR = "export"  # sub-directory of a training checkpoint
 
 @dataclass
 class AlignerExport:
-    """A loaded export: ready-to-sample aligner, soft tokens for the prompt encoder, and the run's config."""
+    """A loaded export: the run's config and soft tokens, and (when asked for) the ready-to-sample aligner."""
 
-    aligner: AlignerDiT  # eval mode, EMA weights
-    soft_tokens: torch.Tensor | None  # (s, d_vlm), None when the soft tokens did not train
     config: Gap3DConfig
     step: int  # optimiser steps the weights were trained for
+    soft_tokens: torch.Tensor | None  # (s, d_vlm), None when the soft tokens did not train
+    aligner: AlignerDiT | None = None  # eval mode, EMA weights; None from load_export(with_aligner=False)
 
 
 def save_export(directory: str | Path, aligner_state: dict[str, torch.Tensor], soft_tokens: torch.Tensor | None, config: Gap3DConfig, step: int) -> Path:
@@ -59,7 +59,7 @@ def save_export(directory: str | Path, aligner_state: dict[str, torch.Tensor], s
 
 def find_export_dir(uri: str) -> Path:
     """Local directory of the export at `uri`: an export directory itself or a training checkpoint holding `export/`."""
-    root = storage.local_dir(uri)
+    root = resolve(uri)
     if (root / META_NAME).is_file():
         return root
     if (root / EXPORT_DIR / META_NAME).is_file():
@@ -67,19 +67,29 @@ def find_export_dir(uri: str) -> Path:
     raise FileNotFoundError(f"{uri} is neither an aligner export (no {META_NAME}) nor a training checkpoint (no {EXPORT_DIR}/{META_NAME})")
 
 
-def load_export(uri: str, device: str | torch.device = "cpu") -> AlignerExport:
-    """Load an export (local path or s3:// URI, export dir or checkpoint dir) into plain PyTorch modules."""
+def load_export(uri: str, device: str | torch.device = "cpu", with_aligner: bool = True) -> AlignerExport:
+    """Load an export (local path or s3:// URI, export dir or checkpoint dir) in plain PyTorch.
+
+    The aligner is built on the meta device and takes the stored tensors as they are (`assign=True`), so no
+    weights are initialised only to be overwritten; `with_aligner=False` skips it (for stages that never run it).
+    """
     directory = find_export_dir(uri)
     require_files(directory, [WEIGHTS_NAME, CONFIG_NAME, META_NAME], what="aligner export")
     meta = json.loads((directory / META_NAME).read_text())
     if meta.get("format") != EXPORT_FORMAT or meta.get("version") != EXPORT_VERSION:
         raise ValueError(f"{directory / META_NAME} is format {meta.get('format')!r} v{meta.get('version')}; this code reads {EXPORT_FORMAT!r} v{EXPORT_VERSION}")
     config = load_config(yaml_path=directory / CONFIG_NAME)
-    tensors = load_file(directory / WEIGHTS_NAME, device=str(device))
-    aligner = AlignerDiT(config.aligner).to(device)
-    aligner_state = {name[len("aligner.") :]: value for name, value in tensors.items() if name.startswith("aligner.")}
-    aligner.load_state_dict(aligner_state, strict=True)
-    return AlignerExport(aligner=aligner.eval(), soft_tokens=tensors.get("soft_tokens"), config=config, step=int(meta["step"]))
+    with safe_open(directory / WEIGHTS_NAME, framework="pt", device=str(device)) as weights:
+        soft_tokens = weights.get_tensor("soft_tokens") if "soft_tokens" in weights.keys() else None
+        aligner_state = {name[len("aligner.") :]: weights.get_tensor(name) for name in weights.keys() if with_aligner and name.startswith("aligner.")}
+    export = AlignerExport(config=config, step=int(meta["step"]), soft_tokens=soft_tokens)
+    if with_aligner:
+        with torch.device("meta"):
+            aligner = AlignerDiT(config.aligner)
+        aligner.load_state_dict(aligner_state, strict=True, assign=True)
+        aligner.init_buffers(device)
+        export.aligner = aligner.eval()
+    return export
 
 
 def apply_soft_tokens(prompt_encoder: PromptEncoder, soft_tokens: torch.Tensor | None) -> None:

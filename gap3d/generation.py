@@ -58,8 +58,8 @@ def align(export: AlignerExport, cond: torch.Tensor, seeds: list[int], steps: in
 
 def check_decoder_matches(export: AlignerExport, decoder: Decoder) -> None:
     """The TRELLIS condition width must be the aligner's token width."""
-    if decoder.cond_dim != export.aligner.config.token_dim:
-        raise ValueError(f"the TRELLIS checkpoint expects {decoder.cond_dim}-dim condition tokens but the aligner makes {export.aligner.config.token_dim}-dim tokens")
+    if decoder.cond_dim != export.config.aligner.token_dim:
+        raise ValueError(f"the TRELLIS checkpoint expects {decoder.cond_dim}-dim condition tokens but the aligner makes {export.config.aligner.token_dim}-dim tokens")
 
 
 @dataclass

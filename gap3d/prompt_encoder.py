@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gap3d import storage
-from gap3d.checkpoints import require_files
+from gap3d.checkpoints import require_files, resolve
 from gap3d.dino import resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -91,7 +90,7 @@ class PromptEncoder(nn.Module):
         """Load the VLM, tokenizer and image processor from config.path (local dir or s3:// URI)."""
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-        path = storage.local_dir(config.path)
+        path = resolve(config.path)
         require_files(path, ["config.json", "tokenizer_config.json"], what="VLM checkpoint")
         device = torch.device(device)
         vlm = AutoModelForImageTextToText.from_pretrained(path, dtype=resolve_dtype(config.dtype, device))

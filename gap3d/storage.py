@@ -2,21 +2,26 @@
 
 S3 endpoint, credentials and region come from the standard AWS environment variables
 (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), so real S3, MinIO and moto all work unchanged.
+Every file a job publishes goes through `publish_file`: readers never see half of one.
 """
 
-import fcntl
 import hashlib
 import logging
 import os
+import posixpath
 import shutil
 import tempfile
 from pathlib import Path
 
 import fsspec
+import pyarrow.fs
+from filelock import FileLock
 
 logger = logging.getLogger(__name__)
 
 _COMPLETE_MARKER = ".gap3d_complete"
+GLOB_CHARS = "*?["
+PARTIAL_SUFFIX = ".partial"  # temporary files of `publish_file`, beside their target on local disks
 
 
 def is_remote(uri: str) -> bool:
@@ -35,9 +40,30 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([str(uri).rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def has_glob(uri: str) -> bool:
+    """Whether `uri` holds a glob character."""
+    return any(char in str(uri) for char in GLOB_CHARS)
+
+
+def glob_root(path: str) -> str:
+    """The directory above the first glob character: "d/x/train-*.tar" -> "d/x"."""
+    return posixpath.dirname(path[: min(path.index(c) for c in GLOB_CHARS if c in path)])
+
+
+def with_scheme(uri: str, path: str) -> str:
+    """A path found by listing `uri`'s filesystem, as a URI of the same scheme ("bucket/k" -> "s3://bucket/k")."""
+    return filesystem(uri)[0].unstrip_protocol(path) if is_remote(uri) else path
+
+
 def cache_root() -> Path:
-    """Where remote checkpoints are downloaded: $GAP3D_CACHE or ~/.cache/gap3d."""
-    return Path(os.environ.get("GAP3D_CACHE", Path.home() / ".cache" / "gap3d"))
+    """Where remote checkpoints are downloaded and tiny models are built: $GAP3D_CACHE or ~/.cache/gap3d."""
+    return Path(os.environ.get("GAP3D_CACHE", Path.home() / ".cache" / "gap3d")).expanduser()
+
+
+def cache_lock(path: Path) -> FileLock:
+    """An inter-process lock beside `path`: processes sharing the cache build or download it once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path.parent / f"{path.name}.lock"))
 
 
 def local_dir(uri: str) -> Path:
@@ -54,10 +80,7 @@ def local_dir(uri: str) -> Path:
         raise FileNotFoundError(f"checkpoint directory {uri} does not exist (or is empty)")
     version = _listing_fingerprint(fs, root)
     marker = target / _COMPLETE_MARKER
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Processes on one node (training workers, replicas) share the cache: one downloads, the others wait.
-    with open(target.parent / f"{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with cache_lock(target):
         if marker.exists() and marker.read_text() == version:
             return target
         logger.info("downloading %s to %s", uri, target)
@@ -84,3 +107,68 @@ def upload_dir(local: str | Path, uri: str) -> None:
     fs, root = filesystem(uri)
     fs.makedirs(root, exist_ok=True)
     fs.put(str(local).rstrip("/") + "/", root.rstrip("/"), recursive=True)
+
+
+def temp_file_for(uri: str) -> str:
+    """A new local temporary file to build `uri` in before `publish_file`.
+
+    Beside the target on a local filesystem (so publishing is an atomic rename; the leading dot hides it
+    from listings), in the system temp directory for object storage.
+    """
+    directory = None
+    if not is_remote(uri):
+        directory = posixpath.dirname(filesystem(uri)[1])
+        os.makedirs(directory, exist_ok=True)
+    handle, path = tempfile.mkstemp(prefix=f".{posixpath.basename(str(uri))}.", suffix=PARTIAL_SUFFIX, dir=directory)
+    os.close(handle)
+    os.chmod(path, 0o644)  # mkstemp's 0600 would survive the rename
+    return path
+
+
+def publish_file(local_path: str, uri: str) -> None:
+    """Move a finished local file to `uri` in one step (a rename, or a single upload); the local file is gone after."""
+    fs, target = filesystem(uri)
+    try:
+        if is_remote(uri):
+            fs.put_file(local_path, target)
+        else:
+            os.replace(local_path, target)
+    finally:
+        if os.path.exists(local_path):
+            os.remove(local_path)
+
+
+def remove_partial_files(directory_uri: str) -> int:
+    """Delete the temporary files killed writers left in a local directory; returns how many."""
+    if is_remote(directory_uri):
+        return 0  # temporary files of remote targets live on the writers' own disks
+    fs, root = filesystem(directory_uri)
+    stale = fs.glob(join(root, f".*{PARTIAL_SUFFIX}")) if fs.isdir(root) else []
+    for path in stale:
+        fs.rm_file(path)
+    if stale:
+        logger.info("removed %d temporary files left by an interrupted run in %s", len(stale), directory_uri)
+    return len(stale)
+
+
+def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """A pyarrow filesystem for `uri` that carries its S3 endpoint and keys, so it works in any Ray worker.
+
+    Worker processes may not share the driver's AWS_* environment, so the endpoint and credentials the
+    driver sees are passed explicitly to an s3fs filesystem (which pickles with them). s3fs, unlike
+    pyarrow's own S3 client, writes small files in one request, which every S3 implementation accepts.
+    """
+    if not str(uri).startswith("s3://"):
+        return pyarrow.fs.FileSystem.from_uri(str(uri) if "://" in str(uri) else os.path.abspath(uri))
+    import s3fs
+
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    s3 = s3fs.S3FileSystem(
+        key=os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        token=os.environ.get("AWS_SESSION_TOKEN"),
+        endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        client_kwargs={"region_name": region} if region else {},
+        skip_instance_cache=True,
+    )
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(s3)), str(uri)[len("s3://") :].rstrip("/")

@@ -14,31 +14,45 @@ import torch
 from torch import nn
 
 from gap3d.aligner import AlignerDiT
-from gap3d.config import TrainConfig
+from gap3d.features.format import FeatureBatch
 from gap3d.flow import FlowConfig, flow_matching_loss, sample
 from gap3d.metrics import alignment_metrics
-from gap3d.prompt_encoder import PromptCache, PromptEncoder
+from gap3d.prompt_encoder import PromptEncoder
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainBatch:
-    """One micro-batch of feature rows, as tensors."""
+class TrainConfig:
+    """The optimisation recipe (authors' values); how many workers run it is the training job's business."""
 
-    dino: torch.Tensor  # (B, N, D) DINOv2 targets
-    caches: list[PromptCache] | None = None  # prompt caches, when the soft tokens train
-    latents: torch.Tensor | None = None  # (B, s, d_vlm) stored soft-token latents, when they are frozen
+    global_batch_size: int = 128  # samples per optimiser step across all workers (authors: 16 per GPU x 8)
+    grad_accum_steps: int = 1  # micro-batches per optimiser step on each worker
+    lr: float = 2.8e-4  # peak AdamW learning rate
+    min_lr: float = 1e-5  # end of the cosine decay
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_ratio: float = 0.003  # fraction of max_steps spent in linear warmup
+    max_steps: int = 100_000  # optimiser steps
+    grad_clip: float = 1.0  # max global grad norm (0 disables)
+    ema_decay: float = 0.9999  # EMA of aligner weights, used for evaluation and export
+    precision: str = "bf16"  # "bf16" or "fp32"
+    checkpoint_every: int = 1000  # steps between checkpoints
+    keep_checkpoints: int = 3  # newest checkpoints kept in storage
+    eval_every: int = 5000  # steps between held-out evaluations
+    eval_samples: int = 128  # held-out rows evaluated every eval_every steps
+    log_every: int = 50  # steps between progress lines / metric reports
+    seed: int = 0  # seeds data order, noise and dropout
 
-    def __len__(self) -> int:
-        return self.dino.shape[0]
-
-    def to(self, device: torch.device, dtype: torch.dtype, cache_dtype: torch.dtype | None = None) -> "TrainBatch":
-        """Move to `device`; targets and latents take `dtype`, prompt caches `cache_dtype` (the VLM's; default `dtype`)."""
-        cache_dtype = cache_dtype or dtype
-        caches = None if self.caches is None else [PromptCache(c.key_values.to(device, cache_dtype), c.next_position) for c in self.caches]
-        latents = None if self.latents is None else self.latents.to(device, dtype)
-        return TrainBatch(self.dino.to(device, dtype), caches, latents)
+    def __post_init__(self):
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"train.precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        for name in ("global_batch_size", "grad_accum_steps", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 < self.min_lr <= self.lr:
+            raise ValueError(f"need 0 < train.min_lr <= train.lr, got {self.min_lr} and {self.lr}")
 
 
 class AlignerTrainModule(nn.Module):
@@ -64,24 +78,42 @@ class AlignerTrainModule(nn.Module):
     def prompt_encoder(self) -> PromptEncoder | None:
         return self._prompt_encoder[0]
 
-    def condition(self, batch: TrainBatch) -> torch.Tensor:
-        """The aligner's condition (B, s, d_vlm): soft tokens through the VLM on the prompt caches, or stored latents."""
-        if self.prompt_encoder is not None:
-            if batch.caches is None:
-                raise ValueError("the soft tokens train, so batches need prompt caches (features in prompt_cache mode)")
-            return self.prompt_encoder.soft_latents(batch.caches)
-        if batch.latents is None:
-            raise ValueError("the soft tokens are frozen, so batches need stored soft latents (features in soft_latents mode)")
-        return batch.latents
-
-    def forward(self, batch: TrainBatch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, batch: FeatureBatch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Flow-matching loss on one micro-batch -> {"loss", "cls", "registers", "patches"} (scalars)."""
-        cond = self.condition(batch).to(batch.dino.dtype)
+        cond = batch_condition(batch, self.prompt_encoder).to(batch.dino.dtype)
         return flow_matching_loss(self.aligner, batch.dino, cond, self.flow_config, self.num_registers, generator)
 
 
+def batch_condition(batch: FeatureBatch, prompt_encoder: PromptEncoder | None) -> torch.Tensor:
+    """The aligner's condition (B, s, d_vlm): soft tokens through the frozen VLM on the batch's prompt caches
+    (when the soft tokens train), else the batch's stored soft latents."""
+    if prompt_encoder is not None:
+        if batch.caches is None:
+            raise ValueError("the soft tokens train, so batches need prompt caches (features in prompt_cache mode)")
+        return prompt_encoder.soft_latents(batch.caches)
+    if batch.latents is None:
+        raise ValueError("the soft tokens are frozen, so batches need stored soft latents (features in soft_latents mode)")
+    return batch.latents
+
+
+@torch.no_grad()
+def evaluation_condition(batch: FeatureBatch, prompt_encoder: PromptEncoder | None, device: torch.device, chunk: int = 32) -> torch.Tensor:
+    """`batch_condition` without gradients, on `device`, `chunk` rows at a time -> (B, s, d_vlm) float32."""
+    dtype = prompt_encoder.soft_tokens.dtype if prompt_encoder is not None else torch.float32
+    moved = batch.to(device, dtype)
+    parts = [
+        batch_condition(FeatureBatch(moved.dino[i : i + chunk], None if moved.caches is None else moved.caches[i : i + chunk],
+                                     None if moved.latents is None else moved.latents[i : i + chunk]), prompt_encoder)
+        for i in range(0, len(moved), chunk)
+    ]
+    return torch.cat(parts).float()
+
+
 def lr_multiplier(step: int, config: TrainConfig) -> float:
-    """Factor on train.lr for optimiser step `step` (0-based): linear warmup, then cosine decay to train.min_lr."""
+    """Factor on train.lr for optimiser step `step` (0-based): linear warmup, then cosine decay to train.min_lr.
+
+    Ours rather than transformers' cosine-with-min-lr helper: the same curve in a few lines, evaluated at any step.
+    """
     warmup = math.ceil(config.warmup_ratio * config.max_steps)
     if step < warmup:
         return (step + 1) / warmup
@@ -101,11 +133,13 @@ def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
 
 
 class EMA:
-    """Exponential moving average (fp32) of named parameters: shadow = decay * shadow + (1 - decay) * param."""
+    """Exponential moving average of named parameters in fp32: shadow = decay * shadow + (1 - decay) * param.
+
+    Ours rather than torch.optim.swa_utils.AveragedModel: that keeps its average in the model's dtype, and in
+    bf16 an EMA at decay 0.9999 cannot move (steps of 1e-4 are below bf16's 2^-8 resolution).
+    """
 
     def __init__(self, parameters: dict[str, torch.Tensor], decay: float):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"train.ema_decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.shadow = {name: p.detach().float().clone() for name, p in parameters.items()}
 
@@ -158,14 +192,3 @@ def with_soft_tokens(prompt_encoder: PromptEncoder, soft_tokens: torch.Tensor) -
     with torch.no_grad():
         clone.soft_tokens.copy_(soft_tokens.to(clone.soft_tokens.dtype))
     return clone.requires_grad_(False)
-
-
-def optimizer_state_digest(state) -> float:
-    """Sum of |x| over every tensor in a (nested) optimiser state: equal digests mean equal states, in practice."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().double().abs().sum().item() if state.is_floating_point() else float(state.sum().item())
-    if isinstance(state, dict):
-        return sum(optimizer_state_digest(value) for value in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(optimizer_state_digest(value) for value in state)
-    return 0.0

@@ -2,8 +2,8 @@
 
 synthetic shards -> Ray Data preprocessing -> Ray Train + DeepSpeed (2 workers) -> evaluation against an
 untrained aligner -> `serve run serve/config.yaml` -> one HTTP generation per example prompt -> GLB files.
-Run as `gap3d demo [--workdir DIR]` (or `python -m ray_jobs.demo`). Artifacts land where serve/config.yaml
-expects them by default (~/.cache/gap3d/demo), so `serve run serve/config.yaml` works afterwards.
+Run as `python -m ray_jobs demo [--workdir DIR]`. Artifacts land where serve/config.yaml expects them by
+default (~/.cache/gap3d/demo), so `serve run serve/config.yaml` works afterwards.
 """
 
 import argparse
@@ -19,15 +19,14 @@ import httpx
 import ray
 import yaml
 
-from gap3d.config import config_from_args
-from gap3d.demo_command import add_demo_arguments
+from gap3d import storage
 from gap3d.data.synth import write_synth
 from gap3d.export import find_export_dir
-from gap3d.tiny_models import ensure_tiny_checkpoints
-from gap3d.trellis import write_tiny_trellis
+from gap3d.tiny.trellis import write_tiny_trellis
+from ray_jobs.config import add_config_arguments, configure_logging, job_config_from_args
 from ray_jobs.evaluate import evaluate
 from ray_jobs.preprocess import run_preprocess
-from ray_jobs.train import run_training
+from ray_jobs.train import TRAIN_SECTIONS, run_training
 
 logger = logging.getLogger("gap3d.demo")
 
@@ -73,8 +72,7 @@ def start_service(workdir: Path, port: int) -> str:
 
 def run_demo(args: argparse.Namespace) -> dict:
     """Run every stage; returns the final summary."""
-    config = config_from_args(args)
-    ensure_tiny_checkpoints(config)
+    config, sections = job_config_from_args(args, TRAIN_SECTIONS)
     workdir = Path(args.workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     raw, features = workdir / "raw", workdir / "features"
@@ -84,9 +82,9 @@ def run_demo(args: argparse.Namespace) -> dict:
         with stage("synthetic data", timings):
             synth = write_synth(str(raw), num=args.num_samples, seed=args.seed)
         with stage("preprocessing (Ray Data)", timings):
-            preprocess = run_preprocess(config, str(raw), str(features))
+            preprocess = run_preprocess(config, sections["encode"], str(raw), str(features))
         with stage("training (Ray Train + DeepSpeed)", timings):
-            result = run_training(config, str(workdir / "checkpoints"), features=str(features / "train-*.parquet"),
+            result = run_training(config, sections["scaling"], str(workdir / "checkpoints"), features=str(features / "train-*.parquet"),
                                   eval_features=str(features / "eval-*.parquet"), name="demo", max_failures=1)
             checkpoint = result.checkpoint.path
             shutil.rmtree(workdir / "export", ignore_errors=True)
@@ -127,17 +125,19 @@ def run_demo(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_demo_arguments(parser)
-    args = parser.parse_args(argv)
-    args.preset = args.preset or "tiny"
-    return args
+    parser = argparse.ArgumentParser(prog="demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default=str(storage.cache_root() / "demo"), help="where data, checkpoints and GLB files go (serve/config.yaml's default)")
+    parser.add_argument("--num-samples", type=int, default=320, help="synthetic image-caption pairs (train + eval)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port of the demo's Serve proxy on 127.0.0.1")
+    add_config_arguments(parser)
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
     summary = run_demo(parse_args(argv))
-    print(json.dumps(summary, default=str))
+    sys.stdout.write(json.dumps(summary, default=str) + "\n")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Held-out alignment of a trained aligner against an untrained one; prints one JSON object.
 
-    python ray_jobs/evaluate.py --checkpoint s3://bucket/runs/gap3d-train/checkpoint_00000300 --features s3://bucket/features/eval
+    python -m ray_jobs.evaluate --checkpoint s3://bucket/runs/gap3d-train/checkpoint_00000300 --features s3://bucket/features/eval
 
 --checkpoint is a training checkpoint (its `export/` is used) or an export directory. Both aligners sample
 from the same noise; the untrained one is freshly initialised with train.seed and the initial soft tokens.
@@ -12,17 +12,19 @@ Sampling runs on the driver (it is small next to training); pass --device cuda w
 import argparse
 import json
 import logging
+import sys
 import time
 
 import torch
 
 from gap3d.build import build_aligner
 from gap3d.export import apply_soft_tokens, load_export
-from gap3d.features import soft_token_mode
+from gap3d.features.identity import soft_token_mode
+from gap3d.features.store import load_rows
 from gap3d.metrics import alignment_metrics
 from gap3d.prompt_encoder import PromptEncoder
-from gap3d.training import evaluate_alignment
-from gap3d.training_data import condition_for, load_rows
+from gap3d.training import evaluate_alignment, evaluation_condition
+from ray_jobs.config import configure_logging
 
 logger = logging.getLogger("gap3d.evaluate")
 
@@ -35,10 +37,10 @@ def evaluate(checkpoint: str, features: str, limit: int | None = None, device: s
     config = export.config
     batch, _ = load_rows(features, config, limit=limit)
     prompt_encoder = PromptEncoder.from_pretrained(config.vlm, device) if soft_token_mode(config) == "prompt_cache" else None
-    untrained_cond = condition_for(batch, prompt_encoder, device).float()
+    untrained_cond = evaluation_condition(batch, prompt_encoder, device)
     if prompt_encoder is not None:
         apply_soft_tokens(prompt_encoder, export.soft_tokens)
-    trained_cond = condition_for(batch, prompt_encoder, device).float()
+    trained_cond = evaluation_condition(batch, prompt_encoder, device)
     untrained = build_aligner(config, seed=config.train.seed).to(device)
     return {
         "checkpoint": checkpoint,
@@ -56,7 +58,7 @@ def evaluate(checkpoint: str, features: str, limit: int | None = None, device: s
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Compare a trained aligner with an untrained one on held-out features.")
+    parser = argparse.ArgumentParser(prog="evaluate", description="Compare a trained aligner with an untrained one on held-out features.")
     parser.add_argument("--checkpoint", required=True, help="training checkpoint or export directory (local or s3://)")
     parser.add_argument("--features", required=True, help="held-out feature directory (local or s3://)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate at most this many rows")
@@ -67,8 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    print(json.dumps(evaluate(args.checkpoint, args.features, args.limit, args.device, args.seed)))
+    configure_logging()
+    sys.stdout.write(json.dumps(evaluate(args.checkpoint, args.features, args.limit, args.device, args.seed)) + "\n")
     return 0
 
 

@@ -17,27 +17,32 @@ from gap3d.training import EMA, AlignerTrainModule, lr_schedule, trainable_param
 def apply_activation_checkpointing(aligner: nn.Module) -> None:
     """Recompute each aligner block in backward instead of keeping its activations.
 
-    The blocks' forwards are wrapped in place, so parameter names (EMA, export, DeepSpeed state) stay unchanged.
+    The blocks' forwards are wrapped in place, so parameter names (EMA, export, DeepSpeed state) stay unchanged;
+    PyTorch's checkpoint_wrapper would rename every block parameter (`_checkpoint_wrapped_module.`).
     """
     for block in aligner.blocks:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def build_engine(module: AlignerTrainModule, config: Gap3DConfig, micro_batch: int):
-    """DeepSpeed engine over the trainable parameters (torch AdamW + warmup/cosine schedule) -> (engine, scheduler)."""
+def build_engine(module: AlignerTrainModule, config: Gap3DConfig, scaling, micro_batch: int):
+    """DeepSpeed engine over the trainable parameters (torch AdamW + warmup/cosine schedule) -> (engine, scheduler).
+
+    `scaling` is the job's ray_jobs.train.TrainScaling (ZeRO stage, activation checkpointing).
+    """
     import deepspeed
 
     train = config.train
-    if train.gradient_checkpointing:
+    if scaling.gradient_checkpointing:
         apply_activation_checkpointing(module.aligner)
     optimizer = torch.optim.AdamW(trainable_parameters(module).values(), lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.999))
     engine, _, _, scheduler = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, train), config=deepspeed_config(config, micro_batch), dist_init_required=False
+        model=module, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, train),
+        config=deepspeed_config(config, scaling.zero_stage, micro_batch), dist_init_required=False,
     )
     return engine, scheduler
 
 
-def deepspeed_config(config: Gap3DConfig, micro_batch: int) -> dict:
+def deepspeed_config(config: Gap3DConfig, zero_stage: int, micro_batch: int) -> dict:
     """The DeepSpeed JSON config of a run: batch sizes, clipping, ZeRO stage, precision."""
     train = config.train
     return {
@@ -45,7 +50,7 @@ def deepspeed_config(config: Gap3DConfig, micro_batch: int) -> dict:
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": train.grad_accum_steps,
         "gradient_clipping": train.grad_clip,
-        "zero_optimization": {"stage": train.zero_stage},
+        "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": train.precision == "bf16"},
         "zero_allow_untested_optimizer": True,  # torch AdamW: no extra C++ op to build on CPU
         "steps_per_print": 10**9,
@@ -69,8 +74,8 @@ def init_single_process_group() -> None:
 
 def global_grad_norm(engine) -> float:
     """Global gradient norm after the all-reduce (ZeRO 0 does not compute one itself)."""
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item() if grads else 0.0
+    grads = [p.grad.float() for p in engine.module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
 
 
 def update_ema(ema: EMA, engine, zero_stage: int) -> None:

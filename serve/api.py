@@ -7,6 +7,7 @@ import base64
 import binascii
 import hmac
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -15,12 +16,23 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, Field, ValidationError
 
-from gap3d.config import ServeConfig
 from gap3d.generation import decode_prompt_image
 
 API_KEYS_ENV = "GAP3D_API_KEYS"  # comma-separated bearer tokens
 API_KEYS_FILE_ENV = "GAP3D_API_KEYS_FILE"  # file with one bearer token per line
 OPEN_PATHS = frozenset({"/healthz"})
+
+
+@dataclass
+class ServeLimits:
+    """What one request may ask for (the `limits:` builder arg in serve/config.yaml)."""
+
+    max_prompt_chars: int = 2000  # longer prompts are rejected with 422
+    max_image_pixels: int = 4096 * 4096  # larger prompt images are rejected with 413
+    max_body_bytes: int = 32 * 1024 * 1024  # request body cap
+    max_steps: int = 100  # upper bound on requested sampling steps
+    max_cfg_scale: float = 20.0  # upper bound on requested guidance scale
+    target_faces: int = 50_000  # served meshes are simplified to at most about this many faces
 
 
 class GenerateRequest(BaseModel):
@@ -61,7 +73,7 @@ async def parse_generate_request(request: Request, max_body_bytes: int) -> Gener
         raise ApiError(422, first.get("msg", "invalid request"), field=field) from None
 
 
-def check_generate_request(request: GenerateRequest, limits: ServeConfig):
+def check_generate_request(request: GenerateRequest, limits: ServeLimits):
     """Range and size checks beyond the schema; returns the decoded prompt image (or None)."""
     if not request.prompt.strip():
         raise ApiError(422, "prompt must not be empty", field="prompt")

@@ -21,12 +21,13 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from gap3d.config import ServeConfig, load_config
+from gap3d.config import load_config
 from gap3d.export import CONFIG_NAME, find_export_dir, load_export
 from gap3d.generation import align, check_decoder_matches, load_prompt_encoder
 from gap3d.prompt_encoder import PromptTooLongError
-from gap3d.trellis import MEDIA_TYPES, Decoder as TrellisDecoder, EmptyStructureError, export_mesh
-from serve.api import ApiError, GenerateRequest, ServiceMetrics, authorized, check_generate_request, load_api_keys, parse_generate_request
+from gap3d.trellis import MEDIA_TYPES, EmptyStructureError, export_mesh
+from gap3d.trellis import Decoder as TrellisDecoder
+from serve.api import ApiError, GenerateRequest, ServeLimits, ServiceMetrics, authorized, check_generate_request, load_api_keys, parse_generate_request
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class PromptEncoder:
     """Frozen VLM + trained soft tokens: prompt (+ image) -> (s, d_vlm) latents."""
 
     def __init__(self, export_uri: str, vlm_path: str | None = None):
-        export = load_export(export_uri)
+        export = load_export(export_uri, with_aligner=False)
         self.encoder = load_prompt_encoder(export, vlm_path)
         self.info = {"vlm": self.encoder.config.path, "soft_tokens": list(self.encoder.soft_tokens.shape), "trained_soft_tokens": export.soft_tokens is not None}
 
@@ -75,7 +76,7 @@ class Aligner:
         first = requests[0]
         return align(self.export, cond, [r.seed for r in requests], first.steps, first.cfg_scale).numpy()
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    @serve.batch  # size and wait are set per replica from serve/config.yaml (`aligner_batch:`)
     async def align_batch(self, requests: list[AlignRequest]) -> list[tuple[np.ndarray, int]]:
         groups: dict[tuple, list[int]] = {}
         for index, request in enumerate(requests):
@@ -98,7 +99,7 @@ class Decoder:
 
     def __init__(self, trellis_uri: str, export_uri: str, target_faces: int, stages: str):
         self.decoder = TrellisDecoder.from_pretrained(trellis_uri, stages=stages)
-        check_decoder_matches(load_export(export_uri), self.decoder)
+        check_decoder_matches(load_export(export_uri, with_aligner=False), self.decoder)
         self.target_faces = target_faces
         self.info = {"trellis": trellis_uri, "cond_dim": self.decoder.cond_dim, "stage": self.decoder.default_stage, "target_faces": target_faces}
 
@@ -149,7 +150,7 @@ class Gateway:
 
     def __init__(self, prompt_encoder: DeploymentHandle, aligner: DeploymentHandle, decoder: DeploymentHandle, limits: dict, config: dict):
         self.handles = {"prompt_encoder": prompt_encoder, "aligner": aligner, "decoder": decoder}
-        self.limits = ServeConfig(**limits)
+        self.limits = ServeLimits(**limits)
         self.config = config
         self.metrics = ServiceMetrics()
         self.api_keys = load_api_keys()
@@ -256,7 +257,8 @@ class AppArgs(BaseModel):
     trellis: str  # TRELLIS checkpoint directory or s3:// URI
     vlm: str | None = None  # VLM checkpoint, overriding the one recorded in the export's config
     decoder_stages: str = "auto"  # TRELLIS stages to run: "auto" (all the checkpoint has), "coarse" or "full"
-    serve: dict = {}  # overrides of gap3d.config.ServeConfig fields
+    limits: dict = {}  # serve.api.ServeLimits fields
+    aligner_batch: dict = {"max_batch_size": 8, "batch_wait_timeout_s": 0.02}  # the Aligner's @serve.batch settings
 
 
 def _expand(uri: str) -> str:
@@ -269,10 +271,10 @@ def app(args: dict) -> serve.Application:
     export, trellis = _expand(parsed.export), _expand(parsed.trellis)
     vlm = None if parsed.vlm is None else _expand(parsed.vlm)
     config = load_config(yaml_path=find_export_dir(export) / CONFIG_NAME)
-    limits = ServeConfig(**{**asdict(config.serve), **parsed.serve})
+    limits = ServeLimits(**parsed.limits)
     return Gateway.bind(
         PromptEncoder.bind(export, vlm),
-        Aligner.bind(export, limits.max_batch_size, limits.batch_wait_timeout_s),
+        Aligner.bind(export, **parsed.aligner_batch),
         Decoder.bind(trellis, export, limits.target_faces, parsed.decoder_stages),
         asdict(limits),
         {**asdict(config), "artifacts": {"export": export, "trellis": trellis, "vlm": vlm or config.vlm.path}},

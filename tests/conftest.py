@@ -1,13 +1,20 @@
-"""Shared fixtures: a real S3 API server (moto) on 127.0.0.1, and one local Ray cluster per session."""
+"""Shared fixtures: a real S3 API server (moto) on 127.0.0.1, one local Ray cluster per session, tiny checkpoints."""
 
 import os
 import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
+
+
+def pytest_configure(config):
+    # Tiny checkpoints (tiny://...) and downloads go to a cache of the session's own, unless the caller set one;
+    # set before any Ray worker starts, so every process of the session shares it.
+    os.environ.setdefault("GAP3D_CACHE", tempfile.mkdtemp(prefix="gap3d-test-cache-"))
 
 
 def free_port() -> int:
@@ -87,16 +94,16 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoints(tmp_path_factory):
-    """Tiny random VLM and DINOv2 written once per session with save_pretrained: {'vlm': Path, 'dino': Path}."""
-    from gap3d.tiny_models import write_tiny_checkpoints
+def tiny_checkpoints():
+    """Local directories of the tiny random VLM and DINOv2 (tiny://vlm, tiny://dino): {'vlm': Path, 'dino': Path}."""
+    from gap3d.checkpoints import resolve
 
-    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
+    return {name: resolve(f"tiny://{name}") for name in ("vlm", "dino")}
 
 
 @pytest.fixture(scope="session")
-def tiny_config(tiny_checkpoints):
-    """The tiny preset pointed at the session's tiny checkpoints."""
+def tiny_config():
+    """The tiny preset, as every job resolves it by default."""
     from gap3d.config import load_config
 
-    return load_config("tiny", overrides=[f"vlm.path={tiny_checkpoints['vlm']}", f"dino.path={tiny_checkpoints['dino']}"])
+    return load_config("tiny")

@@ -1,37 +1,52 @@
-"""The `gap3d` console script."""
+"""`python -m ray_jobs COMMAND`: one command line over every job's main(), run as a user runs it."""
 
 import json
 import subprocess
+import sys
+from pathlib import Path
+
+from ray_jobs import cli
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-def test_gap3d_help_lists_the_commands():
-    out = subprocess.run(["gap3d", "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("smoke", "make-tiny", "data", "trellis", "demo"):
-        assert command in out
+def run(*args, timeout=300, cwd=REPO):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
-def test_smoke_generates_aligned_tokens_for_the_tiny_preset(tiny_checkpoints):
-    out = subprocess.run(
-        ["gap3d", "smoke", "--prompt", "a red cone", "--preset", "tiny",
-         f"vlm.path={tiny_checkpoints['vlm']}", f"dino.path={tiny_checkpoints['dino']}"],
-        capture_output=True, text=True, check=True, timeout=300,
-    ).stdout
-    summary = json.loads(out.strip().splitlines()[-1])
+def test_help_lists_every_command():
+    result = run("-m", "ray_jobs", "--help", timeout=120)
+    assert result.returncode == 0
+    for command in ("demo", "synth", "preprocess", "train", "evaluate", "smoke", "make-tiny"):
+        assert f"  {command} " in result.stdout
+
+
+def test_each_command_is_its_modules_main():
+    from ray_jobs import demo, evaluate, preprocess, train
+
+    assert {cli.COMMANDS[name].main for name in ("demo", "preprocess", "train", "evaluate")} == {demo.main, preprocess.main, train.main, evaluate.main}
+
+
+def test_unknown_command_exits_2_naming_it():
+    assert cli.main(["nope"]) == 2
+
+
+def test_smoke_generates_aligned_tokens_for_the_tiny_preset():
+    result = run("-m", "ray_jobs", "smoke", "--prompt", "a red cone")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["condition_shape"] == [1, 8, 64]
     assert summary["tokens_shape"] == [1, 261, 64]
     assert summary["tokens_finite"]
 
 
+def test_a_job_runs_as_a_script_from_the_checkout():
+    result = run("ray_jobs/train.py", "--help", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--features" in result.stdout
+
+
 def test_bad_override_exits_nonzero_naming_the_key():
-    result = subprocess.run(["gap3d", "smoke", "train.nope=1"], capture_output=True, text=True, timeout=120)
+    result = run("-m", "ray_jobs", "smoke", "train.nope=1", timeout=120)
     assert result.returncode != 0
     assert "train.nope" in result.stderr
-
-
-def test_demo_options_are_the_drivers_options():
-    from gap3d.cli import build_parser
-    from ray_jobs.demo import parse_args
-
-    cli = build_parser().parse_args(["demo", "--workdir", "/tmp/x", "--num-samples", "64", "train.max_steps=5"])
-    driver = parse_args(["--workdir", "/tmp/x", "--num-samples", "64", "train.max_steps=5"])
-    assert (cli.workdir, cli.num_samples, cli.overrides) == (driver.workdir, driver.num_samples, driver.overrides)

@@ -1,8 +1,10 @@
-"""Config: presets, YAML round trip, key.sub=value overrides, validation."""
+"""Config: presets, YAML round trip, key.sub=value overrides, job sections, validation."""
 
 import pytest
 
-from gap3d.config import Gap3DConfig, load_config, save_config
+from gap3d.config import Gap3DConfig, load_config, load_job_config, save_config
+from gap3d.presets import DEFAULT_PRESET
+from ray_jobs.train import TRAIN_SECTIONS
 
 
 def test_paper_preset_is_the_authors_recipe():
@@ -34,9 +36,9 @@ def test_yaml_values_override_the_preset_and_command_line_overrides_the_yaml(tmp
 
 
 def test_overrides_parse_yaml_values_and_coerce_to_the_field_type():
-    config = load_config("tiny", overrides=["train.lr=1e-4", "train.use_gpu=true", "flow.loss_weights={patches: 1, cls: 0, registers: 0}"])
+    config = load_config("tiny", overrides=["train.lr=1e-4", "vlm.trainable=false", "flow.loss_weights={patches: 1, cls: 0, registers: 0}"])
     assert config.train.lr == 1e-4 and isinstance(config.train.lr, float)
-    assert config.train.use_gpu is True
+    assert config.vlm.trainable is False
     assert config.flow.loss_weights == {"patches": 1, "cls": 0, "registers": 0}
 
 
@@ -62,10 +64,22 @@ def test_soft_token_count_must_match_the_aligner_condition_length():
         load_config("tiny", overrides=["vlm.num_soft_tokens=4"])
 
 
-def test_global_batch_must_divide_across_workers_and_accumulation():
-    with pytest.raises(ValueError, match="not divisible"):
-        load_config("tiny", overrides=["train.global_batch_size=15"])
+def test_one_default_preset_everywhere():
+    assert DEFAULT_PRESET == "tiny"
+    assert load_config() == load_config("tiny")
+    assert load_job_config(sections=TRAIN_SECTIONS) == load_job_config("tiny", sections=TRAIN_SECTIONS)
+    with pytest.raises(TypeError):
+        Gap3DConfig()  # no second default hidden in the dataclass
 
 
-def test_default_config_constructs_the_paper_recipe():
-    assert Gap3DConfig() == load_config("paper")
+def test_job_sections_resolve_from_their_own_presets_and_the_same_overrides(tmp_path):
+    config, sections = load_job_config("tiny", overrides=["scaling.num_workers=4", "encode.pool_max=3"], sections=TRAIN_SECTIONS)
+    assert (sections["scaling"].num_workers, sections["scaling"].use_gpu, sections["encode"].pool_max) == (4, False, 3)
+    assert load_job_config("paper", sections=TRAIN_SECTIONS)[1]["scaling"].use_gpu is True
+    save_config(config, tmp_path / "job.yaml", sections)
+    assert load_job_config(yaml_path=tmp_path / "job.yaml", sections=TRAIN_SECTIONS) == (config, sections)
+
+
+def test_job_resources_are_not_keys_of_the_library_config():
+    with pytest.raises(ValueError, match="unknown config key scaling"):
+        load_config("tiny", overrides=["scaling.num_workers=2"])

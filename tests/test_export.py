@@ -10,12 +10,12 @@ import torch
 from gap3d.build import build_aligner
 from gap3d.export import META_NAME, apply_soft_tokens, load_export, save_export
 from gap3d.prompt_encoder import PromptEncoder
-from tests.test_training_support import small_config
+from tests.support import small_config
 
 
 @pytest.fixture(scope="module")
-def config(tiny_checkpoints):
-    return small_config(tiny_checkpoints)
+def config():
+    return small_config()
 
 
 def test_export_round_trip_reproduces_the_aligner_and_soft_tokens(config, tmp_path):
@@ -74,3 +74,20 @@ def test_export_loads_in_a_process_without_ray_or_deepspeed(config, tmp_path):
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["3", "(8,", "64)"]
+
+
+def test_stages_that_never_sample_load_the_config_and_soft_tokens_without_the_aligner(config, tmp_path):
+    soft_tokens = torch.randn(config.vlm.num_soft_tokens, config.aligner.cond_dim)
+    save_export(tmp_path, build_aligner(config, seed=0).state_dict(), soft_tokens, config, step=3)
+    loaded = load_export(str(tmp_path), with_aligner=False)
+    assert loaded.aligner is None and loaded.config == config and loaded.step == 3
+    torch.testing.assert_close(loaded.soft_tokens, soft_tokens)
+
+
+def test_the_loaded_aligner_recomputes_its_non_persistent_buffers(config, tmp_path):
+    aligner = build_aligner(config, seed=0)
+    save_export(tmp_path, aligner.state_dict(), None, config, step=0)
+    loaded = load_export(str(tmp_path)).aligner  # built on the meta device, then given the stored tensors
+    assert not any(tensor.is_meta for tensor in [*loaded.parameters(), *loaded.buffers()])
+    torch.testing.assert_close(loaded.rope_cos, aligner.rope_cos)
+    torch.testing.assert_close(loaded.rope_sin, aligner.rope_sin)

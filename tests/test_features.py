@@ -6,14 +6,8 @@ import pytest
 import torch
 
 from gap3d.config import load_config
-from gap3d.features import (
-    FeatureManifest,
-    caches_from_rows,
-    dino_from_rows,
-    encoder_identity,
-    latents_from_rows,
-    rows_to_table,
-)
+from gap3d.features.format import FeatureManifest, batch_from_rows, rows_to_table
+from gap3d.features.identity import check_compatible, encoder_identity
 
 
 def test_prompt_cache_rows_round_trip_through_parquet(tmp_path):
@@ -25,10 +19,10 @@ def test_prompt_cache_rows_round_trip_through_parquet(tmp_path):
     pq.write_table(rows_to_table(rows, "prompt_cache"), tmp_path / "f.parquet")
     table = pq.read_table(tmp_path / "f.parquet").to_pydict()
     manifest = FeatureManifest(encoders={}, dino_shape=[6, 4], cache_shape=[2, 2, 1, 3])
-    torch.testing.assert_close(dino_from_rows(table["dino"], manifest), torch.tensor(np.stack(dino)).half().float())
-    restored = caches_from_rows(table["prompt_cache"], table["input_ids"], table["next_position"], manifest)
-    assert [c.next_position for c in restored] == [3, 5]
-    for cache, original in zip(restored, caches):
+    batch = batch_from_rows(table, manifest)
+    torch.testing.assert_close(batch.dino, torch.tensor(np.stack(dino)).half().float())
+    assert [c.next_position for c in batch.caches] == [3, 5]
+    for cache, original in zip(batch.caches, caches):
         torch.testing.assert_close(cache.key_values, torch.tensor(original).half().float())
 
 
@@ -37,23 +31,30 @@ def test_soft_latent_rows_restore_their_shape():
     table = rows_to_table({"key": ["a", "b"], "caption": ["x", "y"], "input_ids": [[1], [2]], "dino": [np.zeros(2)] * 2,
                            "next_position": [1, 1], "soft_latents": list(latents)}, "soft_latents").to_pydict()
     manifest = FeatureManifest(encoders={}, dino_shape=[1, 2], latents_shape=[3, 4])
-    torch.testing.assert_close(latents_from_rows(table["soft_latents"], manifest), torch.tensor(latents))
+    torch.testing.assert_close(batch_from_rows(table, manifest).latents, torch.tensor(latents))
 
 
 def test_manifest_json_round_trip():
     manifest = FeatureManifest(encoders={"vlm_path": "/x"}, dino_shape=[261, 64], cache_shape=[2, 2, 2, 16], shards={"s": {"rows": 3}})
-    assert FeatureManifest.from_json(manifest.to_json()) == manifest
+    assert FeatureManifest.from_json(manifest.to_json(), "manifest.json") == manifest
 
 
 def test_manifest_of_another_schema_version_asks_to_rerun_preprocessing():
     with pytest.raises(ValueError, match="re-run preprocessing"):
-        FeatureManifest.from_json('{"schema_version": 0, "encoders": {}, "dino_shape": [1, 1]}')
+        FeatureManifest.from_json('{"schema_version": 0, "encoders": {}, "dino_shape": [1, 1]}', "manifest.json")
 
 
 def test_features_from_other_encoders_are_rejected_naming_the_difference():
     config = load_config("tiny")
     manifest = FeatureManifest(encoders=encoder_identity(config), dino_shape=[261, 64])
-    manifest.check_compatible(config)
+    check_compatible(manifest, config)
     other = load_config("tiny", overrides=["dino.path=/elsewhere/dino"])
     with pytest.raises(ValueError, match="dino_path: features have .* config has '/elsewhere/dino'"):
-        manifest.check_compatible(other)
+        check_compatible(manifest, other)
+
+
+def test_features_for_another_token_grid_are_rejected_naming_the_shape():
+    config = load_config("tiny")
+    manifest = FeatureManifest(encoders=encoder_identity(config), dino_shape=[69, 64])
+    with pytest.raises(ValueError, match=r"shape \[69, 64\] but the aligner generates \[261, 64\]"):
+        check_compatible(manifest, config)

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 from gap3d.aligner import AlignerConfig, AlignerDiT
@@ -56,9 +57,19 @@ def test_checkpointing_keeps_parameter_names_so_exports_load_into_a_plain_aligne
     AlignerDiT(CONFIG).load_state_dict(checkpointed.state_dict(), strict=True)
 
 
-def test_deepspeed_config_carries_the_training_knobs():
-    config = load_config("tiny", overrides=["train.zero_stage=2", "train.precision=bf16", "train.grad_accum_steps=2", "train.grad_clip=0.5"])
-    ds = deepspeed_config(config, micro_batch=4)
-    assert ds["train_batch_size"] == config.train.global_batch_size == 4 * 2 * config.train.num_workers
-    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
-    assert ds["zero_optimization"] == {"stage": 2} and ds["bf16"] == {"enabled": True}
+def test_deepspeed_reads_the_training_knobs_from_our_config():
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    config = load_config("tiny", overrides=["train.precision=bf16", "train.grad_accum_steps=2", "train.grad_clip=0.5"])
+    # One process (no process group): DeepSpeed checks global batch = micro batch x accumulation x 1.
+    parsed = DeepSpeedConfig(deepspeed_config(config, zero_stage=2, micro_batch=config.train.global_batch_size // 2))
+    assert (parsed.train_batch_size, parsed.gradient_accumulation_steps) == (config.train.global_batch_size, 2)
+    assert (parsed.zero_optimization_stage, parsed.bfloat16_config.enabled, parsed.gradient_clipping) == (2, True, 0.5)
+
+
+def test_deepspeed_rejects_a_micro_batch_that_does_not_make_the_global_batch():
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    config = load_config("tiny", overrides=["train.grad_accum_steps=2"])
+    with pytest.raises(AssertionError, match="train_batch_size"):
+        DeepSpeedConfig(deepspeed_config(config, zero_stage=1, micro_batch=3))

@@ -23,15 +23,17 @@ from gap3d.build import build_encoders
 from gap3d.config import load_config
 from gap3d.data.shards import Sample, decode_record, iter_shard_records, list_shards, resize_and_center_crop
 from gap3d.data.synth import write_synth
-from gap3d.features import caches_from_rows, dino_from_rows, latents_from_rows
-from ray_jobs.feature_output import output_names, read_manifest
-from ray_jobs.pipeline import stream_features, stream_manifest
+from gap3d.features.format import batch_from_rows
+from gap3d.features.identity import check_compatible, expected_manifest
+from gap3d.features.store import read_manifest
+from ray_jobs.pipeline import ENCODE_PRESETS, output_names, stream_features
 from ray_jobs.preprocess import run_preprocess
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_SAMPLES = 24
 SHARD_SIZE = 8
 FP16 = {"rtol": 2e-3, "atol": 2e-3}
+ENCODE = ENCODE_PRESETS["tiny"]
 
 
 def feature_table(output_uri: str) -> pa.Table:
@@ -98,7 +100,7 @@ def s3_features(s3_server, ray_cluster, tiny_config):
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="gap3d-preprocess-shared")
     raw, features = "s3://gap3d-preprocess-shared/raw", "s3://gap3d-preprocess-shared/features"
     write_synth(raw, NUM_SAMPLES, seed=3, shard_size=SHARD_SIZE)
-    summary = run_preprocess(tiny_config, raw, features)
+    summary = run_preprocess(tiny_config, ENCODE, raw, features)
     return {"raw": raw, "features": features, "summary": summary}
 
 
@@ -116,9 +118,9 @@ def test_s3_features_match_a_direct_encoding_of_the_same_images(s3_features, tin
     expected = direct_encoding(tiny_config, s3_features["raw"])
     assert table.column("key").to_pylist() == sorted(expected)
     rows = table.to_pydict()
-    torch.testing.assert_close(dino_from_rows(rows["dino"], manifest), torch.stack([expected[k]["dino"] for k in rows["key"]]), **FP16)
-    caches = caches_from_rows(rows["prompt_cache"], rows["input_ids"], rows["next_position"], manifest)
-    for key, caption, input_ids, cache in zip(rows["key"], rows["caption"], rows["input_ids"], caches):
+    batch = batch_from_rows(rows, manifest)
+    torch.testing.assert_close(batch.dino, torch.stack([expected[k]["dino"] for k in rows["key"]]), **FP16)
+    for key, caption, input_ids, cache in zip(rows["key"], rows["caption"], rows["input_ids"], batch.caches):
         assert caption == expected[key]["caption"]
         assert input_ids == expected[key]["input_ids"]
         assert cache.next_position == expected[key]["cache"].next_position
@@ -132,12 +134,12 @@ def test_summary_and_manifest_count_every_row_per_shard(s3_features, tiny_config
     assert set(manifest.shards) == {Path(s.shard_id).stem + ".parquet" for s in list_shards(s3_features["raw"])}
     assert sum(entry["rows"] for entry in manifest.shards.values()) == NUM_SAMPLES
     assert manifest.dino_shape == [261, 64] and manifest.cache_shape == [2, 2, 2, 16]
-    manifest.check_compatible(tiny_config)
+    check_compatible(manifest, tiny_config)
 
 
 def test_rerun_writes_nothing_new(s3_features, tiny_config):
     before = file_versions(s3_features["features"])
-    summary = run_preprocess(tiny_config, s3_features["raw"], s3_features["features"])
+    summary = run_preprocess(tiny_config, ENCODE, s3_features["raw"], s3_features["features"])
     assert (summary["shards_written"], summary["rows_written"]) == (0, 0)
     assert summary["shards_already_complete"] == summary["shards_in"]
     after = file_versions(s3_features["features"])
@@ -145,7 +147,7 @@ def test_rerun_writes_nothing_new(s3_features, tiny_config):
 
 
 def test_streaming_dataset_yields_the_rows_preprocessing_writes(s3_features, tiny_config):
-    streamed = pa.Table.from_pylist(stream_features(tiny_config, s3_features["raw"]).take_all()).sort_by("key")
+    streamed = pa.Table.from_pylist(stream_features(tiny_config, ENCODE, s3_features["raw"]).take_all()).sort_by("key")
     written = feature_table(s3_features["features"])
     assert streamed.column("key").to_pylist() == written.column("key").to_pylist()
     for name in ("caption", "input_ids", "next_position"):
@@ -157,27 +159,27 @@ def test_streaming_dataset_yields_the_rows_preprocessing_writes(s3_features, tin
         )
 
 
-def test_stream_manifest_describes_the_streamed_rows_like_the_written_manifest(s3_features, tiny_config):
+def test_expected_manifest_describes_the_streamed_rows_like_the_written_manifest(s3_features, tiny_config):
     written = read_manifest(s3_features["features"])
-    streamed = stream_manifest(tiny_config)
+    streamed = expected_manifest(tiny_config)
     assert (streamed.encoders, streamed.dino_shape, streamed.cache_shape) == (written.encoders, written.dino_shape, written.cache_shape)
 
 
 def test_features_from_other_encoders_are_refused(s3_features, tiny_config):
-    frozen = load_config("tiny", overrides=[f"vlm.path={tiny_config.vlm.path}", f"dino.path={tiny_config.dino.path}", "vlm.trainable=false"])
+    frozen = load_config("tiny", overrides=["vlm.trainable=false"])
     with pytest.raises(ValueError, match="other encoders"):
-        run_preprocess(frozen, s3_features["raw"], s3_features["features"])
+        run_preprocess(frozen, ENCODE, s3_features["raw"], s3_features["features"])
 
 
 def test_frozen_soft_tokens_store_soft_latents(ray_cluster, tiny_config, tmp_path):
-    frozen = load_config("tiny", overrides=[f"vlm.path={tiny_config.vlm.path}", f"dino.path={tiny_config.dino.path}", "vlm.trainable=false"])
+    frozen = load_config("tiny", overrides=["vlm.trainable=false"])
     raw = tmp_path / "raw"
     write_synth(str(raw), 6, seed=7, shard_size=6)
-    run_preprocess(frozen, str(raw), str(tmp_path / "features"))
+    run_preprocess(frozen, ENCODE, str(raw), str(tmp_path / "features"))
     rows = feature_table(str(tmp_path / "features")).to_pydict()
     assert "prompt_cache" not in rows
     expected = direct_encoding(frozen, str(raw))
-    latents = latents_from_rows(rows["soft_latents"], read_manifest(str(tmp_path / "features")))
+    latents = batch_from_rows(rows, read_manifest(str(tmp_path / "features"))).latents
     torch.testing.assert_close(latents, torch.stack([expected[k]["latents"] for k in rows["key"]]), **FP16)
 
 
@@ -196,7 +198,7 @@ def test_bad_records_of_every_kind_are_skipped_and_counted_while_good_rows_survi
     ]
     (tmp_path / "raw").mkdir()
     write_tar(tmp_path / "raw" / "bad.tar", members, cut_inside=b"cut off by the end")
-    summary = run_preprocess(tiny_config, str(tmp_path / "raw"), str(tmp_path / "features"))
+    summary = run_preprocess(tiny_config, ENCODE, str(tmp_path / "raw"), str(tmp_path / "features"))
     assert summary["skipped"] == {
         "corrupt_member": 1, "empty_caption": 1, "image_too_small": 1, "missing_caption": 1,
         "missing_image": 1, "prompt_too_long": 1, "undecodable_image": 1,
@@ -212,7 +214,7 @@ def test_parquet_input_with_a_bad_row_is_encoded(ray_cluster, tiny_config, tmp_p
         pa.table({"key": ["p0", "p1", "p2"], "image": [encoded_png(80), b"\x89PNG broken", encoded_png(70)], "caption": ["a red cone", "broken", "a green torus"]}),
         tmp_path / "raw" / "part-0.parquet",
     )
-    summary = run_preprocess(tiny_config, f"file://{tmp_path / 'raw'}", str(tmp_path / "features"))
+    summary = run_preprocess(tiny_config, ENCODE, f"file://{tmp_path / 'raw'}", str(tmp_path / "features"))
     assert summary["skipped"] == {"undecodable_image": 1}
     rows = feature_table(str(tmp_path / "features")).to_pydict()
     assert rows["key"] == ["p0", "p2"] and rows["caption"] == ["a red cone", "a green torus"]
@@ -227,14 +229,14 @@ def test_two_inputs_that_would_write_the_same_feature_file_are_refused(tmp_path)
 
 def test_resumed_run_after_missing_and_partial_outputs_gives_exactly_the_full_output(ray_cluster, tiny_config, local_raw, tmp_path):
     features = tmp_path / "features"
-    run_preprocess(tiny_config, str(local_raw), str(features))
+    run_preprocess(tiny_config, ENCODE, str(local_raw), str(features))
     full = feature_table(str(features))
     outputs = sorted(features.glob("*.parquet"))
     outputs[0].unlink()  # never written
     outputs[1].write_bytes(outputs[1].read_bytes()[:1000])  # a partial file under its final name
     stale = features / f".{outputs[2].name}.x.partial"
     stale.write_bytes(b"left by a killed writer")
-    summary = run_preprocess(tiny_config, str(local_raw), str(features))
+    summary = run_preprocess(tiny_config, ENCODE, str(local_raw), str(features))
     assert summary["shards_written"] == 2
     assert not stale.exists()
     assert feature_table(str(features)).equals(full)
@@ -243,8 +245,8 @@ def test_resumed_run_after_missing_and_partial_outputs_gives_exactly_the_full_ou
 
 def test_more_input_later_encodes_only_the_new_shards(ray_cluster, tiny_config, local_raw, tmp_path):
     features = str(tmp_path / "features")
-    first = run_preprocess(tiny_config, str(local_raw / "train-000000.tar"), features)
-    second = run_preprocess(tiny_config, str(local_raw), features)
+    first = run_preprocess(tiny_config, ENCODE, str(local_raw / "train-000000.tar"), features)
+    second = run_preprocess(tiny_config, ENCODE, str(local_raw), features)
     assert first["shards_written"] == 1
     assert (second["shards_written"], second["shards_already_complete"]) == (len(list_shards(str(local_raw))) - 1, 1)
     assert feature_table(features).num_rows == 16
@@ -253,7 +255,7 @@ def test_more_input_later_encodes_only_the_new_shards(ray_cluster, tiny_config, 
 def job_command(config, input_uri: str, output_uri: str, *overrides: str) -> list[str]:
     return [
         sys.executable, "ray_jobs/preprocess.py", "--input", input_uri, "--output", output_uri,
-        "--preset", "tiny", f"vlm.path={config.vlm.path}", f"dino.path={config.dino.path}", *overrides,
+        "--preset", "tiny", *overrides,
     ]
 
 
@@ -278,7 +280,7 @@ def test_job_killed_mid_run_then_resumed_gives_every_row_once(ray_cluster, tiny_
     raw, features = tmp_path / "raw", tmp_path / "features"
     write_synth(str(raw), 16, seed=9, shard_size=2)
     # One sample per encoder call keeps the job busy long enough to be killed between shards.
-    command = job_command(tiny_config, str(raw), str(features), "data.encode_batch_size=1")
+    command = job_command(tiny_config, str(raw), str(features), "encode.encode_batch_size=1")
     job = subprocess.Popen(command, cwd=REPO_ROOT, env=job_env(ray_cluster), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
@@ -288,7 +290,7 @@ def test_job_killed_mid_run_then_resumed_gives_every_row_once(ray_cluster, tiny_
         job.send_signal(signal.SIGKILL)
         job.wait()
     assert job.returncode == -signal.SIGKILL, "the job ended before it could be killed"
-    summary = run_preprocess(tiny_config, str(raw), str(features))
+    summary = run_preprocess(tiny_config, ENCODE, str(raw), str(features))
     assert summary["shards_already_complete"] >= 1 and summary["shards_written"] >= 1
     keys = feature_table(str(features)).column("key").to_pylist()
     assert keys == [f"{i:08d}" for i in range(16)]

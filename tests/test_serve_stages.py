@@ -31,10 +31,13 @@ def test_an_overloaded_stage_gives_503_with_retry_after():
 
 
 def test_a_successful_stage_records_its_latency():
-    timings = {}
+    timings, metrics = {}, ServiceMetrics()
 
     async def ok():
+        await asyncio.sleep(0.05)
         return 42
 
-    assert asyncio.run(StageTimer(ServiceMetrics(), timings)("aligner", ok())) == 42
-    assert timings["aligner"] >= 0
+    assert asyncio.run(StageTimer(metrics, timings)("aligner", ok())) == 42
+    assert 0.05 <= timings["aligner"] < 5
+    observed = metrics.registry.get_sample_value("gap3d_stage_seconds_sum", {"stage": "aligner"})
+    assert observed == pytest.approx(timings["aligner"])

@@ -1,6 +1,5 @@
 """Synthetic dataset: deterministic shards, held-out combinations, captions that match the pixels."""
 
-import argparse
 import io
 import json
 import subprocess
@@ -186,15 +185,14 @@ def test_writes_to_s3_and_reads_back_with_the_shard_reader(s3_bucket, tmp_path):
     assert len(decoded) == 12 and all(d.image.size == (48, 48) for d in decoded)
 
 
-def test_cli_data_synth_writes_shards(tmp_path):
-    parser = argparse.ArgumentParser()
-    synth.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["data", "synth", "--out", str(tmp_path), "--num", "5", "--seed", "4", "--image-size", "32"])
-    assert args.func(args) == 0
+def test_synth_command_writes_shards(tmp_path):
+    from ray_jobs.synth import main
+
+    assert main(["--out", str(tmp_path), "--num", "5", "--seed", "4", "--image-size", "32"]) == 0
     summary = json.loads((tmp_path / "synth.json").read_text())
     assert summary["num"] == 5 and summary["image_size"] == 32 and summary["seed"] == 4
 
 
-def test_importing_the_cli_module_does_not_import_torch():
+def test_importing_the_synthetic_world_does_not_import_torch():
     code = "import sys, gap3d.data.synth; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from tests.conftest import free_port
-from tests.test_training_support import SMALL_OVERRIDES, small_config, synthetic_features
+from tests.support import SMALL_OVERRIDES, small_config, synthetic_features
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,12 +64,12 @@ def ray_head():
         _stop_session(starter.pid)
 
 
-def test_ray_job_submit_trains_and_writes_a_checkpoint(ray_head, tiny_checkpoints, tmp_path):
+def test_ray_job_submit_trains_and_writes_a_checkpoint(ray_head, tmp_path):
     address, env = ray_head
-    config = small_config(tiny_checkpoints)
+    config = small_config()
     train, _ = synthetic_features(config, 200)
     storage = tmp_path / "runs"
-    overrides = [f"vlm.path={tiny_checkpoints['vlm']}", f"dino.path={tiny_checkpoints['dino']}", *SMALL_OVERRIDES, "train.max_steps=10"]
+    overrides = [*SMALL_OVERRIDES, "train.max_steps=10"]
     command = [
         "ray", "job", "submit", f"--address={address}", "--working-dir", ".", "--",
         "python", "ray_jobs/train.py", "--preset", "tiny", "--features", str(train), "--storage", str(storage), "--name", "cli", *overrides,

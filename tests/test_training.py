@@ -4,20 +4,20 @@ import math
 
 import pytest
 import torch
-from tests.test_training_support import small_config, synthetic_features
 
 from gap3d.build import build_aligner
 from gap3d.config import load_config
-from gap3d.features import MANIFEST_NAME
+from gap3d.features.format import MANIFEST_NAME
+from gap3d.features.store import check_features, load_rows
 from gap3d.flow import flow_matching_loss
 from gap3d.prompt_encoder import PromptEncoder
-from gap3d.training import EMA, AlignerTrainModule, lr_multiplier, lr_schedule, trainable_parameters, with_soft_tokens
-from gap3d.training_data import check_features, load_rows
+from gap3d.training import EMA, AlignerTrainModule, batch_condition, lr_multiplier, lr_schedule, trainable_parameters, with_soft_tokens
+from tests.support import small_config, synthetic_features
 
 
 @pytest.fixture(scope="module")
-def config(tiny_checkpoints):
-    return small_config(tiny_checkpoints)
+def config():
+    return small_config()
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_condition_from_stored_caches_matches_a_full_prompt_forward(config, feat
     batch, captions = load_rows(str(features[0]), config, limit=4)
     with torch.no_grad():
         full = module.prompt_encoder(captions)
-        from_caches = module.condition(batch)
+        from_caches = batch_condition(batch, module.prompt_encoder)
     # The stored caches are fp16, so agreement is to fp16 precision.
     torch.testing.assert_close(from_caches, full, atol=2e-2, rtol=2e-2)
 
@@ -98,7 +98,7 @@ def test_condition_from_stored_caches_matches_a_full_prompt_forward(config, feat
 def test_loss_is_flow_matching_on_the_soft_token_condition(config, batch):
     module = make_module(config)
     losses = module(batch, torch.Generator().manual_seed(3))
-    cond = module.condition(batch)
+    cond = batch_condition(batch, module.prompt_encoder)
     reference = flow_matching_loss(module.aligner, batch.dino, cond, config.flow, num_registers=4, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(losses["loss"], reference["loss"])
 
@@ -129,8 +129,8 @@ def test_repeated_steps_on_one_batch_lower_the_loss(config, batch):
     assert loss().item() < 0.8 * first
 
 
-def test_frozen_soft_tokens_train_on_stored_latents_without_a_vlm(tiny_checkpoints):
-    config = small_config(tiny_checkpoints, "vlm.trainable=false")
+def test_frozen_soft_tokens_train_on_stored_latents_without_a_vlm():
+    config = small_config("vlm.trainable=false")
     batch = load_rows(str(synthetic_features(config, 40)[0]), config, limit=4)[0]
     assert batch.caches is None and batch.latents.shape == (4, config.vlm.num_soft_tokens, config.aligner.cond_dim)
     module = AlignerTrainModule(build_aligner(config, seed=0), config.flow)
@@ -159,12 +159,12 @@ def test_features_without_shards_are_refused(config, features, tmp_path):
 
 
 def test_features_from_another_encoder_are_refused_naming_it(config, features, tmp_path):
-    other = small_config({"vlm": config.vlm.path, "dino": str(tmp_path / "other-dino")})
+    other = small_config(f"dino.path={tmp_path / 'other-dino'}")
     with pytest.raises(ValueError, match="dino_path: features have"):
         check_features(str(features[0]), other)
 
 
-def test_features_of_another_grid_size_are_refused(tiny_checkpoints, features):
-    other = small_config(tiny_checkpoints, "aligner.grid_size=4")
+def test_features_of_another_grid_size_are_refused(features):
+    other = small_config("aligner.grid_size=4")
     with pytest.raises(ValueError, match=r"DINOv2 targets of shape \[69, 64\] but the aligner generates \[21, 64\]"):
         check_features(str(features[0]), other)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from gap3d.tiny.trellis import write_tiny_trellis
 from gap3d.trellis.decoder import Decoder, EmptyStructureError
-from gap3d.trellis.factory import write_tiny_trellis
 from gap3d.trellis.mesh_export import export_mesh, load_mesh
 
 COND_DIM = 16

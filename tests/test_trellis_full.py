@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from gap3d.tiny.trellis import tiny_stage2_specs, write_tiny_trellis
 from gap3d.trellis.config import STAGE1_MODELS, STAGE2_MODELS
 from gap3d.trellis.decoder import Decoder, EmptyStructureError, SparseStructure
-from gap3d.trellis.factory import tiny_stage2_specs, write_tiny_trellis
 from gap3d.trellis.loading import CheckpointMismatchError, load_pipeline
 from gap3d.trellis.mesh_export import load_mesh
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from gap3d.trellis import sparse as sp
-from gap3d.trellis.factory import (
+from gap3d.trellis.config import (
     OFFICIAL_SLAT_FLOW_ARGS,
     OFFICIAL_SLAT_MESH_DECODER_ARGS,
     OFFICIAL_SPARSE_STRUCTURE_DECODER_ARGS,

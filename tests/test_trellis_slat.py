@@ -7,13 +7,14 @@ import pytest
 import torch
 import trimesh
 
+from gap3d.tiny.trellis import TINY_SLAT_FLOW_ARGS, TINY_SLAT_MESH_DECODER_ARGS
 from gap3d.trellis.config import SamplerConfig
 from gap3d.trellis.loading import build_model
 from gap3d.trellis.mesh_extraction import cube_feature_channels, extract_mesh
 from gap3d.trellis.sampler import FlowEulerSampler
 from gap3d.trellis.sparse import SparseTensor
-from gap3d.trellis.structured_latent_decoder import TINY_SLAT_MESH_DECODER_ARGS, SLatMeshDecoder, SLatMeshDecoderConfig
-from gap3d.trellis.structured_latent_flow import TINY_SLAT_FLOW_ARGS, SLatFlowConfig, SLatFlowModel, sample_structured_latent
+from gap3d.trellis.structured_latent_decoder import SLatMeshDecoder, SLatMeshDecoderConfig
+from gap3d.trellis.structured_latent_flow import SLatFlowConfig, SLatFlowModel, sample_structured_latent
 
 # args of the released ckpts/slat_flow_img_dit_L_64l8p2_fp16.json and slat_dec_mesh_swin8_B_64l8m256c_fp16.json
 RELEASED_FLOW = {

@@ -4,7 +4,6 @@ No Ray here: ray_jobs/pipeline.py runs these pieces in Ray Data tasks and actors
 plain loop calls them directly, so both compute exactly the same thing.
 """
 
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -13,11 +12,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from gap3d import storage
 from gap3d.build import build_encoders
 from gap3d.config import Gap3DConfig
 from gap3d.data.shards import Sample, Shard, decode_record, iter_shard_records, resize_and_center_crop
-from gap3d.features import FeatureManifest, encoder_identity, rows_to_table, soft_token_mode
+from gap3d.features.format import empty_table, rows_to_table
+from gap3d.features.identity import expected_manifest, soft_token_mode
 
 logger = logging.getLogger(__name__)
 
@@ -57,40 +56,13 @@ def decode_shard(shard: Shard, image_size: int, min_side: int) -> DecodedShard:
     return DecodedShard(keys, captions, stacked, rows_in, dict(skipped))
 
 
-def _checkpoint_config(path: str):
-    """A checkpoint's transformers config, read from its config.json alone (no weights downloaded)."""
-    from transformers import AutoConfig
-
-    fs, root = storage.filesystem(path)
-    config_path = storage.join(root, "config.json")
-    if not fs.isfile(config_path):
-        raise FileNotFoundError(f"no config.json in checkpoint {path}")
-    with fs.open(config_path, "r") as handle:
-        values = json.load(handle)
-    return AutoConfig.for_model(values.pop("model_type"), **values)
-
-
-def feature_manifest(config: Gap3DConfig) -> FeatureManifest:
-    """The manifest (encoder identity and tensor shapes, no shards yet) of the features `config` produces."""
-    dino = _checkpoint_config(config.dino.path)
-    grid = config.dino.image_size // dino.patch_size
-    manifest = FeatureManifest(encoders=encoder_identity(config), dino_shape=[grid * grid + 1 + dino.num_register_tokens, dino.hidden_size])
-    text = _checkpoint_config(config.vlm.path).get_text_config()
-    if soft_token_mode(config) == "prompt_cache":
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        manifest.cache_shape = [text.num_hidden_layers, 2, text.num_key_value_heads, head_dim]
-    else:
-        manifest.latents_shape = [config.vlm.num_soft_tokens, text.hidden_size]
-    return manifest
-
-
 class FeatureEncoder:
     """Frozen VLM + DINOv2 turning (caption, image) batches into feature-shard rows (gap3d.features schema)."""
 
     def __init__(self, config: Gap3DConfig, device: str | torch.device = "cpu"):
         self.prompt_encoder, self.dino = build_encoders(config, device)
         self.mode = soft_token_mode(config)
-        self.manifest = feature_manifest(config)
+        self.manifest = expected_manifest(config)
 
     def prompts_fit(self, captions: list[str]) -> list[bool]:
         """Per caption, whether its chat-templated prompt is within vlm.max_prompt_tokens."""
@@ -147,5 +119,5 @@ class FeatureEncoder:
             if keep:
                 table = self.encode([decoded.keys[i] for i in keep], [decoded.captions[i] for i in keep], decoded.images[keep])
             else:
-                table = rows_to_table({name: [] for name in ("key", "caption", "input_ids", "dino", "next_position", self.mode)}, self.mode)
+                table = empty_table(self.mode)
             yield table, skipped

@@ -26,8 +26,16 @@ logger = logging.getLogger(__name__)
 SKIP_REASONS = ("missing_image", "missing_caption", "empty_caption", "undecodable_image", "image_too_small", "corrupt_member")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHARD_FORMATS = {".tar": "webdataset", ".parquet": "parquet"}
-_GLOB_CHARS = "*?["
 _PARQUET_BATCH_ROWS = 256
+
+
+@dataclass
+class DataConfig:
+    min_image_side: int = 128  # smaller images are skipped as image_too_small
+
+    def __post_init__(self):
+        if self.min_image_side < 1:
+            raise ValueError(f"data.min_image_side must be >= 1, got {self.min_image_side}")
 
 
 @dataclass(frozen=True)
@@ -77,9 +85,8 @@ def list_shards(uri: str) -> list[Shard]:
     """Shards under a directory URI (recursively), matching a glob URI, or the single shard file `uri`, sorted."""
     fs, path = storage.filesystem(uri)
     path = path.rstrip("/")
-    if any(char in path for char in _GLOB_CHARS):
-        root = posixpath.dirname(path[: min(path.index(c) for c in _GLOB_CHARS if c in path)])
-        paths = fs.glob(path)
+    if storage.has_glob(path):
+        root, paths = storage.glob_root(path), fs.glob(path)
     elif fs.isdir(path):
         root, paths = path, fs.find(path)
     elif fs.isfile(path):
@@ -92,8 +99,7 @@ def list_shards(uri: str) -> list[Shard]:
         if shard_format is None:
             continue
         relative = posixpath.relpath(found, root) if root else found
-        shard_uri = fs.unstrip_protocol(found) if storage.is_remote(uri) else found
-        shards.append(Shard(uri=shard_uri, shard_id=relative.replace("/", "__"), format=shard_format))
+        shards.append(Shard(uri=storage.with_scheme(uri, found), shard_id=relative.replace("/", "__"), format=shard_format))
     if not shards:
         logger.warning("no .tar or .parquet shards found at %s", uri)
     return shards

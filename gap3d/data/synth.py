@@ -1,20 +1,17 @@
 """Synthetic image-caption pairs: rendered 3D primitives with captions from a small grammar.
 
-`gap3d data synth --out URI --num N` writes WebDataset tar shards (`<key>.png`, `<key>.txt`, and
+`python -m ray_jobs synth --out URI --num N` writes WebDataset tar shards (`<key>.png`, `<key>.txt`, and
 `<key>.json` with the caption and its attributes). Some shape x colour pairs are held out of
 `train-*.tar` entirely and written to `eval-*.tar`, so generalisation to unseen combinations can be
 measured. Output bytes depend only on the arguments: sample i is drawn from its own generator
 seeded by (seed, i).
 """
 
-import argparse
 import functools
 import io
 import json
 import logging
-import os
 import tarfile
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -144,8 +141,7 @@ class ShardWriter:
     def __init__(self, out_uri: str, split: str, shard_size: int):
         self.split = split
         self.shard_size = shard_size
-        self.fs, self.root = storage.filesystem(out_uri)
-        self.remote = storage.is_remote(out_uri)
+        self.out_uri = out_uri
         self.shards: list[str] = []
         self._tar: tarfile.TarFile | None = None
         self._tmp_path: str | None = None
@@ -170,26 +166,13 @@ class ShardWriter:
         return f"{self.split}-{len(self.shards):06d}.tar"
 
     def _open(self) -> None:
-        directory = None if self.remote else self.root
-        if directory is not None:
-            self.fs.makedirs(directory, exist_ok=True)
-        handle, self._tmp_path = tempfile.mkstemp(prefix=f".{self._name()}.", suffix=".partial", dir=directory)
-        os.close(handle)
-        os.chmod(self._tmp_path, 0o644)  # mkstemp's 0600 would survive the rename
+        self._tmp_path = storage.temp_file_for(storage.join(self.out_uri, self._name()))
         self._tar = tarfile.open(self._tmp_path, mode="w", format=tarfile.USTAR_FORMAT)
 
     def _publish(self) -> None:
         self._tar.close()
         name = self._name()
-        target = storage.join(self.root, name)
-        try:
-            if self.remote:
-                self.fs.put_file(self._tmp_path, target)
-            else:
-                os.replace(self._tmp_path, target)
-        finally:
-            if os.path.exists(self._tmp_path):
-                os.remove(self._tmp_path)
+        storage.publish_file(self._tmp_path, storage.join(self.out_uri, name))
         self.shards.append(name)
         self._tar, self._tmp_path, self._count = None, None, 0
 
@@ -256,21 +239,3 @@ def write_synth(out_uri: str, num: int, seed: int = 0, shard_size: int = 1000, i
     _write_json(out_uri, "synth.json", summary)
     logger.info("wrote %s train and %s eval samples to %s in %.1fs", counts["train"], counts["eval"], out_uri, time.perf_counter() - start)
     return summary
-
-
-def _run_synth(args: argparse.Namespace) -> int:
-    write_synth(args.out, args.num, seed=args.seed, shard_size=args.shard_size, image_size=args.image_size)
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add `gap3d data synth` to the CLI."""
-    data = subparsers.add_parser("data", help="datasets: generate synthetic image-caption shards")
-    commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
-    synth = commands.add_parser("synth", help="render primitives with captions into WebDataset tar shards")
-    synth.add_argument("--out", required=True, help="output directory: local path, file:// or s3:// URI")
-    synth.add_argument("--num", type=int, required=True, help="number of samples over both splits")
-    synth.add_argument("--seed", type=int, default=0, help="same seed and arguments give the same bytes")
-    synth.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
-    synth.add_argument("--image-size", type=int, default=224, help="image side in pixels")
-    synth.set_defaults(func=_run_synth)

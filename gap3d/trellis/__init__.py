@@ -2,12 +2,10 @@
 
 Loads the TRELLIS-image-large release layout (pipeline.json + ckpts/) unchanged, from a directory or
 an s3:// URI. `Decoder.generate` runs stage 1 (sparse structure) and, when the checkpoint has them,
-stage 2 (structured latent -> coloured mesh); `write_tiny_trellis` writes the same architectures at
-toy sizes for tests and the demo.
+stage 2 (structured latent -> coloured mesh). gap3d.tiny.trellis writes the same architectures at toy sizes.
 """
 
 from gap3d.trellis.decoder import Decoder, EmptyStructureError, SparseStructure
-from gap3d.trellis.factory import write_tiny_trellis
 from gap3d.trellis.loading import CheckpointMismatchError
 from gap3d.trellis.mesh_export import DEFAULT_TARGET_FACES, EXPORT_FORMATS, MEDIA_TYPES, export_mesh, load_mesh
 from gap3d.trellis.stage2_inputs import TooManyVoxelsError
@@ -23,5 +21,4 @@ __all__ = [
     "TooManyVoxelsError",
     "export_mesh",
     "load_mesh",
-    "write_tiny_trellis",
 ]

@@ -103,3 +103,51 @@ class PipelineConfig:
         if self.slat_normalization is not None:
             args["slat_normalization"] = self.slat_normalization
         return {"name": "TrellisImageTo3DPipeline", "args": args}
+
+
+# The release's stage-1 architectures (TRELLIS-image-large ckpts/*.json "args").
+OFFICIAL_SPARSE_STRUCTURE_FLOW_ARGS = {
+    "resolution": 16,
+    "in_channels": 8,
+    "out_channels": 8,
+    "model_channels": 1024,
+    "cond_channels": 1024,
+    "num_blocks": 24,
+    "num_heads": 16,
+    "mlp_ratio": 4,
+    "patch_size": 1,
+    "pe_mode": "ape",
+    "qk_rms_norm": True,
+    "use_fp16": True,
+}
+OFFICIAL_SPARSE_STRUCTURE_DECODER_ARGS = {
+    "out_channels": 1,
+    "latent_channels": 8,
+    "num_res_blocks": 2,
+    "num_res_blocks_middle": 2,
+    "channels": [512, 128, 32],
+    "use_fp16": True,
+}
+# The release's stage-2 architectures (ckpts/slat_flow_img_dit_L_64l8p2_fp16.json, slat_dec_mesh_swin8_B_64l8m256c_fp16.json).
+OFFICIAL_SLAT_FLOW_ARGS = {
+    **OFFICIAL_SPARSE_STRUCTURE_FLOW_ARGS,
+    "resolution": 64,
+    "patch_size": 2,
+    "num_io_res_blocks": 2,
+    "io_block_channels": [128],
+}
+OFFICIAL_SLAT_MESH_DECODER_ARGS = {
+    "resolution": 64,
+    "model_channels": 768,
+    "latent_channels": 8,
+    "num_blocks": 12,
+    "num_heads": 12,
+    "mlp_ratio": 4,
+    "attn_mode": "swin",
+    "window_size": 8,
+    "use_fp16": True,
+    "representation_config": {"use_color": True},
+}
+# Sampler settings of the release's pipeline.json.
+OFFICIAL_SPARSE_STRUCTURE_SAMPLER = SamplerConfig(steps=25, cfg_strength=7.5, cfg_interval=(0.5, 1.0), rescale_t=3.0)
+OFFICIAL_SLAT_SAMPLER = SamplerConfig(steps=25, cfg_strength=3.0, cfg_interval=(0.5, 1.0), rescale_t=3.0)

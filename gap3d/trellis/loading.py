@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from gap3d import storage
+from gap3d.checkpoints import resolve
 from gap3d.trellis.config import PipelineConfig
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def load_pipeline(
 ) -> tuple[PipelineConfig, dict[str, nn.Module]]:
     """pipeline.json and the models `names` of a TRELLIS checkpoint directory or s3:// URI, plus the
     models `optional` when pipeline.json lists all of them."""
-    root = storage.local_dir(uri)
+    root = resolve(uri)
     pipeline = PipelineConfig.load(root)
     unknown = [name for name in names if name not in pipeline.models]
     if unknown:

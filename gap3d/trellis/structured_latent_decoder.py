@@ -21,22 +21,6 @@ from gap3d.trellis.transformer import absolute_position_embedding
 NUM_GROUPS = 32
 ATTN_MODES = ("full", "swin")
 
-# A tiny SLatMeshDecoder for tests and the demo. 256 is the smallest width the fixed GroupNorm(32) of
-# the subdivision blocks allows; two blocks and a handful of voxels keep it at a fraction of a second.
-TINY_SLAT_MESH_DECODER_ARGS = {
-    "resolution": 16,
-    "model_channels": 256,
-    "latent_channels": 8,
-    "num_blocks": 2,
-    "num_heads": 4,
-    "mlp_ratio": 2,
-    "attn_mode": "swin",
-    "window_size": 4,
-    "pe_mode": "ape",
-    "representation_config": {"use_color": True},
-}
-
-
 @dataclass
 class SLatMeshDecoderConfig:
     resolution: int  # side of the latent voxel grid (64 in the release); meshes are extracted at 4x this

@@ -17,24 +17,6 @@ from gap3d.trellis import sparse as sp
 from gap3d.trellis.sampler import FlowEulerSampler
 from gap3d.trellis.transformer import LayerNorm32, TimestepEmbedder, absolute_position_embedding
 
-# A tiny SLatFlowModel (same code path, toy sizes) for tests and the demo: runs on CPU in well under a
-# second per step. The tiny checkpoint factory sets cond_channels to its condition width.
-TINY_SLAT_FLOW_ARGS = {
-    "resolution": 16,
-    "in_channels": 8,
-    "out_channels": 8,
-    "model_channels": 64,
-    "cond_channels": 64,
-    "num_blocks": 2,
-    "num_heads": 4,
-    "mlp_ratio": 2,
-    "patch_size": 2,
-    "num_io_res_blocks": 2,
-    "io_block_channels": [32],
-    "pe_mode": "ape",
-    "qk_rms_norm": True,
-}
-
 
 @dataclass
 class SLatFlowConfig:

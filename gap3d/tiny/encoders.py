@@ -1,11 +1,8 @@
-"""Tiny random-initialised checkpoints built with the real transformers classes.
+"""Tiny random VLM and DINOv2 checkpoints, built with the real transformers classes and `save_pretrained`.
 
-Tests, the demo and CI load these through exactly the code path that loads real checkpoints
-(`from_pretrained` on a directory), so nothing ever reaches a model hub. The tokenizer is a byte-level
-BPE trained here on a few sentences, with the Qwen chat special tokens.
+The tokenizer is a byte-level BPE trained here on a few sentences, with the Qwen chat special tokens.
 """
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -105,32 +102,3 @@ def write_tiny_dino(out_dir: str | Path, hidden_size: int = 64, num_layers: int 
     torch.nn.init.normal_(model.layernorm.bias, std=0.5)
     model.save_pretrained(out_dir)
     return Path(out_dir)
-
-
-def write_tiny_checkpoints(root: str | Path) -> dict[str, Path]:
-    """Write the tiny VLM and DINOv2 under root/ (vlm/, dino/), skipping any already written."""
-    root = Path(root)
-    paths = {"vlm": root / "vlm", "dino": root / "dino"}
-    writers = {"vlm": write_tiny_vlm, "dino": write_tiny_dino}
-    for name, path in paths.items():
-        if not (path / "config.json").is_file():
-            logger.info("writing tiny %s checkpoint to %s", name, path)
-            writers[name](path)
-    return paths
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """`gap3d make-tiny --out DIR`: write the tiny random checkpoints."""
-    parser = subparsers.add_parser("make-tiny", help="write tiny random VLM and DINOv2 checkpoints (for tests and the demo)")
-    parser.add_argument("--out", required=True, help="directory to write vlm/ and dino/ into")
-    parser.set_defaults(func=lambda args: logger.info("wrote %s", write_tiny_checkpoints(args.out)))
-
-
-def ensure_tiny_checkpoints(config) -> None:
-    """For the tiny preset, write the random VLM/DINOv2 at the configured paths if they are not there yet."""
-    if config.preset != "tiny":
-        return
-    for path, writer in ((config.vlm.path, write_tiny_vlm), (config.dino.path, write_tiny_dino)):
-        if not (Path(path) / "config.json").is_file():
-            logger.info("writing tiny checkpoint to %s", path)
-            writer(path)

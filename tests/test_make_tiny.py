@@ -1,18 +1,13 @@
-"""`gap3d trellis make-tiny` writes a checkpoint the Decoder loads."""
-
-import argparse
+"""`python -m ray_jobs make-tiny` writes a TRELLIS checkpoint the Decoder loads."""
 
 import torch
 
-from gap3d.trellis import commands
 from gap3d.trellis.decoder import Decoder
+from ray_jobs.make_tiny import main
 
 
 def make_tiny(out, *flags):
-    parser = argparse.ArgumentParser()
-    commands.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["trellis", "make-tiny", "--out", str(out), *flags])
-    args.func(args)
+    assert main(["--out", str(out), *flags]) == 0
     return Decoder.from_pretrained(str(out), device="cpu")
 
 

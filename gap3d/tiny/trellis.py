@@ -1,6 +1,6 @@
 """Tiny TRELLIS checkpoints: the release's architectures at toy width/depth with random weights,
 written in the release's on-disk layout (pipeline.json + ckpts/<stem>.json + ckpts/<stem>.safetensors),
-so tests, the demo and serving run the real loading and sampling code on CPU in seconds.
+so tests and serving run the real loading and sampling code on CPU in seconds.
 
 The writer is data-driven: a dict of pipeline model name -> ModelSpec (see `tiny_model_specs`,
 `tiny_stage2_specs` and `write_trellis_checkpoint`). Random weights are shaped just enough that
@@ -17,6 +17,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gap3d.trellis.config import (
+    OFFICIAL_SLAT_SAMPLER,
+    OFFICIAL_SPARSE_STRUCTURE_DECODER_ARGS,
+    OFFICIAL_SPARSE_STRUCTURE_FLOW_ARGS,
+    OFFICIAL_SPARSE_STRUCTURE_SAMPLER,
     SLAT_DECODER_MESH,
     SLAT_FLOW,
     SPARSE_STRUCTURE_DECODER,
@@ -28,57 +32,42 @@ from gap3d.trellis.loading import build_model
 from gap3d.trellis.mesh_extraction import NUM_WEIGHTS
 from gap3d.trellis.sampler import FlowEulerSampler
 from gap3d.trellis.sparse_structure_decoder import UpsampleBlock3d
-from gap3d.trellis.structured_latent_decoder import TINY_SLAT_MESH_DECODER_ARGS
-from gap3d.trellis.structured_latent_flow import TINY_SLAT_FLOW_ARGS
 
 logger = logging.getLogger(__name__)
 
-# The release's stage-1 architectures (TRELLIS-image-large ckpts/*.json "args").
-OFFICIAL_SPARSE_STRUCTURE_FLOW_ARGS = {
+# A tiny SLatFlowModel (same code path, toy sizes) for tests and the demo: runs on CPU in well under a
+# second per step. `tiny_stage2_specs` sets cond_channels to its condition width.
+TINY_SLAT_FLOW_ARGS = {
     "resolution": 16,
     "in_channels": 8,
     "out_channels": 8,
-    "model_channels": 1024,
-    "cond_channels": 1024,
-    "num_blocks": 24,
-    "num_heads": 16,
-    "mlp_ratio": 4,
-    "patch_size": 1,
-    "pe_mode": "ape",
-    "qk_rms_norm": True,
-    "use_fp16": True,
-}
-OFFICIAL_SPARSE_STRUCTURE_DECODER_ARGS = {
-    "out_channels": 1,
-    "latent_channels": 8,
-    "num_res_blocks": 2,
-    "num_res_blocks_middle": 2,
-    "channels": [512, 128, 32],
-    "use_fp16": True,
-}
-# The release's stage-2 architectures (ckpts/slat_flow_img_dit_L_64l8p2_fp16.json, slat_dec_mesh_swin8_B_64l8m256c_fp16.json).
-OFFICIAL_SLAT_FLOW_ARGS = {
-    **OFFICIAL_SPARSE_STRUCTURE_FLOW_ARGS,
-    "resolution": 64,
+    "model_channels": 64,
+    "cond_channels": 64,
+    "num_blocks": 2,
+    "num_heads": 4,
+    "mlp_ratio": 2,
     "patch_size": 2,
     "num_io_res_blocks": 2,
-    "io_block_channels": [128],
+    "io_block_channels": [32],
+    "pe_mode": "ape",
+    "qk_rms_norm": True,
 }
-OFFICIAL_SLAT_MESH_DECODER_ARGS = {
-    "resolution": 64,
-    "model_channels": 768,
+
+# A tiny SLatMeshDecoder for tests and the demo. 256 is the smallest width the fixed GroupNorm(32) of
+# the subdivision blocks allows; two blocks and a handful of voxels keep it at a fraction of a second.
+TINY_SLAT_MESH_DECODER_ARGS = {
+    "resolution": 16,
+    "model_channels": 256,
     "latent_channels": 8,
-    "num_blocks": 12,
-    "num_heads": 12,
-    "mlp_ratio": 4,
+    "num_blocks": 2,
+    "num_heads": 4,
+    "mlp_ratio": 2,
     "attn_mode": "swin",
-    "window_size": 8,
-    "use_fp16": True,
+    "window_size": 4,
+    "pe_mode": "ape",
     "representation_config": {"use_color": True},
 }
-# Sampler settings of the release's pipeline.json.
-OFFICIAL_SPARSE_STRUCTURE_SAMPLER = SamplerConfig(steps=25, cfg_strength=7.5, cfg_interval=(0.5, 1.0), rescale_t=3.0)
-OFFICIAL_SLAT_SAMPLER = SamplerConfig(steps=25, cfg_strength=3.0, cfg_interval=(0.5, 1.0), rescale_t=3.0)
+
 # Share of voxels the tiny decoder marks occupied on a probe latent: a visible, non-trivial shape of
 # about 1k voxels, which keeps the tiny stage 2 (64 cubes per voxel) around a second on a CPU.
 TINY_OCCUPANCY = 0.004

@@ -1,0 +1,56 @@
+"""What features depend on: the encoders and settings that wrote them, and the shapes that follow from them."""
+
+from gap3d.checkpoints import transformers_config
+from gap3d.config import Gap3DConfig
+from gap3d.features.format import FeatureManifest
+
+
+def soft_token_mode(config: Gap3DConfig) -> str:
+    """"prompt_cache" when the soft tokens train, "soft_latents" when they are frozen."""
+    return "prompt_cache" if config.vlm.trainable else "soft_latents"
+
+
+def encoder_identity(config: Gap3DConfig) -> dict:
+    """What features depend on; training refuses features whose identity differs from its config's."""
+    identity = {
+        "vlm_path": config.vlm.path,
+        "prompt_template": config.vlm.prompt_template,
+        "dino_path": config.dino.path,
+        "dino_image_size": config.dino.image_size,
+        "soft_token_mode": soft_token_mode(config),
+    }
+    if not config.vlm.trainable:
+        identity.update(num_soft_tokens=config.vlm.num_soft_tokens, soft_token_init_seed=config.vlm.init_seed)
+    return identity
+
+
+def expected_manifest(config: Gap3DConfig) -> FeatureManifest:
+    """The manifest (encoder identity and tensor shapes, no shards yet) of the features `config` produces.
+
+    Read from the checkpoints' config.json alone: no weights are loaded.
+    """
+    dino = transformers_config(config.dino.path)
+    grid = config.dino.image_size // dino.patch_size
+    manifest = FeatureManifest(encoders=encoder_identity(config), dino_shape=[grid * grid + 1 + dino.num_register_tokens, dino.hidden_size])
+    text = transformers_config(config.vlm.path).get_text_config()
+    if soft_token_mode(config) == "prompt_cache":
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        manifest.cache_shape = [text.num_hidden_layers, 2, text.num_key_value_heads, head_dim]
+    else:
+        manifest.latents_shape = [config.vlm.num_soft_tokens, text.hidden_size]
+    return manifest
+
+
+def check_compatible(manifest: FeatureManifest, config: Gap3DConfig) -> None:
+    """Raise ValueError naming every encoder setting that differs between these features and `config`."""
+    expected = encoder_identity(config)
+    differences = [
+        f"{key}: features have {manifest.encoders.get(key)!r}, config has {value!r}"
+        for key, value in expected.items()
+        if manifest.encoders.get(key) != value
+    ]
+    if differences:
+        raise ValueError("features were written by different encoders than configured; " + "; ".join(differences))
+    wanted = [config.aligner.num_tokens, config.aligner.token_dim]
+    if list(manifest.dino_shape) != wanted:
+        raise ValueError(f"features hold DINOv2 targets of shape {manifest.dino_shape} but the aligner generates {wanted} (aligner.grid_size/token_dim)")

@@ -1,0 +1,42 @@
+"""Tiny random checkpoints for the tests and the embedded default, in the same layouts as the real ones.
+
+`tiny://vlm` (a Qwen2.5-VL) and `tiny://dino` (a DINOv2 with registers) are what the tiny preset names; they
+are loaded through exactly the code that loads real checkpoints (`from_pretrained` on a directory), so nothing
+reaches a model hub. Each is built once per machine under <cache>/tiny/ on first use (gap3d.checkpoints.resolve
+is the one caller); processes that ask at the same time wait for the first. `gap3d.tiny.trellis` writes tiny
+TRELLIS checkpoints in the release layout.
+"""
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from gap3d import storage
+from gap3d.tiny.encoders import write_tiny_dino, write_tiny_vlm
+
+logger = logging.getLogger(__name__)
+
+# Bump when a builder changes what it writes, so caches built by older code are not reused.
+TINY_VERSION = 2
+BUILDERS = {"vlm": write_tiny_vlm, "dino": write_tiny_dino}
+_COMPLETE = ".complete"
+
+
+def tiny_checkpoint(name: str) -> Path:
+    """The directory of tiny checkpoint `name` ("vlm" or "dino"), built on first use."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown tiny checkpoint tiny://{name}; there are {', '.join(f'tiny://{n}' for n in BUILDERS)}")
+    target = storage.cache_root() / "tiny" / f"{name}-v{TINY_VERSION}"
+    with storage.cache_lock(target):
+        if not (target / _COMPLETE).is_file():
+            logger.info("building tiny checkpoint tiny://%s in %s", name, target)
+            staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{target.name}.partial-"))
+            try:
+                BUILDERS[name](staging)
+                (staging / _COMPLETE).touch()
+                shutil.rmtree(target, ignore_errors=True)
+                staging.rename(target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,32 @@
+"""Write a tiny random TRELLIS checkpoint in the release layout (pipeline.json + ckpts/), for serving and tests.
+
+    python -m ray_jobs make-tiny --out DIR [--cond-dim 64] [--steps 4] [--coarse-only]
+
+The tiny VLM and DINOv2 need no command: the tiny preset names them tiny://vlm and tiny://dino, built on first use.
+"""
+
+import argparse
+
+from gap3d.tiny.trellis import write_tiny_trellis
+from ray_jobs.config import configure_logging
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="make-tiny", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="directory to write pipeline.json and ckpts/ into")
+    parser.add_argument("--cond-dim", type=int, default=64, help="feature size of the condition tokens (the tiny DINOv2's hidden size)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--steps", type=int, default=4, help="sampler steps written to pipeline.json")
+    parser.add_argument("--coarse-only", action="store_true", help="write only the stage-1 models (no structured-latent flow / mesh decoder)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging()
+    write_tiny_trellis(args.out, cond_dim=args.cond_dim, seed=args.seed, steps=args.steps, stage2=not args.coarse_only)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

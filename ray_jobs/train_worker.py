@@ -1,0 +1,250 @@
+"""The train function every Ray Train worker runs: DeepSpeed engine, resume, steps, periodic eval, checkpoints.
+
+Checkpoint layout (one directory, every rank writing its own files, merged by Ray Train):
+    deepspeed/            engine.save_checkpoint: model and per-rank ZeRO optimiser shards (rank-specific names)
+    rng_rank<r>.pt        each rank's noise generator
+    ema.safetensors       EMA of every trainable parameter (rank 0)
+    export/               inference export: EMA aligner + soft tokens + config (gap3d/export.py)
+    config.yaml           the resolved job config (library tree + scaling/encode sections)
+    progress.json         step, epoch and data position, plus the metrics of that step
+"""
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+from safetensors.torch import load_file, save_file
+
+from gap3d.build import build_aligner
+from gap3d.config import Gap3DConfig, save_config
+from gap3d.export import EXPORT_DIR, save_export
+from gap3d.features.format import FeatureBatch, FeatureManifest, RowCollator
+from gap3d.features.identity import soft_token_mode
+from gap3d.prompt_encoder import PromptEncoder
+from gap3d.training import EMA, AlignerTrainModule, evaluate_alignment, evaluation_condition, trainable_parameters, with_soft_tokens
+from ray_jobs.parallelize import build_engine, global_grad_norm, init_single_process_group, update_ema
+
+logger = logging.getLogger("gap3d.train")
+
+DEEPSPEED_TAG = "deepspeed"
+PROGRESS_NAME = "progress.json"
+EMA_NAME = "ema.safetensors"
+
+
+@dataclass
+class WorkerJob:
+    """Everything a training worker needs, shipped from the driver."""
+
+    config: Gap3DConfig
+    scaling: object  # ray_jobs.train.TrainScaling
+    manifest: FeatureManifest  # shapes of the training features
+    eval_set: FeatureBatch | None  # held-out rows for periodic evaluation (rank 0), loaded by the driver
+    in_process: bool  # ScalingConfig(num_workers=0): one process, no Ray workers
+
+
+def train_worker(loop_config: dict) -> None:
+    """Ray Train's train_loop_per_worker: DeepSpeed engine, resume, train to train.max_steps, checkpoint, report."""
+    job: WorkerJob = loop_config["job"]
+    if not job.in_process:
+        return _train(job)
+    # DeepSpeed reads these; they are removed again so Ray's local mode never mistakes this process for torchrun.
+    rank_env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    saved = {key: os.environ.get(key) for key in rank_env}
+    os.environ.update(rank_env)
+    init_single_process_group()
+    try:
+        return _train(job)
+    finally:
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
+
+
+def _train(job: WorkerJob) -> None:
+    config, train, scaling = job.config, job.config.train, job.scaling
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if not job.in_process:
+        _configure_worker_logging(rank)
+    device = torch.device("cuda", torch.cuda.current_device()) if scaling.use_gpu else torch.device("cpu")
+    dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
+    micro_batch = train.global_batch_size // (world * train.grad_accum_steps)
+
+    prompt_encoder = PromptEncoder.from_pretrained(config.vlm, device) if soft_token_mode(config) == "prompt_cache" else None
+    module = AlignerTrainModule(build_aligner(config, seed=train.seed).to(device), config.flow, prompt_encoder)
+    ema = EMA(trainable_parameters(module), train.ema_decay)  # before ZeRO-3 could partition the parameters
+    engine, scheduler = build_engine(module, config, scaling, micro_batch)
+    generator = torch.Generator(device=device).manual_seed(train.seed * 1000 + rank)
+    progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples": 0}
+    resumed_from = _restore(engine, ema, generator, rank)
+    if resumed_from is not None:
+        progress = resumed_from
+        logger.info("resumed from step %d (epoch %d, %d batches in)", progress["step"], progress["epoch"], progress["batches_in_epoch"])
+    resume_info = {"resumed_from_step": progress["step"]}
+    metrics_sink = _PrometheusMetrics(context.get_experiment_name()) if not job.in_process else None
+
+    cache_dtype = prompt_encoder.embed_tokens.weight.dtype if prompt_encoder is not None else None
+    shard = ray.train.get_dataset_shard("train")
+    collator = _Collator(RowCollator(job.manifest))
+    window = _Window()
+    while progress["step"] < train.max_steps:
+        batches = shard.iter_torch_batches(
+            batch_size=micro_batch, collate_fn=collator, drop_last=True,
+            local_shuffle_buffer_size=scaling.shuffle_buffer_rows or None, local_shuffle_seed=train.seed + progress["epoch"],
+        )
+        seen_in_epoch = 0
+        for index, batch in enumerate(batches):
+            seen_in_epoch += 1
+            if index < progress["batches_in_epoch"]:
+                continue  # already trained on before the checkpoint we resumed from
+            boundary = engine.is_gradient_accumulation_boundary()
+            losses = engine(batch.to(device, dtype, cache_dtype), generator)
+            engine.backward(losses["loss"])
+            grad_norm = global_grad_norm(engine) if boundary and scaling.zero_stage == 0 else None
+            engine.step()
+            progress["batches_in_epoch"] = index + 1
+            progress["samples"] += len(batch) * world
+            window.add(losses["loss"].item(), len(batch) * world)
+            if not boundary:
+                continue
+            progress["step"] += 1
+            update_ema(ema, engine, scaling.zero_stage)
+            step = progress["step"]
+            if not (_due(step, train.log_every, train.max_steps) or _due(step, train.checkpoint_every, train.max_steps)):
+                continue
+            metrics = {**window.flush(engine, scheduler, grad_norm), **progress, **resume_info}
+            if rank == 0 and job.eval_set is not None and _due(step, train.eval_every, train.max_steps):
+                metrics.update({f"eval_{k}": v for k, v in _evaluate(config, ema, prompt_encoder, job.eval_set, device).items()})
+            if rank == 0:
+                logger.info("step %d/%d %s", step, train.max_steps, json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
+            if metrics_sink is not None:
+                metrics_sink.record(metrics)
+            if _due(step, train.checkpoint_every, train.max_steps):
+                _save_and_report(engine, ema, generator, progress, metrics, job, rank)
+            else:
+                ray.train.report(metrics)
+            window.restart()  # evaluation and checkpointing do not count against throughput
+            if step >= train.max_steps:
+                break
+        if seen_in_epoch == 0:
+            raise RuntimeError(f"worker {rank} got no full micro-batch of {micro_batch} rows; use fewer workers or a smaller train.global_batch_size")
+        if progress["step"] < train.max_steps:
+            progress.update(epoch=progress["epoch"] + 1, batches_in_epoch=0)
+
+
+class _Collator(NumpyBatchCollateFn):
+    """Ray Data collate_fn: numpy column batch -> FeatureBatch (gap3d.features.format.batch_from_rows)."""
+
+    def __init__(self, collate: RowCollator):
+        super().__init__()
+        self.collate = collate
+
+    def __call__(self, batch: dict) -> FeatureBatch:
+        return self.collate(batch)
+
+
+def _configure_worker_logging(rank: int) -> None:
+    """Progress lines from gap3d loggers on the worker's stderr (Ray forwards it to the driver and job logs)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s"))
+    package_logger = logging.getLogger("gap3d")
+    package_logger.handlers[:] = [handler]
+    package_logger.setLevel(logging.INFO)
+    package_logger.propagate = False
+
+
+def _due(step: int, every: int, max_steps: int) -> bool:
+    return step % every == 0 or step == max_steps
+
+
+class _Window:
+    """Loss and throughput since the last report."""
+
+    def __init__(self):
+        self.restart()
+
+    def add(self, loss: float, samples: int) -> None:
+        self.losses.append(loss)
+        self.samples += samples
+
+    def flush(self, engine, scheduler, grad_norm: float | None) -> dict:
+        elapsed = time.perf_counter() - self.start
+        loss = torch.tensor(sum(self.losses) / max(1, len(self.losses)))
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(loss)
+            loss /= torch.distributed.get_world_size()
+        norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
+        return {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "samples_per_s": self.samples / elapsed, "grad_norm": float(norm) if norm is not None else float("nan")}
+
+    def restart(self) -> None:
+        self.start, self.losses, self.samples = time.perf_counter(), [], 0
+
+
+class _PrometheusMetrics:
+    """Training gauges exported through Ray's metrics agent (Prometheus format on each node's metrics port)."""
+
+    NAMES = {"loss": "flow-matching loss", "lr": "learning rate", "samples_per_s": "training samples per second", "grad_norm": "global gradient norm", "step": "optimiser step"}
+
+    def __init__(self, run: str):
+        from ray.util.metrics import Gauge
+
+        self.tags = {"run": run}
+        self.gauges = {key: Gauge(f"gap3d_train_{key}", description=text, tag_keys=("run",)) for key, text in self.NAMES.items()}
+
+    def record(self, metrics: dict) -> None:
+        for key, gauge in self.gauges.items():
+            gauge.set(float(metrics[key]), tags=self.tags)
+
+
+def _evaluate(config: Gap3DConfig, ema: EMA, prompt_encoder: PromptEncoder | None, eval_set: FeatureBatch, device: torch.device) -> dict:
+    """Held-out alignment metrics of the EMA weights."""
+    aligner = build_aligner(config).to(device)
+    aligner.load_state_dict(ema.split("aligner"))
+    encoder = with_soft_tokens(prompt_encoder, ema.shadow["soft_tokens"]) if prompt_encoder is not None else None
+    cond = evaluation_condition(eval_set, encoder, device)
+    return evaluate_alignment(aligner, cond, eval_set.dino, config.flow, seed=config.train.seed)
+
+
+def _save_and_report(engine, ema: EMA, generator: torch.Generator, progress: dict, metrics: dict, job: WorkerJob, rank: int) -> None:
+    """Every rank writes its DeepSpeed shard (and RNG) into a local dir; Ray Train merges and uploads them."""
+    directory = Path(tempfile.mkdtemp(prefix=f"gap3d-ckpt-{progress['step']}-"))
+    engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, client_state={"progress": dict(progress)})
+    torch.save({"generator": generator.get_state()}, directory / f"rng_rank{rank}.pt")
+    if rank == 0:
+        save_file({name: value.cpu() for name, value in ema.state_dict().items()}, directory / EMA_NAME)
+        save_export(directory / EXPORT_DIR, ema.split("aligner"), ema.shadow.get("soft_tokens"), job.config, progress["step"])
+        save_config(job.config, directory / "config.yaml", {"scaling": job.scaling})
+        (directory / PROGRESS_NAME).write_text(json.dumps({**progress, "metrics": metrics}, indent=2, sort_keys=True))
+    checkpoint = ray.train.Checkpoint.from_directory(str(directory))
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{progress['step']:08d}")
+    if not job.in_process:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _restore(engine, ema: EMA, generator: torch.Generator, rank: int) -> dict | None:
+    """Load the newest reported checkpoint, if any -> its progress, or None."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        directory = Path(directory)
+        _, client_state = engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG)
+        ema.load_state_dict(load_file(directory / EMA_NAME, device=str(next(iter(ema.shadow.values())).device)))
+        rng = directory / f"rng_rank{rank}.pt"
+        if rng.is_file():
+            generator.set_state(torch.load(rng)["generator"])
+    return dict(client_state["progress"])

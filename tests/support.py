@@ -1,0 +1,139 @@
+"""What several test modules share: small job configs, and feature directories built by the production code.
+
+Features are written the way ray_jobs/preprocess.py writes them (gap3d.data.encode.FeatureEncoder, then
+gap3d.features.store's atomic shard writer and manifest), only without Ray, so training tests do not depend on
+the preprocessing job and cannot drift from the format it writes.
+"""
+
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from gap3d import storage
+from gap3d.config import Gap3DConfig, load_job_config
+from gap3d.data.encode import FeatureEncoder
+from gap3d.data.synth import render_scene, sample_scene
+from gap3d.features.format import feature_schema
+from gap3d.features.identity import encoder_identity, soft_token_mode
+from gap3d.features.store import write_feature_shard, write_manifest
+from ray_jobs.train import TRAIN_SECTIONS
+
+# Smaller than the tiny preset so multi-process training runs in seconds on 2 cores: an 8x8 grid (69 tokens).
+SMALL_OVERRIDES = (
+    "dino.image_size=112", "aligner.grid_size=8", "aligner.hidden_size=64", "aligner.depth=2", "aligner.num_heads=2",
+    "train.log_every=5", "train.checkpoint_every=10", "train.eval_every=1000",
+)
+
+
+def small_job(*overrides: str) -> tuple[Gap3DConfig, dict]:
+    """The tiny preset shrunk for fast training tests, plus `overrides`: (config, {"scaling", "encode"})."""
+    return load_job_config("tiny", overrides=[*SMALL_OVERRIDES, *overrides], sections=TRAIN_SECTIONS)
+
+
+def small_config(*overrides: str) -> Gap3DConfig:
+    """The library part of `small_job`."""
+    return small_job(*overrides)[0]
+
+
+def write_feature_dir(config: Gap3DConfig, scenes: list, out: Path, rows_per_shard: int = 128) -> Path:
+    """Encode scenes with the production FeatureEncoder into `<out>/part-NNNNN.parquet` + manifest.json."""
+    encoder = FeatureEncoder(config)
+    schema = feature_schema(soft_token_mode(config))
+    manifest = encoder.manifest
+    for index, start in enumerate(range(0, len(scenes), rows_per_shard)):
+        part = scenes[start : start + rows_per_shard]
+        images = np.stack([render_scene(scene, config.dino.image_size) for scene in part])
+        table = encoder.encode([f"{start + i:08d}" for i in range(len(part))], [scene.caption for scene in part], images)
+        name = f"part-{index:05d}.parquet"
+        stats = write_feature_shard(str(out), name, schema, [(table, {})], {"input": "synthetic", "rows_in": len(part), "encoders": manifest.encoders})
+        manifest.shards[name] = {k: v for k, v in stats.items() if k != "encoders"}
+    write_manifest(str(out), manifest)
+    return out
+
+
+_written: dict[str, tuple[Path, Path]] = {}
+
+
+def synthetic_features(config: Gap3DConfig, num: int, seed: int = 0, rows_per_shard: int = 128) -> tuple[Path, Path]:
+    """(train_dir, eval_dir) of features for `num` synthetic scenes; held-out attribute pairs go to eval.
+
+    Written once per process for each (encoders, num, seed, rows_per_shard).
+    """
+    key = json.dumps([encoder_identity(config), num, seed, rows_per_shard], sort_keys=True)
+    if key not in _written:
+        scenes = [sample_scene(seed, index) for index in range(num)]
+        root = Path(tempfile.mkdtemp(prefix="gap3d-features-"))
+        _written[key] = (
+            write_feature_dir(config, [s for s in scenes if s.split == "train"], root / "train", rows_per_shard),
+            write_feature_dir(config, [s for s in scenes if s.split == "eval"], root / "eval", rows_per_shard),
+        )
+    return _written[key]
+
+
+def upload_features(local: Path, uri: str) -> str:
+    """Copy a feature directory to object storage; returns `uri`."""
+    storage.upload_dir(local, uri)
+    return uri
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of the live Ray Train worker processes on this machine (Ray names them `ray::RayTrainWorker...`)."""
+    pids = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(part.startswith("ray::RayTrainWorker") for part in proc.info["cmdline"] or ()):
+            pids.append(proc.pid)
+    return sorted(pids)
+
+
+class KillTrainWorkerWhen:
+    """In the background, SIGKILL one Ray Train worker process as soon as `ready()` is true (polled), once.
+
+    A real process kill, as a crashed node or OOM killer would do it: nothing in the training code knows.
+    """
+
+    def __init__(self, ready, timeout_s: float = 300.0):
+        self.ready, self.timeout_s = ready, timeout_s
+        self.killed: int | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "KillTrainWorkerWhen":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            if self.ready():
+                pids = train_worker_pids()
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    self.killed = pids[0]
+                    return
+            time.sleep(0.05)
+
+
+def checkpoint_registered(run_uri: str, step: int):
+    """A `ready()` for KillTrainWorkerWhen: Ray Train has registered checkpoint `step` of the run at `run_uri`.
+
+    Its directory appearing is not enough: every rank must have reported it, and Ray records the registration
+    in checkpoint_manager_snapshot.json under the run.
+    """
+    def ready() -> bool:
+        fs, root = storage.filesystem(run_uri)
+        fs.invalidate_cache()
+        path = storage.join(root, "checkpoint_manager_snapshot.json")
+        return fs.exists(path) and f"checkpoint_{step:08d}" in fs.cat_file(path).decode()
+
+    return ready
