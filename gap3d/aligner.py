@@ -31,6 +31,14 @@ class AlignerConfig:
     qk_norm: bool = True  # RMS-normalise queries and keys (stabilises bf16 training)
     null_condition: str = "zeros"  # CFG null condition: "zeros" (authors) or "learned"
     rope_theta: float = 10000.0  # base of the rotary frequencies
+    # Starting value of the cross-attention gates. 0 (closed, Lumina-Next) is the authors' value; it gives the
+    # condition no gradient until the gates open, which at tiny scale costs most of a CPU run, so `tiny` starts at 1.
+    cross_gate_init: float = 0.0
+    pooled_condition: bool = True  # add the condition's mean to the timestep embedding that drives adaLN
+    # Also add DiT's fixed 2-D sin-cos embedding to the patch tokens. Not in the authors' DiT (RoPE only), so off
+    # for `paper`; `tiny` turns it on: RoPE sees only relative offsets, so placing a silhouette in the frame has
+    # to be inferred from the content around it (see benchmarks/conditioning.py, variant rope_only).
+    absolute_positions: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -66,6 +74,19 @@ def rope_2d(grid_size: int, num_special: int, head_dim: int, theta: float) -> tu
     angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # (grid^2, head_dim/2)
     angles = torch.cat([torch.zeros(num_special, angles.shape[1], dtype=angles.dtype), angles])  # (N, head_dim/2)
     return angles.cos().float(), angles.sin().float()
+
+
+def sincos_2d(grid_size: int, dim: int) -> torch.Tensor:
+    """DiT's fixed absolute position embedding of a grid: half the channels encode the row, half the column.
+
+    -> (grid^2, dim), row-major like the patch tokens.
+    """
+    quarter = dim // 4
+    freqs = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    parts = [angle.reshape(-1, 1) * freqs for angle in (rows, cols)]  # each (grid^2, dim/4)
+    embedding = torch.cat([torch.cat([part.sin(), part.cos()], dim=1) for part in parts], dim=1)
+    return F.pad(embedding, (0, dim - embedding.shape[1])).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -199,6 +220,8 @@ class AlignerDiT(nn.Module):
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
         if config.null_condition == "zeros":
             self.register_buffer("null_cond", torch.zeros(config.num_cond_tokens, config.cond_dim, device=device), persistent=False)
+        if config.absolute_positions:
+            self.register_buffer("patch_pos", sincos_2d(config.grid_size, config.hidden_size).to(device), persistent=False)  # (grid^2, hidden)
 
     def initialize_weights(self) -> None:
         """Xavier linears; adaLN modulation, special/null embeddings and the output layer start at zero."""
@@ -220,6 +243,8 @@ class AlignerDiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        for block in self.blocks:
+            nn.init.constant_(block.cross_attn.gate, self.config.cross_gate_init)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, drop_cond: torch.Tensor | None = None) -> torch.Tensor:
         config = self.config
@@ -231,9 +256,12 @@ class AlignerDiT(nn.Module):
             cond = torch.where(drop_cond.view(-1, 1, 1), self.null_cond.to(cond.dtype).expand_as(cond), cond)
         h = self.x_embedder(x)  # (B, N, hidden)
         special = config.num_special_tokens
-        h = torch.cat([h[:, :special] + self.special_embed, h[:, special:]], dim=1)
+        patches = h[:, special:] + self.patch_pos if config.absolute_positions else h[:, special:]
+        h = torch.cat([h[:, :special] + self.special_embed, patches], dim=1)
         cond_h = self.cond_embedder(cond)  # (B, s, hidden)
-        c = self.t_embedder(t) + self.cond_pool(cond_h.mean(dim=1))  # (B, hidden)
+        c = self.t_embedder(t)  # (B, hidden)
+        if config.pooled_condition:
+            c = c + self.cond_pool(cond_h.mean(dim=1))
         rope = (self.rope_cos, self.rope_sin)
         for block in self.blocks:
             h = block(h, c, cond_h, rope)

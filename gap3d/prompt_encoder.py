@@ -32,6 +32,7 @@ class PromptEncoderConfig:
     trainable: bool = True  # train the soft tokens (through the frozen VLM) or keep them fixed
     max_prompt_tokens: int = 256  # longer prompts are rejected with an error rather than silently cut
     init_seed: int = 0  # seeds the soft tokens' initial values, so frozen soft tokens are reproducible
+    init_scale: float = 1.0  # spread of the initial soft tokens around the mean embedding, in vocabulary stds
     dtype: str = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU
 
     def __post_init__(self):
@@ -41,6 +42,8 @@ class PromptEncoderConfig:
             raise ValueError(f"vlm.prompt_template must contain '{{caption}}', got {self.prompt_template!r}")
         if self.max_prompt_tokens < 1:
             raise ValueError(f"vlm.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        if self.init_scale < 0:
+            raise ValueError(f"vlm.init_scale must be >= 0, got {self.init_scale}")
 
 
 class PromptTooLongError(ValueError):
@@ -78,9 +81,10 @@ class PromptEncoder(nn.Module):
         if not self.chat_template:
             raise ValueError("the VLM checkpoint has no chat template (tokenizer_config.json, chat_template.jinja or chat_template.json)")
         table = self.embed_tokens.weight.detach().float()
-        # Start at the statistics of the vocabulary embeddings, like newly added tokens.
+        # Start at the statistics of the vocabulary embeddings, like newly added tokens; a smaller spread lets the
+        # prompt, rather than each soft token's own embedding, dominate what the soft positions carry.
         noise = torch.randn(config.num_soft_tokens, table.shape[1], generator=torch.Generator().manual_seed(config.init_seed))
-        init = table.mean(0) + table.std(0) * noise
+        init = table.mean(0) + config.init_scale * table.std(0) * noise
         self.soft_tokens = nn.Parameter(init.to(table.dtype), requires_grad=config.trainable)  # (s, d_vlm)
         self.hidden_size = table.shape[1]
         self.uses_mrope = hasattr(self.vlm.model, "get_rope_index")

@@ -1,4 +1,4 @@
-"""Model side of aligner training, free of Ray and DeepSpeed: the trainable module, LR schedule, EMA, evaluation.
+"""Model side of aligner training, free of Ray and DeepSpeed: the recipe, the trainable module, LR schedule, EMA.
 
 Only the aligner and the soft tokens train. When the soft tokens train, the frozen VLM runs them on top of
 each sample's stored prompt cache inside the training step (exact, see gap3d/prompt_encoder.py); when they
@@ -15,8 +15,7 @@ from torch import nn
 
 from gap3d.aligner import AlignerDiT
 from gap3d.features.format import FeatureBatch
-from gap3d.flow import FlowConfig, flow_matching_loss, sample
-from gap3d.metrics import alignment_metrics
+from gap3d.flow import FlowConfig, flow_matching_loss
 from gap3d.prompt_encoder import PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -29,6 +28,7 @@ class TrainConfig:
     global_batch_size: int = 128  # samples per optimiser step across all workers (authors: 16 per GPU x 8)
     grad_accum_steps: int = 1  # micro-batches per optimiser step on each worker
     lr: float = 2.8e-4  # peak AdamW learning rate
+    soft_token_lr_scale: float = 1.0  # the soft tokens' learning rate as a multiple of train.lr (authors: one lr for all)
     min_lr: float = 1e-5  # end of the cosine decay
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_ratio: float = 0.003  # fraction of max_steps spent in linear warmup
@@ -51,6 +51,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.soft_token_lr_scale < 0:
+            raise ValueError(f"train.soft_token_lr_scale must be >= 0, got {self.soft_token_lr_scale}")
         if not 0.0 < self.min_lr <= self.lr:
             raise ValueError(f"need 0 < train.min_lr <= train.lr, got {self.min_lr} and {self.lr}")
 
@@ -96,19 +98,6 @@ def batch_condition(batch: FeatureBatch, prompt_encoder: PromptEncoder | None) -
     return batch.latents
 
 
-@torch.no_grad()
-def evaluation_condition(batch: FeatureBatch, prompt_encoder: PromptEncoder | None, device: torch.device, chunk: int = 32) -> torch.Tensor:
-    """`batch_condition` without gradients, on `device`, `chunk` rows at a time -> (B, s, d_vlm) float32."""
-    dtype = prompt_encoder.soft_tokens.dtype if prompt_encoder is not None else torch.float32
-    moved = batch.to(device, dtype)
-    parts = [
-        batch_condition(FeatureBatch(moved.dino[i : i + chunk], None if moved.caches is None else moved.caches[i : i + chunk],
-                                     None if moved.latents is None else moved.latents[i : i + chunk]), prompt_encoder)
-        for i in range(0, len(moved), chunk)
-    ]
-    return torch.cat(parts).float()
-
-
 def lr_multiplier(step: int, config: TrainConfig) -> float:
     """Factor on train.lr for optimiser step `step` (0-based): linear warmup, then cosine decay to train.min_lr.
 
@@ -130,6 +119,14 @@ def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.
 def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     """Name -> parameter for everything that trains."""
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+def optimizer_groups(module: nn.Module, config: TrainConfig) -> list[dict]:
+    """AdamW parameter groups: the aligner at train.lr, the soft tokens at train.lr x train.soft_token_lr_scale."""
+    parameters = trainable_parameters(module)
+    soft = [p for name, p in parameters.items() if name == "soft_tokens"]
+    groups = [{"params": [p for name, p in parameters.items() if name != "soft_tokens"], "lr": config.lr}]
+    return groups + ([{"params": soft, "lr": config.lr * config.soft_token_lr_scale}] if soft else [])
 
 
 class EMA:
@@ -163,27 +160,6 @@ class EMA:
     def split(self, prefix: str) -> dict[str, torch.Tensor]:
         """Shadows whose names start with `prefix.`, with the prefix removed (e.g. "aligner" -> aligner state)."""
         return {name[len(prefix) + 1 :]: value for name, value in self.shadow.items() if name.startswith(prefix + ".")}
-
-
-@torch.no_grad()
-def generate_tokens(aligner: AlignerDiT, cond: torch.Tensor, flow_config: FlowConfig, seed: int, batch_size: int = 32) -> torch.Tensor:
-    """Sample DINOv2-space tokens for conditions (B, s, d_vlm) -> (B, N, D), in chunks, noise fixed by `seed`."""
-    shape = (aligner.config.num_tokens, aligner.config.token_dim)
-    generator = torch.Generator(device=cond.device).manual_seed(seed)
-    chunks = [
-        sample(aligner, part, shape, flow_config.sample_steps, flow_config.cfg_scale, flow_config.solver, generator)
-        for part in cond.split(batch_size)
-    ]
-    return torch.cat(chunks)
-
-
-def evaluate_alignment(aligner: AlignerDiT, cond: torch.Tensor, targets: torch.Tensor, flow_config: FlowConfig, seed: int = 0) -> dict[str, float]:
-    """Alignment metrics (cosine, MSE, norm ratio, recall@k) of samples for cond (B, s, d) against targets (B, N, D)."""
-    was_training = aligner.training
-    aligner.eval()
-    generated = generate_tokens(aligner, cond, flow_config, seed)
-    aligner.train(was_training)
-    return alignment_metrics(generated, targets.to(generated.device))
 
 
 def with_soft_tokens(prompt_encoder: PromptEncoder, soft_tokens: torch.Tensor) -> PromptEncoder:

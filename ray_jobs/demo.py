@@ -1,9 +1,10 @@
 """The embedded default: the whole GAP3D mission on one machine with the tiny preset.
 
-synthetic shards -> Ray Data preprocessing -> Ray Train + DeepSpeed (2 workers) -> evaluation against an
-untrained aligner -> `serve run serve/config.yaml` -> one HTTP generation per example prompt -> GLB files.
-Run as `python -m ray_jobs demo [--workdir DIR]`. Artifacts land where serve/config.yaml expects them by
-default (~/.cache/gap3d/demo), so `serve run serve/config.yaml` works afterwards.
+synthetic world -> Ray Data preprocessing -> Ray Train + DeepSpeed (2 workers, held-out evals along the way)
+-> evaluation on held-out shape x colour pairs against an untrained aligner and the prompt-blind mean ->
+pictures (alignment.png, learning_curve.png) -> `serve run serve/config.yaml` -> one HTTP generation per
+example prompt -> GLB files. Run as `python -m ray_jobs demo [--workdir DIR]`. Artifacts land where
+serve/config.yaml expects them by default (~/.cache/gap3d/demo), so `serve run serve/config.yaml` works afterwards.
 """
 
 import argparse
@@ -20,17 +21,26 @@ import ray
 import yaml
 
 from gap3d import storage
-from gap3d.data.synth import write_synth
+from gap3d.data.synth import ATTRIBUTES, render_scene, sample_scene, write_synth
 from gap3d.export import find_export_dir
+from gap3d.features.store import load_rows
+from gap3d.pictures import alignment_figure, fit_pca, learning_curve_figure
 from gap3d.tiny.trellis import write_tiny_trellis
-from ray_jobs.config import add_config_arguments, configure_logging, job_config_from_args
-from ray_jobs.evaluate import evaluate
+from ray_jobs.config import (
+    add_config_arguments,
+    configure_logging,
+    job_config_from_args,
+)
+from ray_jobs.evaluate import Evaluation, run_evaluation
 from ray_jobs.preprocess import run_preprocess
 from ray_jobs.train import TRAIN_SECTIONS, run_training
+from ray_jobs.train_worker import EVALS_NAME
 
 logger = logging.getLogger("gap3d.demo")
 
-EXAMPLE_PROMPTS = ("a small red cone on the left", "a large blue cube in the center", "a medium yellow torus on the right")
+# Held-out combinations: no training image showed a yellow cube, a green sphere or a red torus.
+EXAMPLE_PROMPTS = ("a yellow cube", "a green sphere", "a red torus")
+PICTURE_ROWS = 8  # held-out prompts drawn in alignment.png
 SERVE_CONFIG = Path(__file__).resolve().parent.parent / "serve" / "config.yaml"
 
 
@@ -80,7 +90,8 @@ def run_demo(args: argparse.Namespace) -> dict:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)  # workers log training progress
     try:
         with stage("synthetic data", timings):
-            synth = write_synth(str(raw), num=args.num_samples, seed=args.seed)
+            # Rendered at the encoder's input size: real shards come larger and get resized, but here that only costs time.
+            synth = write_synth(str(raw), num=args.num_samples, seed=args.seed, image_size=config.dino.image_size)
         with stage("preprocessing (Ray Data)", timings):
             preprocess = run_preprocess(config, sections["encode"], str(raw), str(features))
         with stage("training (Ray Train + DeepSpeed)", timings):
@@ -90,10 +101,13 @@ def run_demo(args: argparse.Namespace) -> dict:
             shutil.rmtree(workdir / "export", ignore_errors=True)
             shutil.copytree(find_export_dir(checkpoint), workdir / "export")
         with stage("evaluation on held-out attribute pairs", timings):
-            metrics = evaluate(str(workdir / "export"), str(features / "eval-*.parquet"), limit=config.train.eval_samples)
-            logger.info("trained %s", json.dumps(metrics["trained"]))
-            logger.info("untrained %s", json.dumps(metrics["untrained"]))
-            logger.info("mean target (prompt-blind reference) %s", json.dumps(metrics["mean_target"]))
+            evaluation = run_evaluation(str(workdir / "export"), str(features / "eval-*.parquet"), train_features=str(features / "train-*.parquet"))
+            metrics = evaluation.report
+            for name in ("trained", "untrained", "mean_target"):
+                logger.info("%s %s", name, json.dumps({k: round(v, 3) for k, v in metrics[name].items()}))
+            log_table(metrics["table"], evaluation.eval_set.captions, evaluation.eval_set.keys, args.seed)
+        with stage("pictures", timings):
+            pictures = draw_pictures(config, evaluation, str(features / "train-*.parquet"), checkpoint, workdir, args.seed)
         with stage("serving (Ray Serve) and HTTP generation", timings):
             if not (workdir / "trellis" / "pipeline.json").is_file():
                 write_tiny_trellis(workdir / "trellis", cond_dim=config.aligner.token_dim)
@@ -119,15 +133,61 @@ def run_demo(args: argparse.Namespace) -> dict:
         "preprocess": {k: preprocess[k] for k in ("rows_in", "rows_written", "skipped") if k in preprocess},
         "checkpoint": checkpoint,
         "alignment": {name: metrics[name] for name in ("trained", "untrained", "mean_target")},
+        "chance": chance_levels(metrics["samples"]),
+        "pictures": pictures,
         "assets": assets,
         "seconds": timings,
     }
 
 
+def chance_levels(rows: int) -> dict[str, float]:
+    """What a prompt-blind generator scores on the held-out metrics."""
+    return {"eval_centred_recall@5": min(1.0, 5 / rows), "eval_prompt_cosine_mean": 0.0,
+            **{f"eval_{name}_accuracy": 1 / len(values) for name, values in ATTRIBUTES.items()}}
+
+
+def log_table(table: list[dict], captions: list[str], keys: list[str], seed: int) -> None:
+    """One held-out prompt per shape x colour pair: the caption its tokens retrieve and the attributes the probe reads."""
+    logger.info("%-26s %-26s %s", "held-out caption", "retrieved caption", "predicted attributes")
+    for row in first_row_per_pair(keys, seed):
+        logger.info("%-26s %-26s %s", captions[row], table[row]["retrieved"], " ".join(table[row]["predicted"].values()))
+
+
+def first_row_per_pair(keys: list[str], seed: int) -> list[int]:
+    """Indices of the first eval row of each shape x colour pair, in row order."""
+    chosen, seen = [], set()
+    for row, key in enumerate(keys):
+        scene = sample_scene(seed, int(key))
+        if (scene.shape, scene.color) not in seen:
+            seen.add((scene.shape, scene.color))
+            chosen.append(row)
+    return chosen
+
+
+def draw_pictures(config, evaluation: Evaluation, train_features: str, checkpoint: str, workdir: Path, seed: int) -> dict:
+    """alignment.png (renders, true and generated tokens as PCA-RGB) and learning_curve.png (periodic evals)."""
+    eval_set, special = evaluation.eval_set, config.aligner.num_special_tokens
+    train_targets = load_rows(train_features, config, limit=256)[0].dino
+    basis = fit_pca(train_targets[:, special:].reshape(-1, train_targets.shape[-1]))
+    chosen = first_row_per_pair(eval_set.keys, seed)
+    rows = [
+        {"caption": eval_set.captions[row], "retrieved": evaluation.report["table"][row]["retrieved"],
+         "image": render_scene(sample_scene(seed, int(eval_set.keys[row])), config.dino.image_size),
+         "target": eval_set.batch.dino[row], "generated": evaluation.generated[row]}
+        for row in chosen[:PICTURE_ROWS]
+    ]
+    alignment = alignment_figure(rows, basis, config.aligner.grid_size, special, workdir / "alignment.png")
+    fs, root = storage.filesystem(checkpoint)
+    history = json.loads(fs.cat_file(storage.join(root, EVALS_NAME)))
+    curve = learning_curve_figure(history, chance_levels(len(eval_set.captions)), workdir / "learning_curve.png")
+    logger.info("wrote %s and %s", alignment, curve)
+    return {"alignment": str(alignment), "learning_curve": str(curve), "history": history}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=str(storage.cache_root() / "demo"), help="where data, checkpoints and GLB files go (serve/config.yaml's default)")
-    parser.add_argument("--num-samples", type=int, default=320, help="synthetic image-caption pairs (train + eval)")
+    parser.add_argument("--num-samples", type=int, default=1000, help="synthetic image-caption pairs (train + eval)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port of the demo's Serve proxy on 127.0.0.1")
     add_config_arguments(parser)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gap3d.config import Gap3DConfig
-from gap3d.training import EMA, AlignerTrainModule, lr_schedule, trainable_parameters
+from gap3d.training import EMA, AlignerTrainModule, lr_schedule, optimizer_groups, trainable_parameters
 
 
 def apply_activation_checkpointing(aligner: nn.Module) -> None:
@@ -34,7 +34,7 @@ def build_engine(module: AlignerTrainModule, config: Gap3DConfig, scaling, micro
     train = config.train
     if scaling.gradient_checkpointing:
         apply_activation_checkpointing(module.aligner)
-    optimizer = torch.optim.AdamW(trainable_parameters(module).values(), lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(optimizer_groups(module, train), lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.999))
     engine, _, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, train),
         config=deepspeed_config(config, scaling.zero_stage, micro_batch), dist_init_required=False,

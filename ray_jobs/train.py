@@ -24,8 +24,9 @@ from ray.train.torch import TorchTrainer
 
 from gap3d import storage as gap3d_storage
 from gap3d.config import Gap3DConfig
+from gap3d.evaluation import load_eval_set
 from gap3d.features.identity import check_compatible, expected_manifest
-from gap3d.features.store import check_features, count_rows, feature_files, load_rows
+from gap3d.features.store import check_features, count_rows, feature_files
 from ray_jobs.config import add_config_arguments, configure_logging, job_config_from_args
 from ray_jobs.pipeline import ENCODE_SECTION, EncodeResources, stream_features
 from ray_jobs.train_worker import WorkerJob, train_worker
@@ -101,7 +102,7 @@ def run_training(
 ) -> ray.train.Result:
     """Train with TorchTrainer; rerunning with the same storage and name resumes from the newest checkpoint."""
     manifest = check_start(config, scaling, features, stream)
-    eval_set = load_rows(eval_features, config, limit=config.train.eval_samples)[0] if eval_features else None
+    eval_set = load_eval_set(eval_features, config, config.train.eval_samples, train_features=features) if eval_features else None
     dataset = build_dataset(scaling, features) if features else stream_features(config, encode or ENCODE_SECTION["encode"][1][config.preset], stream)
     storage_fs, storage_path = gap3d_storage.arrow_filesystem(storage)
     trainer = TorchTrainer(

@@ -5,8 +5,9 @@ Checkpoint layout (one directory, every rank writing its own files, merged by Ra
     rng_rank<r>.pt        each rank's noise generator
     ema.safetensors       EMA of every trainable parameter (rank 0)
     export/               inference export: EMA aligner + soft tokens + config (gap3d/export.py)
-    config.yaml           the resolved job config (library tree + scaling/encode sections)
+    config.yaml           the resolved job config (library tree + scaling section)
     progress.json         step, epoch and data position, plus the metrics of that step
+    evals.json            every periodic held-out evaluation so far: the learning curve (rank 0)
 """
 
 import json
@@ -26,11 +27,12 @@ from safetensors.torch import load_file, save_file
 
 from gap3d.build import build_aligner
 from gap3d.config import Gap3DConfig, save_config
+from gap3d.evaluation import EvalSet, evaluate_alignment, evaluation_condition
 from gap3d.export import EXPORT_DIR, save_export
 from gap3d.features.format import FeatureBatch, FeatureManifest, RowCollator
 from gap3d.features.identity import soft_token_mode
 from gap3d.prompt_encoder import PromptEncoder
-from gap3d.training import EMA, AlignerTrainModule, evaluate_alignment, evaluation_condition, trainable_parameters, with_soft_tokens
+from gap3d.training import EMA, AlignerTrainModule, trainable_parameters, with_soft_tokens
 from ray_jobs.parallelize import build_engine, global_grad_norm, init_single_process_group, update_ema
 
 logger = logging.getLogger("gap3d.train")
@@ -38,6 +40,7 @@ logger = logging.getLogger("gap3d.train")
 DEEPSPEED_TAG = "deepspeed"
 PROGRESS_NAME = "progress.json"
 EMA_NAME = "ema.safetensors"
+EVALS_NAME = "evals.json"
 
 
 @dataclass
@@ -47,7 +50,7 @@ class WorkerJob:
     config: Gap3DConfig
     scaling: object  # ray_jobs.train.TrainScaling
     manifest: FeatureManifest  # shapes of the training features
-    eval_set: FeatureBatch | None  # held-out rows for periodic evaluation (rank 0), loaded by the driver
+    eval_set: EvalSet | None  # held-out rows (and attribute probe) for periodic evaluation on rank 0, loaded by the driver
     in_process: bool  # ScalingConfig(num_workers=0): one process, no Ray workers
 
 
@@ -90,9 +93,10 @@ def _train(job: WorkerJob) -> None:
     engine, scheduler = build_engine(module, config, scaling, micro_batch)
     generator = torch.Generator(device=device).manual_seed(train.seed * 1000 + rank)
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples": 0}
+    evals: list[dict] = []  # the learning curve, kept by rank 0
     resumed_from = _restore(engine, ema, generator, rank)
     if resumed_from is not None:
-        progress = resumed_from
+        progress, evals = resumed_from
         logger.info("resumed from step %d (epoch %d, %d batches in)", progress["step"], progress["epoch"], progress["batches_in_epoch"])
     resume_info = {"resumed_from_step": progress["step"]}
     metrics_sink = _PrometheusMetrics(context.get_experiment_name()) if not job.in_process else None
@@ -129,12 +133,13 @@ def _train(job: WorkerJob) -> None:
             metrics = {**window.flush(engine, scheduler, grad_norm), **progress, **resume_info}
             if rank == 0 and job.eval_set is not None and _due(step, train.eval_every, train.max_steps):
                 metrics.update({f"eval_{k}": v for k, v in _evaluate(config, ema, prompt_encoder, job.eval_set, device).items()})
+                evals.append({"step": step, **{k: v for k, v in metrics.items() if k.startswith("eval_")}})
             if rank == 0:
                 logger.info("step %d/%d %s", step, train.max_steps, json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
             if metrics_sink is not None:
                 metrics_sink.record(metrics)
             if _due(step, train.checkpoint_every, train.max_steps):
-                _save_and_report(engine, ema, generator, progress, metrics, job, rank)
+                _save_and_report(engine, ema, generator, progress, metrics, evals, job, rank)
             else:
                 ray.train.report(metrics)
             window.restart()  # evaluation and checkpointing do not count against throughput
@@ -210,16 +215,16 @@ class _PrometheusMetrics:
             gauge.set(float(metrics[key]), tags=self.tags)
 
 
-def _evaluate(config: Gap3DConfig, ema: EMA, prompt_encoder: PromptEncoder | None, eval_set: FeatureBatch, device: torch.device) -> dict:
+def _evaluate(config: Gap3DConfig, ema: EMA, prompt_encoder: PromptEncoder | None, eval_set: EvalSet, device: torch.device) -> dict:
     """Held-out alignment metrics of the EMA weights."""
     aligner = build_aligner(config).to(device)
     aligner.load_state_dict(ema.split("aligner"))
     encoder = with_soft_tokens(prompt_encoder, ema.shadow["soft_tokens"]) if prompt_encoder is not None else None
-    cond = evaluation_condition(eval_set, encoder, device)
-    return evaluate_alignment(aligner, cond, eval_set.dino, config.flow, seed=config.train.seed)
+    cond = evaluation_condition(eval_set.batch, encoder, device)
+    return evaluate_alignment(aligner, cond, eval_set, config.flow, seed=config.train.seed)
 
 
-def _save_and_report(engine, ema: EMA, generator: torch.Generator, progress: dict, metrics: dict, job: WorkerJob, rank: int) -> None:
+def _save_and_report(engine, ema: EMA, generator: torch.Generator, progress: dict, metrics: dict, evals: list[dict], job: WorkerJob, rank: int) -> None:
     """Every rank writes its DeepSpeed shard (and RNG) into a local dir; Ray Train merges and uploads them."""
     directory = Path(tempfile.mkdtemp(prefix=f"gap3d-ckpt-{progress['step']}-"))
     engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, client_state={"progress": dict(progress)})
@@ -229,14 +234,15 @@ def _save_and_report(engine, ema: EMA, generator: torch.Generator, progress: dic
         save_export(directory / EXPORT_DIR, ema.split("aligner"), ema.shadow.get("soft_tokens"), job.config, progress["step"])
         save_config(job.config, directory / "config.yaml", {"scaling": job.scaling})
         (directory / PROGRESS_NAME).write_text(json.dumps({**progress, "metrics": metrics}, indent=2, sort_keys=True))
+        (directory / EVALS_NAME).write_text(json.dumps(evals, indent=1))
     checkpoint = ray.train.Checkpoint.from_directory(str(directory))
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{progress['step']:08d}")
     if not job.in_process:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _restore(engine, ema: EMA, generator: torch.Generator, rank: int) -> dict | None:
-    """Load the newest reported checkpoint, if any -> its progress, or None."""
+def _restore(engine, ema: EMA, generator: torch.Generator, rank: int) -> tuple[dict, list[dict]] | None:
+    """Load the newest reported checkpoint, if any -> (its progress, the evaluations so far), or None."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
@@ -247,4 +253,5 @@ def _restore(engine, ema: EMA, generator: torch.Generator, rank: int) -> dict | 
         rng = directory / f"rng_rank{rank}.pt"
         if rng.is_file():
             generator.set_state(torch.load(rng)["generator"])
-    return dict(client_state["progress"])
+        evals = json.loads((directory / EVALS_NAME).read_text()) if (directory / EVALS_NAME).is_file() else []
+    return dict(client_state["progress"]), evals

@@ -84,10 +84,12 @@ def upload_features(local: Path, uri: str) -> str:
 
 
 def train_worker_pids() -> list[int]:
-    """PIDs of the live Ray Train worker processes on this machine (Ray names them `ray::RayTrainWorker...`)."""
+    """PIDs of the live Ray Train worker processes of this test session's Ray cluster (Ray names them
+    `ray::RayTrainWorker...`); another cluster on the machine, such as a demo running beside the tests, is not touched."""
+    ours = {child.pid for child in psutil.Process().children(recursive=True)}
     pids = []
     for proc in psutil.process_iter(["cmdline"]):
-        if any(part.startswith("ray::RayTrainWorker") for part in proc.info["cmdline"] or ()):
+        if proc.pid in ours and any(part.startswith("ray::RayTrainWorker") for part in proc.info["cmdline"] or ()):
             pids.append(proc.pid)
     return sorted(pids)
 

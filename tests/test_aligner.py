@@ -105,3 +105,33 @@ def test_wrong_input_shape_is_rejected_with_the_expected_shape():
 def test_invalid_config_raises_naming_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
         AlignerConfig(**{**TINY, **overrides})
+
+
+def with_random_output_layer(aligner: AlignerDiT) -> AlignerDiT:
+    """The zero-initialised final layer hides everything upstream; give it weights so the blocks show through."""
+    torch.manual_seed(2)
+    for p in aligner.final_layer.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    return aligner
+
+
+@pytest.mark.parametrize("gate, depends", [(0.0, False), (1.0, True)])
+def test_cross_attention_gates_starting_closed_hide_the_condition(gate, depends):
+    aligner = with_random_output_layer(make(cross_gate_init=gate, pooled_condition=False))
+    x, t, cond = inputs()
+    with torch.no_grad():
+        changed = aligner(x, t, cond.flip(0)) - aligner(x, t, cond)
+    assert (changed.abs().max() > 1e-3) == depends
+
+
+def test_absolute_positions_tell_equal_patch_tokens_apart():
+    x, t, cond = inputs(batch=1)
+    x[:, 5:] = x[:, 5:6]  # every patch token the same
+    spread = {}
+    for absolute in (False, True):
+        aligner = with_random_output_layer(make(absolute_positions=absolute))
+        aligner.rope_cos.fill_(1.0)  # RoPE off: only an absolute embedding can say where a patch is
+        aligner.rope_sin.zero_()
+        with torch.no_grad():
+            spread[absolute] = aligner(x, t, cond)[0, 5:].std(dim=0).max().item()
+    assert spread[False] < 1e-4 and spread[True] > 1e-2

@@ -36,7 +36,7 @@ def test_smoke_generates_aligned_tokens_for_the_tiny_preset():
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["condition_shape"] == [1, 8, 64]
-    assert summary["tokens_shape"] == [1, 261, 64]
+    assert summary["tokens_shape"] == [1, 5 + 8 * 8, 64]  # CLS + 4 registers + the 8 x 8 patches of 112 px
     assert summary["tokens_finite"]
 
 

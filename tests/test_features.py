@@ -46,7 +46,7 @@ def test_manifest_of_another_schema_version_asks_to_rerun_preprocessing():
 
 def test_features_from_other_encoders_are_rejected_naming_the_difference():
     config = load_config("tiny")
-    manifest = FeatureManifest(encoders=encoder_identity(config), dino_shape=[261, 64])
+    manifest = FeatureManifest(encoders=encoder_identity(config), dino_shape=[69, 64])
     check_compatible(manifest, config)
     other = load_config("tiny", overrides=["dino.path=/elsewhere/dino"])
     with pytest.raises(ValueError, match="dino_path: features have .* config has '/elsewhere/dino'"):
@@ -55,6 +55,6 @@ def test_features_from_other_encoders_are_rejected_naming_the_difference():
 
 def test_features_for_another_token_grid_are_rejected_naming_the_shape():
     config = load_config("tiny")
-    manifest = FeatureManifest(encoders=encoder_identity(config), dino_shape=[69, 64])
-    with pytest.raises(ValueError, match=r"shape \[69, 64\] but the aligner generates \[261, 64\]"):
+    manifest = FeatureManifest(encoders=encoder_identity(config), dino_shape=[261, 64])
+    with pytest.raises(ValueError, match=r"shape \[261, 64\] but the aligner generates \[69, 64\]"):
         check_compatible(manifest, config)

@@ -133,7 +133,7 @@ def test_summary_and_manifest_count_every_row_per_shard(s3_features, tiny_config
     assert summary["skipped"] == {}
     assert set(manifest.shards) == {Path(s.shard_id).stem + ".parquet" for s in list_shards(s3_features["raw"])}
     assert sum(entry["rows"] for entry in manifest.shards.values()) == NUM_SAMPLES
-    assert manifest.dino_shape == [261, 64] and manifest.cache_shape == [2, 2, 2, 16]
+    assert manifest.dino_shape == [69, 64] and manifest.cache_shape == [2, 2, 2, 16]
     check_compatible(manifest, tiny_config)
 
 

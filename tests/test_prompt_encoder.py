@@ -97,3 +97,13 @@ def test_checkpoint_without_tokenizer_names_the_missing_file(tiny_checkpoints, t
     (broken / "config.json").write_text((tiny_checkpoints["vlm"] / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="tokenizer_config.json"):
         PromptEncoder.from_pretrained(PromptEncoderConfig(path=str(broken)))
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5])
+def test_soft_tokens_start_at_the_mean_embedding_plus_init_scale_vocabulary_stds(tiny_checkpoints, scale):
+    config = PromptEncoderConfig(path=str(tiny_checkpoints["vlm"]), num_soft_tokens=64, init_scale=scale)
+    encoder = PromptEncoder.from_pretrained(config)
+    table = encoder.embed_tokens.weight.detach()
+    offset = encoder.soft_tokens.detach() - table.mean(0)  # (s, d)
+    spread = (offset / table.std(0)).std()  # in vocabulary stds, over tokens and dims
+    torch.testing.assert_close(spread, torch.tensor(scale), rtol=0.1, atol=1e-6)

@@ -11,7 +11,7 @@ from gap3d.features.format import MANIFEST_NAME
 from gap3d.features.store import check_features, load_rows
 from gap3d.flow import flow_matching_loss
 from gap3d.prompt_encoder import PromptEncoder
-from gap3d.training import EMA, AlignerTrainModule, batch_condition, lr_multiplier, lr_schedule, trainable_parameters, with_soft_tokens
+from gap3d.training import EMA, AlignerTrainModule, batch_condition, lr_multiplier, lr_schedule, optimizer_groups, trainable_parameters, with_soft_tokens
 from tests.support import small_config, synthetic_features
 
 
@@ -87,7 +87,7 @@ def test_train_module_holds_aligner_and_soft_tokens_but_not_the_vlm(config):
 
 def test_condition_from_stored_caches_matches_a_full_prompt_forward(config, features):
     module = make_module(config)
-    batch, captions = load_rows(str(features[0]), config, limit=4)
+    batch, captions, _ = load_rows(str(features[0]), config, limit=4)
     with torch.no_grad():
         full = module.prompt_encoder(captions)
         from_caches = batch_condition(batch, module.prompt_encoder)
@@ -168,3 +168,13 @@ def test_features_of_another_grid_size_are_refused(features):
     other = small_config("aligner.grid_size=4")
     with pytest.raises(ValueError, match=r"DINOv2 targets of shape \[69, 64\] but the aligner generates \[21, 64\]"):
         check_features(str(features[0]), other)
+
+
+def test_soft_tokens_step_at_the_learning_rate_times_their_scale(config):
+    module = make_module(config)
+    train = load_config("tiny", overrides=["train.lr=1e-3", "train.soft_token_lr_scale=0.1"]).train
+    groups = optimizer_groups(module, train)
+    soft = [group for group in groups if any(p is module.soft_tokens for p in group["params"])]
+    assert [group["lr"] for group in soft] == [pytest.approx(1e-4)]
+    assert sum(len(group["params"]) for group in groups) == len(trainable_parameters(module))
+    assert [group["lr"] for group in groups if group not in soft] == [1e-3]

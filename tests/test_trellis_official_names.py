@@ -28,6 +28,7 @@ from gap3d.trellis.config import (
     OFFICIAL_SLAT_FLOW_ARGS,
     OFFICIAL_SLAT_MESH_DECODER_ARGS,
     OFFICIAL_SPARSE_STRUCTURE_DECODER_ARGS,
+    OFFICIAL_SPARSE_STRUCTURE_ENCODER_ARGS,
     OFFICIAL_SPARSE_STRUCTURE_FLOW_ARGS,
 )
 from gap3d.trellis.loading import build_model
@@ -117,6 +118,36 @@ def official_decoder_shapes() -> dict:
         "out_layer.2.bias": (1,),
     }
     return expected
+
+
+def official_encoder_shapes() -> dict:
+    """ckpts/ss_enc_conv3d_16l8_fp16: 74 tensors; stride-2 kernel-2 downsamplers; mean and logvar from one conv."""
+    return {
+        "input_layer.weight": (32, 1, 3, 3, 3),
+        "input_layer.bias": (32,),
+        **resblock("blocks.0", 32),
+        **resblock("blocks.1", 32),
+        "blocks.2.conv.weight": (128, 32, 2, 2, 2),
+        "blocks.2.conv.bias": (128,),
+        **resblock("blocks.3", 128),
+        **resblock("blocks.4", 128),
+        "blocks.5.conv.weight": (512, 128, 2, 2, 2),
+        "blocks.5.conv.bias": (512,),
+        **resblock("blocks.6", 512),
+        **resblock("blocks.7", 512),
+        **resblock("middle_block.0", 512),
+        **resblock("middle_block.1", 512),
+        "out_layer.0.weight": (512,),
+        "out_layer.0.bias": (512,),
+        "out_layer.2.weight": (16, 512, 3, 3, 3),
+        "out_layer.2.bias": (16,),
+    }
+
+
+def test_official_sparse_structure_encoder_args_give_the_official_state_dict():
+    model = build_model({"name": "SparseStructureEncoder", "args": OFFICIAL_SPARSE_STRUCTURE_ENCODER_ARGS}, device="meta")
+    assert shapes(model) == official_encoder_shapes()
+    assert len(shapes(model)) == 74 and sum(p.numel() for p in model.parameters()) == pytest.approx(59.3e6, rel=0.01)
 
 
 def test_official_sparse_structure_flow_args_give_the_official_state_dict():

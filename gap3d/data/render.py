@@ -100,8 +100,9 @@ def render_mesh(
     color: tuple[float, float, float],
     image_size: int,
     camera: Camera = DEFAULT_CAMERA,
+    light: np.ndarray = LIGHT_DIRECTION,
 ) -> np.ndarray:
-    """RGB image (S, S, 3) uint8 of a closed mesh (V, 3) / (F, 3) in `color` (RGB in [0, 1]) on black."""
+    """RGB image (S, S, 3) uint8 of a closed mesh (V, 3) / (F, 3) in `color` (RGB in [0, 1]) on black, lit from `light` (unit, 3)."""
     triangles = vertices[faces]  # (F, 3, 3)
     normals = np.cross(triangles[:, 1] - triangles[:, 0], triangles[:, 2] - triangles[:, 0])
     normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
@@ -110,8 +111,23 @@ def render_mesh(
     faces, normals = faces[facing], normals[facing]
     screen, depth = project(vertices, image_size, camera)
     pixel, face = rasterize(screen, depth, faces, image_size)
-    shade = AMBIENT + (1.0 - AMBIENT) * np.clip(normals @ LIGHT_DIRECTION, 0.0, 1.0)  # (F,)
+    shade = AMBIENT + (1.0 - AMBIENT) * np.clip(normals @ light, 0.0, 1.0)  # (F,)
     face_rgb = np.clip(np.outer(shade, color) * 255.0 + 0.5, 0, 255).astype(np.uint8)  # (F, 3)
     image = np.zeros((image_size * image_size, 3), dtype=np.uint8)
     image[pixel] = face_rgb[face]
     return image.reshape(image_size, image_size, 3)
+
+
+def crop_to_object(image: np.ndarray, size: int, margin: float = 1.2) -> np.ndarray:
+    """TRELLIS's conditioning crop: the square of `margin` x the object's larger bounding-box side, centred on the
+    box, on black, resized to (size, size, 3). image: (H, W, 3) uint8 with a black background."""
+    from PIL import Image
+
+    rows, cols = np.nonzero(image.max(axis=2))
+    if rows.size == 0:
+        raise ValueError("the image holds no object (every pixel is black)")
+    centre_y, centre_x = (rows.min() + rows.max() + 1) / 2, (cols.min() + cols.max() + 1) / 2
+    half = margin * max(rows.max() + 1 - rows.min(), cols.max() + 1 - cols.min()) / 2
+    box = tuple(int(round(v)) for v in (centre_x - half, centre_y - half, centre_x + half, centre_y + half))
+    cropped = Image.fromarray(image).crop(box)  # regions outside the image come back black
+    return np.asarray(cropped.resize((size, size), Image.Resampling.LANCZOS))

@@ -1,19 +1,26 @@
-"""Synthetic image-caption pairs: rendered 3D primitives with captions from a small grammar.
+"""The synthetic world of the tiny preset: one object per image, and a caption that decides the image.
+
+Each sample is one primitive (shape) in one colour, rendered the way TRELLIS's conditioning images look: the
+object alone, centred and cropped to fill the frame (1.2x its bounding box), on black. Shape and colour change
+most of the pixels; what the caption does not say (the object's turn about its vertical axis, the camera's
+elevation, the light) varies within a class, so a prompt-blind guess cannot score. There is no left/right or
+size: a 3D asset has neither. Some shape x colour pairs are held out of `train-*.tar` entirely and written to
+`eval-*.tar`, so generalisation to unseen combinations can be measured.
 
 `python -m ray_jobs synth --out URI --num N` writes WebDataset tar shards (`<key>.png`, `<key>.txt`, and
-`<key>.json` with the caption and its attributes). Some shape x colour pairs are held out of
-`train-*.tar` entirely and written to `eval-*.tar`, so generalisation to unseen combinations can be
-measured. Output bytes depend only on the arguments: sample i is drawn from its own generator
-seeded by (seed, i).
+`<key>.json` with the caption and its attributes). Output bytes depend only on the arguments: sample i is
+drawn from its own generator seeded by (seed, i). `object_mesh` gives each sample's mesh in TRELLIS's unit cube
+(the frame its 3D ground truth lives in).
 """
 
 import functools
 import io
 import json
 import logging
+import re
 import tarfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,43 +28,51 @@ from gap3d import storage
 
 logger = logging.getLogger(__name__)
 
-SHAPES = ("cube", "sphere", "cylinder", "cone", "torus", "capsule")
+# Chosen for silhouettes that differ once cropped to fill the frame: a square, a disk, a triangle, a ring, a
+# vertical bar and a horizontal bar (a cylinder or a capsule would be another round-topped upright blob).
+SHAPES = ("cube", "sphere", "cone", "torus", "pillar", "slab")
 COLORS = {  # RGB in [0, 1], far apart in chromaticity so shading never changes the colour name
     "red": (0.86, 0.12, 0.12),
-    "orange": (0.95, 0.5, 0.08),
     "yellow": (0.92, 0.85, 0.12),
     "green": (0.15, 0.7, 0.2),
     "blue": (0.15, 0.3, 0.92),
     "purple": (0.6, 0.2, 0.82),
     "white": (0.92, 0.92, 0.92),
 }
-SIZES = {"small": 0.45, "medium": 0.65, "large": 0.85}  # half-extent of the object's largest axis
-POSITIONS = {"left": -1.15, "center": 0.0, "right": 1.15}  # x of the object's centre
-POSITION_PHRASES = {"left": ("on the left",), "center": ("in the center", "in the middle"), "right": ("on the right",)}
-TEMPLATES = ("a {size} {color} {shape} {where}", "there is a {size} {color} {shape} {where}", "{where}, a {size} {color} {shape}")
-# Each shape and each chromatic colour is held out exactly once, so every word still occurs in train.
+ATTRIBUTES = {"shape": SHAPES, "color": tuple(COLORS)}  # what a caption says, and its possible values
+TEMPLATES = ("a {color} {shape}", "a {shape} in {color}", "one {color} {shape}", "a {color} {shape} on black", "the {shape} is {color}")
+# Two disjoint shape->colour permutations: each shape and each colour is held out exactly twice, so every word
+# still occurs in train beside four partners. Twelve held-out pairs rather than six: same-pair rows differ only in
+# yaw and light, which no caption says, so retrieval among them is a coin toss; more pairs leave more for the
+# caption to decide (see gap3d.miniature.caption_ceiling). The thin shapes (pillar, slab) show the least colour.
 HELD_OUT = frozenset(
-    {("cube", "red"), ("sphere", "blue"), ("cylinder", "yellow"), ("cone", "green"), ("torus", "orange"), ("capsule", "purple")}
+    {("cube", "yellow"), ("sphere", "green"), ("torus", "purple"), ("cone", "blue"), ("pillar", "red"), ("slab", "white"),
+     ("cube", "blue"), ("sphere", "white"), ("torus", "red"), ("cone", "yellow"), ("pillar", "green"), ("slab", "purple")}
 )
 SPLITS = ("train", "eval")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+CROP_MARGIN = 1.2  # TRELLIS crops its conditioning images to 1.2x the object's bounding box
+SUPERSAMPLE = 2  # render at twice the output size, then crop and downsample (anti-aliased edges)
 
 
 @dataclass(frozen=True)
 class Scene:
-    """Everything that determines one sample's image and caption."""
+    """Everything that determines one sample's image, caption and 3D shape."""
 
     shape: str
     color: str
-    size: str
-    position: str
-    yaw_deg: float  # rotation about the vertical axis
-    offset: tuple[float, float, float]  # jitter added to the nominal position
+    yaw_deg: float  # the object's turn about its vertical axis (changes its silhouette and shading)
+    elevation_deg: float  # how far above the horizon the camera looks down from
+    light_azimuth_deg: float  # direction the light comes from, about the vertical axis
     caption: str
 
     @property
     def split(self) -> str:
         return "eval" if (self.shape, self.color) in HELD_OUT else "train"
+
+    @property
+    def attributes(self) -> dict[str, str]:
+        return {"shape": self.shape, "color": self.color}
 
 
 def sample_scene(seed: int, index: int) -> Scene:
@@ -65,35 +80,49 @@ def sample_scene(seed: int, index: int) -> Scene:
     rng = np.random.default_rng([seed, index])
     shape = SHAPES[rng.integers(len(SHAPES))]
     color = list(COLORS)[rng.integers(len(COLORS))]
-    size = list(SIZES)[rng.integers(len(SIZES))]
-    position = list(POSITIONS)[rng.integers(len(POSITIONS))]
-    yaw = float(rng.uniform(-45.0, 45.0))
-    offset = tuple(float(v) for v in rng.uniform([-0.1, -0.25, -0.15], [0.1, 0.25, 0.15]))
-    phrases = POSITION_PHRASES[position]
-    where = phrases[rng.integers(len(phrases))]
-    template = TEMPLATES[rng.integers(len(TEMPLATES))]
-    caption = template.format(size=size, color=color, shape=shape, where=where)
-    return Scene(shape, color, size, position, yaw, offset, caption)
+    yaw, elevation, light = float(rng.uniform(-60.0, 60.0)), float(rng.uniform(12.0, 32.0)), float(rng.uniform(-60.0, 20.0))
+    caption = TEMPLATES[rng.integers(len(TEMPLATES))].format(color=color, shape=shape)
+    return Scene(shape, color, yaw, elevation, light, caption)
+
+
+_WORDS = {word: (name, word) for name, values in ATTRIBUTES.items() for word in values}
+
+
+def caption_attributes(caption: str) -> dict[str, str] | None:
+    """{"shape", "color"} named by a caption of this world, or None when it names not exactly one of each."""
+    found: dict[str, list[str]] = {name: [] for name in ATTRIBUTES}
+    for word in re.findall(r"[a-z]+", caption.lower()):
+        if word in _WORDS:
+            found[_WORDS[word][0]].append(word)
+    return {name: words[0] for name, words in found.items()} if all(len(set(words)) == 1 for words in found.values()) else None
+
+
+def attribute_labels(captions: list[str]) -> dict[str, list[str]] | None:
+    """{attribute: value per caption} when every caption names its attributes (this world's captions), else None."""
+    parsed = [caption_attributes(caption) for caption in captions]
+    if not parsed or any(p is None for p in parsed):
+        return None
+    return {name: [p[name] for p in parsed] for name in ATTRIBUTES}
 
 
 @functools.cache
 def base_mesh(shape: str) -> tuple[np.ndarray, np.ndarray]:
-    """Vertices (V, 3) centred on the origin with largest half-extent 1, and faces (F, 3)."""
+    """Vertices (V, 3) centred on the origin with largest half-extent 1, z up, and faces (F, 3)."""
     import trimesh
 
     builders = {
         "cube": lambda: trimesh.creation.box(),
         "sphere": lambda: trimesh.creation.icosphere(subdivisions=3),
-        "cylinder": lambda: trimesh.creation.cylinder(radius=0.8, height=1.6, sections=40),
         "cone": lambda: trimesh.creation.cone(radius=1.0, height=1.8, sections=40),
         "torus": lambda: trimesh.creation.torus(major_radius=1.0, minor_radius=0.38, major_sections=40, minor_sections=20),
-        "capsule": lambda: trimesh.creation.capsule(height=1.2, radius=0.5, count=[20, 20]),
+        "pillar": lambda: trimesh.creation.cylinder(radius=0.28, height=2.0, sections=32),
+        "slab": lambda: trimesh.creation.box(extents=(2.0, 1.2, 0.35)),
     }
     if shape not in builders:
         raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(builders)}")
     mesh = builders[shape]()
     if shape == "torus":
-        # Stand the ring up towards the camera; lying flat it reads as a thin line at 20 degrees.
+        # Stand the ring up towards the camera; lying flat it reads as a thin line from a low camera.
         mesh.apply_transform(trimesh.transformations.rotation_matrix(np.deg2rad(70.0), [1.0, 0.0, 0.0]))
     vertices = np.asarray(mesh.vertices, dtype=np.float64)
     low, high = vertices.min(axis=0), vertices.max(axis=0)
@@ -101,16 +130,27 @@ def base_mesh(shape: str) -> tuple[np.ndarray, np.ndarray]:
     return vertices, np.asarray(mesh.faces, dtype=np.int64)
 
 
-def render_scene(scene: Scene, image_size: int) -> np.ndarray:
-    """RGB image (S, S, 3) uint8 of a scene on a black background."""
-    from gap3d.data.render import render_mesh
-
+def object_mesh(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
+    """The scene's object in TRELLIS's frame: turned by its yaw about z (up), scaled so its longest side is 1 and
+    centred in the unit cube [-0.5, 0.5]^3. -> vertices (V, 3), faces (F, 3)."""
     vertices, faces = base_mesh(scene.shape)
     yaw = np.deg2rad(scene.yaw_deg)
     rotation = np.array([[np.cos(yaw), -np.sin(yaw), 0.0], [np.sin(yaw), np.cos(yaw), 0.0], [0.0, 0.0, 1.0]])
-    centre = np.array([POSITIONS[scene.position], 0.0, 0.0]) + np.asarray(scene.offset)
-    placed = vertices @ rotation.T * SIZES[scene.size] + centre
-    return render_mesh(placed, faces, COLORS[scene.color], image_size)
+    turned = vertices @ rotation.T
+    low, high = turned.min(axis=0), turned.max(axis=0)
+    return (turned - (low + high) / 2) / (high - low).max(), faces
+
+
+def render_scene(scene: Scene, image_size: int) -> np.ndarray:
+    """RGB image (S, S, 3) uint8 of the scene's object, cropped to fill the frame on black."""
+    from gap3d.data.render import Camera, crop_to_object, render_mesh
+
+    vertices, faces = object_mesh(scene)
+    azimuth = np.deg2rad(scene.light_azimuth_deg)
+    light = np.array([np.sin(azimuth), -np.cos(azimuth), 1.2])
+    camera = Camera(elevation_deg=scene.elevation_deg, distance=3.0, fov_deg=30.0)
+    full = render_mesh(vertices, faces, COLORS[scene.color], SUPERSAMPLE * image_size, camera, light / np.linalg.norm(light))
+    return crop_to_object(full, image_size, CROP_MARGIN)
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -206,7 +246,7 @@ def write_synth(out_uri: str, num: int, seed: int = 0, shard_size: int = 1000, i
     start = time.perf_counter()
     for index in range(num):
         scene = sample_scene(seed, index)
-        attributes = {k: v for k, v in asdict(scene).items() if k in ("shape", "color", "size", "position", "caption")}
+        attributes = {**scene.attributes, "caption": scene.caption}
         writers[scene.split].add(
             f"{index:08d}",
             {
@@ -233,8 +273,6 @@ def write_synth(out_uri: str, num: int, seed: int = 0, shard_size: int = 1000, i
         "held_out": sorted([shape, color] for shape, color in HELD_OUT),
         "shapes": list(SHAPES),
         "colors": list(COLORS),
-        "sizes": list(SIZES),
-        "positions": list(POSITIONS),
     }
     _write_json(out_uri, "synth.json", summary)
     logger.info("wrote %s train and %s eval samples to %s in %.1fs", counts["train"], counts["eval"], out_uri, time.perf_counter() - start)

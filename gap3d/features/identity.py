@@ -20,7 +20,7 @@ def encoder_identity(config: Gap3DConfig) -> dict:
         "soft_token_mode": soft_token_mode(config),
     }
     if not config.vlm.trainable:
-        identity.update(num_soft_tokens=config.vlm.num_soft_tokens, soft_token_init_seed=config.vlm.init_seed)
+        identity.update(num_soft_tokens=config.vlm.num_soft_tokens, soft_token_init_seed=config.vlm.init_seed, soft_token_init_scale=config.vlm.init_scale)
     return identity
 
 

@@ -88,10 +88,10 @@ def count_rows(uri: str) -> int:
     return pyarrow.dataset.dataset(paths, filesystem=filesystem, format="parquet").count_rows()
 
 
-def load_rows(uri: str, config: Gap3DConfig, limit: int | None = None) -> tuple[FeatureBatch, list[str]]:
-    """Read up to `limit` feature rows into memory (for evaluation) -> (FeatureBatch, captions)."""
+def load_rows(uri: str, config: Gap3DConfig, limit: int | None = None) -> tuple[FeatureBatch, list[str], list[str]]:
+    """Read up to `limit` feature rows into memory (for evaluation) -> (FeatureBatch, captions, keys)."""
     manifest = check_features(uri, config)
-    columns = ["caption", "dino", "input_ids", "next_position", manifest.mode]
+    columns = ["key", "caption", "dino", "input_ids", "next_position", manifest.mode]
     tables, remaining = [], limit
     for path in feature_files(uri):
         fs, inner = storage.filesystem(path)
@@ -103,7 +103,7 @@ def load_rows(uri: str, config: Gap3DConfig, limit: int | None = None) -> tuple[
             break
     table = pa.concat_tables(tables)
     rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in columns}
-    return batch_from_rows(rows, manifest), [str(caption) for caption in rows["caption"]]
+    return batch_from_rows(rows, manifest), [str(caption) for caption in rows["caption"]], [str(key) for key in rows["key"]]
 
 
 def write_feature_shard(output_uri: str, name: str, schema: pa.Schema, batches: Iterable[tuple[pa.Table, dict]], stats: dict) -> dict:

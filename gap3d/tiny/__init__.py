@@ -18,7 +18,7 @@ from gap3d.tiny.encoders import write_tiny_dino, write_tiny_vlm
 logger = logging.getLogger(__name__)
 
 # Bump when a builder changes what it writes, so caches built by older code are not reused.
-TINY_VERSION = 2
+TINY_VERSION = 3
 BUILDERS = {"vlm": write_tiny_vlm, "dino": write_tiny_dino}
 _COMPLETE = ".complete"
 

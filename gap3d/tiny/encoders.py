@@ -19,12 +19,12 @@ CHAT_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Every word of the synthetic world's captions, so each comes out as one or two tokens.
 _TOKENIZER_CORPUS = (
     "Please generate image based on the following caption:",
-    "a small red cone on the left",
-    "a large blue cube in the center",
-    "a medium green sphere on the right",
-    "a yellow cylinder, a purple torus, an orange pyramid, a white capsule, a cyan ring",
+    "a red cube, one orange sphere, the yellow pillar, a green cone, a blue torus, a purple slab, a white cube",
+    "a cube in red, a sphere in orange, a pillar in yellow, a cone in green, a torus in blue, a slab in purple",
+    "the cube is white on black, the sphere is blue, the torus is red, the slab is green, the cone is yellow",
     "user assistant system You are a helpful assistant.",
 )
 

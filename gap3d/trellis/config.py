@@ -128,6 +128,15 @@ OFFICIAL_SPARSE_STRUCTURE_DECODER_ARGS = {
     "channels": [512, 128, 32],
     "use_fp16": True,
 }
+# ckpts/ss_enc_conv3d_16l8_fp16.json: the VAE encoder the release's stage-1 flow latents came from.
+OFFICIAL_SPARSE_STRUCTURE_ENCODER_ARGS = {
+    "in_channels": 1,
+    "latent_channels": 8,
+    "num_res_blocks": 2,
+    "num_res_blocks_middle": 2,
+    "channels": [32, 128, 512],
+    "use_fp16": True,
+}
 # The release's stage-2 architectures (ckpts/slat_flow_img_dit_L_64l8p2_fp16.json, slat_dec_mesh_swin8_B_64l8m256c_fp16.json).
 OFFICIAL_SLAT_FLOW_ARGS = {
     **OFFICIAL_SPARSE_STRUCTURE_FLOW_ARGS,

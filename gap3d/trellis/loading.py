@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 MODEL_MODULES = {
     "SparseStructureFlowModel": "gap3d.trellis.sparse_structure_flow",
     "SparseStructureDecoder": "gap3d.trellis.sparse_structure_decoder",
+    "SparseStructureEncoder": "gap3d.trellis.sparse_structure_encoder",
     "SLatFlowModel": "gap3d.trellis.structured_latent_flow",
     "SLatMeshDecoder": "gap3d.trellis.structured_latent_decoder",
 }
