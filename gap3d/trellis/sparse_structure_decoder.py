@@ -81,6 +81,14 @@ class ResBlock3d(nn.Module):
         return h + self.skip_connection(x)
 
 
+def zero_residual_branches(model: nn.Module) -> None:
+    """TRELLIS init for its conv3d VAE: PyTorch defaults, with each residual block's second conv zeroed."""
+    for module in model.modules():
+        if isinstance(module, ResBlock3d):
+            nn.init.zeros_(module.conv2.weight)
+            nn.init.zeros_(module.conv2.bias)
+
+
 class UpsampleBlock3d(nn.Module):
     """Conv to 8x the output width, then 3-D pixel shuffle: doubles each spatial side."""
 
@@ -112,11 +120,7 @@ class SparseStructureDecoder(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """TRELLIS init: PyTorch defaults, with each residual block's second conv zeroed."""
-        for module in self.modules():
-            if isinstance(module, ResBlock3d):
-                nn.init.zeros_(module.conv2.weight)
-                nn.init.zeros_(module.conv2.bias)
+        zero_residual_branches(self)
 
     def set_torso_dtype(self, dtype: torch.dtype) -> None:
         """Run the middle and upsampling blocks' convs in `dtype`; norms and I/O convs stay float32."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gap3d.trellis.sparse_structure_decoder import ResBlock3d, norm_layer
+from gap3d.trellis.sparse_structure_decoder import ResBlock3d, norm_layer, zero_residual_branches
 
 
 @dataclass
@@ -65,11 +65,7 @@ class SparseStructureEncoder(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """TRELLIS init: PyTorch defaults, with each residual block's second conv zeroed."""
-        for module in self.modules():
-            if isinstance(module, ResBlock3d):
-                nn.init.zeros_(module.conv2.weight)
-                nn.init.zeros_(module.conv2.bias)
+        zero_residual_branches(self)
 
     def forward(
         self, x: torch.Tensor, sample_posterior: bool = False, return_raw: bool = False, generator: torch.Generator | None = None
