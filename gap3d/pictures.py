@@ -70,6 +70,24 @@ def alignment_figure(rows: list[dict], basis: PcaBasis, grid: int, num_special: 
     return Path(path)
 
 
+def assets_figure(rows: list[dict], path: str | Path) -> Path:
+    """One row per prompt: the ground-truth render of an unseen object it describes, and a render of the GLB
+    the service returned for it. rows: {"prompt", "truth" and "asset" (H, W, 3) uint8}."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(len(rows), 2, figsize=(5, 2.5 * len(rows)), squeeze=False)
+    for row, axis in zip(rows, axes):
+        for ax, panel, title in zip(axis, (row["truth"], row["asset"]), ("ground truth (unseen object)", "GLB over HTTP")):
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(title, fontsize=8)
+        axis[0].set_ylabel(row["prompt"], fontsize=8, rotation=0, ha="right", va="center")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return Path(path)
+
+
 def learning_curve_figure(history: list[dict], chance: dict[str, float], path: str | Path) -> Path:
     """Held-out metrics against step from the periodic evaluations: history [{"step", metric: value, ...}]."""
     plt = _pyplot()

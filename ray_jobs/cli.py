@@ -6,13 +6,14 @@ Each command is also its own script (`python ray_jobs/<command>.py`, `ray job su
 
 import sys
 
-from ray_jobs import demo, evaluate, make_tiny, preprocess, smoke, synth, train
+from ray_jobs import demo, evaluate, make_tiny, preprocess, smoke, synth, train, train_decoder
 
 COMMANDS = {
     "demo": demo,
     "synth": synth,
     "preprocess": preprocess,
     "train": train,
+    "train-decoder": train_decoder,
     "evaluate": evaluate,
     "smoke": smoke,
     "make-tiny": make_tiny,
@@ -21,7 +22,7 @@ COMMANDS = {
 
 def usage() -> str:
     """One line per command: its name and the first line of its module's docstring."""
-    lines = [f"  {name:<11} {module.__doc__.strip().splitlines()[0]}" for name, module in COMMANDS.items()]
+    lines = [f"  {name:<14} {module.__doc__.strip().splitlines()[0]}" for name, module in COMMANDS.items()]
     return "usage: python -m ray_jobs COMMAND [args]\n\ncommands:\n" + "\n".join(lines) + "\n"
 
 

@@ -1,9 +1,10 @@
 """The embedded default: the whole GAP3D mission on one machine with the tiny preset.
 
 synthetic world -> Ray Data preprocessing -> Ray Train + DeepSpeed (2 workers, held-out evals along the way)
--> evaluation on held-out shape x colour pairs against an untrained aligner and the prompt-blind mean ->
-pictures (alignment.png, learning_curve.png) -> `serve run serve/config.yaml` -> one HTTP generation per
-example prompt -> GLB files. Run as `python -m ray_jobs demo [--workdir DIR]`. Artifacts land where
+-> evaluation on held-out shape x colour pairs against an untrained aligner and the prompt-blind mean, and of
+the 3D structures the tiny TRELLIS (tiny://trellis, stage 1 trained on the same world, built once per machine)
+decodes from true and from generated tokens -> pictures (alignment.png, learning_curve.png) -> `serve run
+serve/config.yaml` -> one HTTP generation per example prompt -> GLB files -> assets.png. Run as `python -m ray_jobs demo [--workdir DIR]`. Artifacts land where
 serve/config.yaml expects them by default (~/.cache/gap3d/demo), so `serve run serve/config.yaml` works afterwards.
 """
 
@@ -21,11 +22,12 @@ import ray
 import yaml
 
 from gap3d import storage
-from gap3d.data.synth import ATTRIBUTES, render_scene, sample_scene, write_synth
+from gap3d.checkpoints import resolve
+from gap3d.data.synth import ATTRIBUTES, render_in_scene, render_scene, sample_scene, write_synth
 from gap3d.export import find_export_dir
 from gap3d.features.store import load_rows
-from gap3d.pictures import alignment_figure, fit_pca, learning_curve_figure
-from gap3d.tiny.trellis import write_tiny_trellis
+from gap3d.pictures import alignment_figure, assets_figure, fit_pca, learning_curve_figure
+from gap3d.trellis.mesh_export import load_mesh
 from ray_jobs.config import (
     add_config_arguments,
     configure_logging,
@@ -100,17 +102,20 @@ def run_demo(args: argparse.Namespace) -> dict:
             checkpoint = result.checkpoint.path
             shutil.rmtree(workdir / "export", ignore_errors=True)
             shutil.copytree(find_export_dir(checkpoint), workdir / "export")
+        with stage("tiny TRELLIS stage 1 (trained once per machine, then cached)", timings):
+            shutil.rmtree(workdir / "trellis", ignore_errors=True)
+            shutil.copytree(resolve("tiny://trellis"), workdir / "trellis")
         with stage("evaluation on held-out attribute pairs", timings):
-            evaluation = run_evaluation(str(workdir / "export"), str(features / "eval-*.parquet"), train_features=str(features / "train-*.parquet"))
+            evaluation = run_evaluation(str(workdir / "export"), str(features / "eval-*.parquet"), train_features=str(features / "train-*.parquet"),
+                                        trellis=str(workdir / "trellis"), shards=str(raw / "eval-*.tar"))
             metrics = evaluation.report
             for name in ("trained", "untrained", "mean_target"):
                 logger.info("%s %s", name, json.dumps({k: round(v, 3) for k, v in metrics[name].items()}))
+            logger.info("3D structure %s", json.dumps(metrics["structure"]))
             log_table(metrics["table"], evaluation.eval_set.captions, evaluation.eval_set.keys, args.seed)
         with stage("pictures", timings):
             pictures = draw_pictures(config, evaluation, str(features / "train-*.parquet"), checkpoint, workdir, args.seed)
         with stage("serving (Ray Serve) and HTTP generation", timings):
-            if not (workdir / "trellis" / "pipeline.json").is_file():
-                write_tiny_trellis(workdir / "trellis", cond_dim=config.aligner.token_dim)
             base = start_service(workdir, args.port)
             assets = []
             for index, prompt in enumerate(EXAMPLE_PROMPTS):
@@ -122,6 +127,7 @@ def run_demo(args: argparse.Namespace) -> dict:
                 assets.append({"prompt": prompt, "path": str(path), "bytes": len(response.content),
                                "timings_ms": {k: v for k, v in response.headers.items() if k.startswith("x-timing")}})
                 logger.info("wrote %s (%d bytes)", path, len(response.content))
+            pictures["assets"] = str(draw_assets(config, assets, evaluation.eval_set.keys, args.seed, workdir / "assets.png"))
     finally:
         from ray import serve
 
@@ -133,6 +139,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         "preprocess": {k: preprocess[k] for k in ("rows_in", "rows_written", "skipped") if k in preprocess},
         "checkpoint": checkpoint,
         "alignment": {name: metrics[name] for name in ("trained", "untrained", "mean_target")},
+        "structure": metrics["structure"],
         "chance": chance_levels(metrics["samples"]),
         "pictures": pictures,
         "assets": assets,
@@ -182,6 +189,19 @@ def draw_pictures(config, evaluation: Evaluation, train_features: str, checkpoin
     curve = learning_curve_figure(history, chance_levels(len(eval_set.captions)), workdir / "learning_curve.png")
     logger.info("wrote %s and %s", alignment, curve)
     return {"alignment": str(alignment), "learning_curve": str(curve), "history": history}
+
+
+def draw_assets(config, assets: list[dict], keys: list[str], seed: int, path: Path) -> Path:
+    """assets.png: per example prompt, the render of the first held-out object it describes beside a render of
+    the GLB that came back over HTTP, seen from that object's camera (grey: stage 1 carries no colour)."""
+    scenes = [sample_scene(seed, int(key)) for key in keys]
+    rows = []
+    for asset in assets:
+        scene = next(s for s in scenes if f"{s.color} {s.shape}" in asset["prompt"])
+        mesh = load_mesh(Path(asset["path"]).read_bytes())
+        image = render_in_scene(mesh.vertices, mesh.faces, scene, 2 * config.dino.image_size, (0.7, 0.7, 0.7))
+        rows.append({"prompt": asset["prompt"], "truth": render_scene(scene, 2 * config.dino.image_size), "asset": image})
+    return assets_figure(rows, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -10,7 +10,10 @@ whose cosine is high wherever targets share much (backgrounds), whose prompt-spe
 recall@k is chance. With --train-features and captions that name their attributes (the synthetic world),
 attribute accuracy of a linear probe fit on the true training targets is reported too, and `table` lists each
 held-out caption with the caption retrieved by its generated tokens and the attributes the probe reads from them.
-Sampling runs on the driver (it is small next to training); pass --device cuda where a GPU is available.
+With --trellis (a TRELLIS release) and --shards (the held-out raw shards, which carry each object's occupancy grid,
+as the synthetic world's do), `structure` reports stage-1 occupancy IoU against the ground truth and shape accuracy
+by nearest ground-truth grid, decoded from the rows' true DINOv2 tokens and from the tokens generated from their
+captions. Sampling runs on the driver (it is small next to training); pass --device cuda where a GPU is available.
 """
 
 import argparse
@@ -20,17 +23,22 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from gap3d.build import build_aligner
+from gap3d.data.occupancy import downsample, read_occupancy
 from gap3d.evaluation import EvalSet, evaluate_alignment, evaluation_condition, generate_tokens, load_eval_set
 from gap3d.export import apply_soft_tokens, load_export
 from gap3d.features.identity import soft_token_mode
 from gap3d.metrics import alignment_metrics, nearest_targets
 from gap3d.prompt_encoder import PromptEncoder
+from gap3d.trellis.structure_metrics import structure_metrics
 from ray_jobs.config import configure_logging
 
 logger = logging.getLogger("gap3d.evaluate")
+
+DECODE_CHUNK = 64  # structures sampled at a time
 
 
 @dataclass
@@ -42,13 +50,21 @@ class Evaluation:
     generated: torch.Tensor  # (B, N, D) tokens the trained aligner generated from the held-out rows' conditions
 
 
-def evaluate(checkpoint: str, features: str, limit: int | None = None, device: str = "cpu", seed: int = 0, train_features: str | None = None) -> dict:
-    """{"trained", "untrained", "mean_target": metrics, "table", "samples", "step", ...} on up to `limit` rows of `features`."""
-    return run_evaluation(checkpoint, features, limit, device, seed, train_features).report
+def evaluate(
+    checkpoint: str, features: str, limit: int | None = None, device: str = "cpu", seed: int = 0, train_features: str | None = None,
+    trellis: str | None = None, shards: str | None = None,
+) -> dict:
+    """{"trained", "untrained", "mean_target": metrics, "table", "samples", "step", ["structure"]} on up to `limit` rows of `features`."""
+    return run_evaluation(checkpoint, features, limit, device, seed, train_features, trellis, shards).report
 
 
-def run_evaluation(checkpoint: str, features: str, limit: int | None = None, device: str = "cpu", seed: int = 0, train_features: str | None = None) -> Evaluation:
+def run_evaluation(
+    checkpoint: str, features: str, limit: int | None = None, device: str = "cpu", seed: int = 0, train_features: str | None = None,
+    trellis: str | None = None, shards: str | None = None,
+) -> Evaluation:
     """`evaluate`, keeping the held-out rows and the generated tokens (for pictures)."""
+    if (trellis is None) != (shards is None):
+        raise ValueError("structure evaluation needs both --trellis (a TRELLIS release) and --shards (raw shards with occupancy)")
     start = time.perf_counter()
     device = torch.device(device)
     export = load_export(checkpoint, device)
@@ -76,8 +92,37 @@ def run_evaluation(checkpoint: str, features: str, limit: int | None = None, dev
         "mean_target": alignment_metrics(mean_target, batch.dino, eval_set.probe, eval_set.labels),
         "table": held_out_table(eval_set, generated),
     }
+    if trellis is not None:
+        report["structure"] = structure_report(trellis, shards, eval_set, generated, str(device))
     report["seconds"] = round(time.perf_counter() - start, 3)
     return Evaluation(report, eval_set, generated)
+
+
+def structure_report(trellis: str, shards: str, eval_set: EvalSet, generated: torch.Tensor, device: str = "cpu") -> dict:
+    """{"from_true_tokens", "from_captions": {"iou", "shape_accuracy", "voxels"}, "rows", "resolution"} of stage-1
+    structures decoded from the held-out rows' true and generated tokens, against the occupancy in `shards`."""
+    from gap3d.trellis.decoder import Decoder
+
+    start = time.perf_counter()
+    decoder = Decoder.from_pretrained(trellis, device=device, stages="coarse")
+    resolution = decoder.structure_resolution
+    grids = read_occupancy(shards, set(eval_set.keys))
+    missing = [key for key in eval_set.keys if key not in grids]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} held-out rows have no <key>.occupancy.npy in {shards} (e.g. key {missing[0]!r}); pass the raw shards they came from")
+    target = torch.from_numpy(np.stack([downsample(grids[key], resolution) for key in eval_set.keys]))
+    shapes = eval_set.labels["shape"] if eval_set.labels and "shape" in eval_set.labels else None
+    report = {"rows": len(eval_set.keys), "resolution": resolution}
+    for name, tokens in (("from_true_tokens", eval_set.batch.dino), ("from_captions", generated)):
+        chunks = [tokens[i : i + DECODE_CHUNK] for i in range(0, len(tokens), DECODE_CHUNK)]
+        decoded = torch.cat([
+            decoder.sample_sparse_structure(chunk, seed=list(range(i * DECODE_CHUNK, i * DECODE_CHUNK + len(chunk)))).occupancy.cpu()
+            for i, chunk in enumerate(chunks)
+        ])  # (B, R, R, R) bool
+        metrics = structure_metrics(decoded, target, shapes or ["?"] * len(target), target, shapes or ["?"] * len(target))
+        report[name] = metrics if shapes else {k: v for k, v in metrics.items() if k != "shape_accuracy"}
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    return report
 
 
 def held_out_table(eval_set: EvalSet, generated: torch.Tensor) -> list[dict]:
@@ -95,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="training checkpoint or export directory (local or s3://)")
     parser.add_argument("--features", required=True, help="held-out feature directory (local or s3://)")
     parser.add_argument("--train-features", default=None, help="training features: fit the attribute probe on their targets")
+    parser.add_argument("--trellis", default=None, help="TRELLIS release: also score stage-1 structures (needs --shards)")
+    parser.add_argument("--shards", default=None, help="raw held-out shards with <key>.occupancy.npy (the synthetic world's)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate at most this many rows")
     parser.add_argument("--device", default="cpu", help="torch device for sampling")
     parser.add_argument("--seed", type=int, default=0, help="sampling noise seed (shared by both aligners)")
@@ -104,7 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging()
-    sys.stdout.write(json.dumps(evaluate(args.checkpoint, args.features, args.limit, args.device, args.seed, args.train_features)) + "\n")
+    sys.stdout.write(json.dumps(evaluate(args.checkpoint, args.features, args.limit, args.device, args.seed, args.train_features, args.trellis, args.shards)) + "\n")
     return 0
 
 

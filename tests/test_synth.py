@@ -81,10 +81,10 @@ def test_shards_hold_shard_size_samples_with_sequential_names(synth_dir):
         assert sum(sizes) == summary["counts"][split]
 
 
-def test_every_sample_has_png_caption_and_attributes(synth_dir):
+def test_every_sample_has_png_caption_attributes_and_occupancy(synth_dir):
     for split in synth.SPLITS:
         for files in read_split(synth_dir, split).values():
-            assert set(files) == {"png", "txt", "json"}
+            assert set(files) == {"png", "txt", "json", "occupancy.npy"}
             assert files["txt"].decode() == json.loads(files["json"])["caption"]
             image = Image.open(io.BytesIO(files["png"]))
             assert image.mode == "RGB" and image.size == (IMAGE_SIZE, IMAGE_SIZE)

@@ -105,7 +105,7 @@ def list_shards(uri: str) -> list[Shard]:
     return shards
 
 
-def _split_member_name(name: str) -> tuple[str, str]:
+def split_member_name(name: str) -> tuple[str, str]:
     """WebDataset convention: the key is the path up to the first dot of the file name."""
     directory, base = posixpath.split(name)
     stem, _, extension = base.partition(".")
@@ -159,7 +159,7 @@ def iter_tar_records(fileobj: BinaryIO) -> Iterator[RawRecord]:
             for member in tar:
                 if not member.isfile():
                     continue
-                member_key, extension = _split_member_name(member.name)
+                member_key, extension = split_member_name(member.name)
                 if member_key != key:
                     if key is not None:
                         yield _record_from_members(key, members)

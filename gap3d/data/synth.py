@@ -7,10 +7,11 @@ elevation, the light) varies within a class, so a prompt-blind guess cannot scor
 size: a 3D asset has neither. Some shape x colour pairs are held out of `train-*.tar` entirely and written to
 `eval-*.tar`, so generalisation to unseen combinations can be measured.
 
-`python -m ray_jobs synth --out URI --num N` writes WebDataset tar shards (`<key>.png`, `<key>.txt`, and
-`<key>.json` with the caption and its attributes). Output bytes depend only on the arguments: sample i is
-drawn from its own generator seeded by (seed, i). `object_mesh` gives each sample's mesh in TRELLIS's unit cube
-(the frame its 3D ground truth lives in).
+`python -m ray_jobs synth --out URI --num N` writes WebDataset tar shards (`<key>.png`, `<key>.txt`,
+`<key>.json` with the caption and its attributes, and `<key>.occupancy.npy`: the voxels of TRELLIS's 64^3
+grid that the object's surface crosses, see gap3d.data.occupancy). Output bytes depend only on the arguments:
+sample i is drawn from its own generator seeded by (seed, i). `object_mesh` gives each sample's mesh in
+TRELLIS's unit cube, the frame of its occupancy, so image, caption and 3D shape of a sample agree.
 """
 
 import functools
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gap3d import storage
+from gap3d.data.occupancy import encode_occupancy, surface_voxels
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ HELD_OUT = frozenset(
      ("cube", "blue"), ("sphere", "white"), ("torus", "red"), ("cone", "yellow"), ("pillar", "green"), ("slab", "purple")}
 )
 SPLITS = ("train", "eval")
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: each sample carries its occupancy grid
 CROP_MARGIN = 1.2  # TRELLIS crops its conditioning images to 1.2x the object's bounding box
 SUPERSAMPLE = 2  # render at twice the output size, then crop and downsample (anti-aliased edges)
 
@@ -141,15 +143,24 @@ def object_mesh(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     return (turned - (low + high) / 2) / (high - low).max(), faces
 
 
+def scene_occupancy(scene: Scene, resolution: int = 64) -> np.ndarray:
+    """bool (R, R, R): the voxels of TRELLIS's grid that the scene's object surface crosses."""
+    return surface_voxels(*object_mesh(scene), resolution)
+
+
 def render_scene(scene: Scene, image_size: int) -> np.ndarray:
     """RGB image (S, S, 3) uint8 of the scene's object, cropped to fill the frame on black."""
+    return render_in_scene(*object_mesh(scene), scene, image_size, COLORS[scene.color])
+
+
+def render_in_scene(vertices: np.ndarray, faces: np.ndarray, scene: Scene, image_size: int, color: tuple[float, float, float]) -> np.ndarray:
+    """RGB image (S, S, 3) uint8 of any mesh in TRELLIS's frame under the scene's camera and light, cropped like its render."""
     from gap3d.data.render import Camera, crop_to_object, render_mesh
 
-    vertices, faces = object_mesh(scene)
     azimuth = np.deg2rad(scene.light_azimuth_deg)
     light = np.array([np.sin(azimuth), -np.cos(azimuth), 1.2])
     camera = Camera(elevation_deg=scene.elevation_deg, distance=3.0, fov_deg=30.0)
-    full = render_mesh(vertices, faces, COLORS[scene.color], SUPERSAMPLE * image_size, camera, light / np.linalg.norm(light))
+    full = render_mesh(vertices, faces, color, SUPERSAMPLE * image_size, camera, light / np.linalg.norm(light))
     return crop_to_object(full, image_size, CROP_MARGIN)
 
 
@@ -253,6 +264,7 @@ def write_synth(out_uri: str, num: int, seed: int = 0, shard_size: int = 1000, i
                 "png": encode_png(render_scene(scene, image_size)),
                 "txt": scene.caption.encode(),
                 "json": json.dumps(attributes, sort_keys=True).encode(),
+                "occupancy.npy": encode_occupancy(scene_occupancy(scene)),
             },
         )
         counts[scene.split] += 1

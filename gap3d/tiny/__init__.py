@@ -2,9 +2,10 @@
 
 `tiny://vlm` (a Qwen2.5-VL) and `tiny://dino` (a DINOv2 with registers) are what the tiny preset names; they
 are loaded through exactly the code that loads real checkpoints (`from_pretrained` on a directory), so nothing
-reaches a model hub. Each is built once per machine under <cache>/tiny/ on first use (gap3d.checkpoints.resolve
-is the one caller); processes that ask at the same time wait for the first. `gap3d.tiny.trellis` writes tiny
-TRELLIS checkpoints in the release layout.
+reaches a model hub. `tiny://trellis` is a TRELLIS release whose stage 1 is trained on the synthetic world
+(gap3d.tiny.trained_trellis; minutes on 2 cores). Each is built once per machine under <cache>/tiny/ on first
+use (gap3d.checkpoints.resolve is the one caller); processes that ask at the same time wait for the first.
+`gap3d.tiny.trellis` writes tiny random TRELLIS checkpoints in the release layout, for tests.
 """
 
 import logging
@@ -14,12 +15,15 @@ from pathlib import Path
 
 from gap3d import storage
 from gap3d.tiny.encoders import write_tiny_dino, write_tiny_vlm
+from gap3d.tiny.trained_trellis import write_trained_tiny_trellis
 
 logger = logging.getLogger(__name__)
 
-# Bump when a builder changes what it writes, so caches built by older code are not reused.
+# Bump when a builder changes what it writes, so caches built by older code are not reused. tiny://trellis is
+# trained on tiny://dino's tokens, so it is rebuilt whenever that one is.
 TINY_VERSION = 3
-BUILDERS = {"vlm": write_tiny_vlm, "dino": write_tiny_dino}
+TRELLIS_RECIPE_VERSION = 1  # bump with gap3d.tiny.trained_trellis or Stage1Config's defaults
+BUILDERS = {"vlm": write_tiny_vlm, "dino": write_tiny_dino, "trellis": write_trained_tiny_trellis}
 _COMPLETE = ".complete"
 
 
@@ -27,7 +31,8 @@ def tiny_checkpoint(name: str) -> Path:
     """The directory of tiny checkpoint `name` ("vlm" or "dino"), built on first use."""
     if name not in BUILDERS:
         raise ValueError(f"unknown tiny checkpoint tiny://{name}; there are {', '.join(f'tiny://{n}' for n in BUILDERS)}")
-    target = storage.cache_root() / "tiny" / f"{name}-v{TINY_VERSION}"
+    version = f"{TINY_VERSION}.{TRELLIS_RECIPE_VERSION}" if name == "trellis" else TINY_VERSION
+    target = storage.cache_root() / "tiny" / f"{name}-v{version}"
     with storage.cache_lock(target):
         if not (target / _COMPLETE).is_file():
             logger.info("building tiny checkpoint tiny://%s in %s", name, target)
