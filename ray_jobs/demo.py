@@ -4,8 +4,9 @@ synthetic world -> Ray Data preprocessing -> Ray Train + DeepSpeed (2 workers, h
 -> evaluation on held-out shape x colour pairs against an untrained aligner and the prompt-blind mean, and of
 the 3D structures the tiny TRELLIS (tiny://trellis, stage 1 trained on the same world, built once per machine)
 decodes from true and from generated tokens -> pictures (alignment.png, learning_curve.png) -> `serve run
-serve/config.yaml` -> one HTTP generation per example prompt -> GLB files -> assets.png. Run as `python -m ray_jobs demo [--workdir DIR]`. Artifacts land where
-serve/config.yaml expects them by default (~/.cache/gap3d/demo), so `serve run serve/config.yaml` works afterwards.
+serve/config.yaml` -> one HTTP generation per example prompt -> GLB files -> assets.png. Run as
+`python -m ray_jobs demo [--workdir DIR]`. Artifacts land where serve/config.yaml expects them by default
+(~/.cache/gap3d/demo), so `serve run serve/config.yaml` works afterwards.
 """
 
 import argparse

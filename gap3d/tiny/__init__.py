@@ -28,7 +28,7 @@ _COMPLETE = ".complete"
 
 
 def tiny_checkpoint(name: str) -> Path:
-    """The directory of tiny checkpoint `name` ("vlm" or "dino"), built on first use."""
+    """The directory of tiny checkpoint `name` ("vlm", "dino" or "trellis"), built on first use."""
     if name not in BUILDERS:
         raise ValueError(f"unknown tiny checkpoint tiny://{name}; there are {', '.join(f'tiny://{n}' for n in BUILDERS)}")
     version = f"{TINY_VERSION}.{TRELLIS_RECIPE_VERSION}" if name == "trellis" else TINY_VERSION
