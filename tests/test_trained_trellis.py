@@ -58,7 +58,8 @@ def test_the_trained_decoder_is_a_release_directory_with_its_training_record(rel
     assert (root / "pipeline.json").is_file() and trained.cond_dim == load_config("tiny").aligner.token_dim
     record = json.loads((root / TRAINING_RECORD).read_text())
     assert record["held_out"]["rows"] > 0 and record["held_out"]["from_true_tokens"]["iou"] > 0.25
-    assert record["loss_curve"][-1]["loss"] < record["loss_curve"][0]["loss"]
+    flow_losses = [entry["flow"] for entry in record["loss_curve"] if "flow" in entry]  # the VAE's come first, on another scale
+    assert len(flow_losses) >= 2 and flow_losses[-1] < 0.5 * flow_losses[0]
 
 
 def test_structures_from_true_tokens_beat_a_random_weight_decoder_by_a_wide_margin(trained, unseen_objects, tmp_path):

@@ -19,11 +19,9 @@ from gap3d.tiny.trained_trellis import write_trained_tiny_trellis
 
 logger = logging.getLogger(__name__)
 
-# Bump when a builder changes what it writes, so caches built by older code are not reused. tiny://trellis is
-# trained on tiny://dino's tokens, so it is rebuilt whenever that one is.
-TINY_VERSION = 3
-TRELLIS_RECIPE_VERSION = 1  # bump with gap3d.tiny.trained_trellis or Stage1Config's defaults
-BUILDERS = {"vlm": write_tiny_vlm, "dino": write_tiny_dino, "trellis": write_trained_tiny_trellis}
+# Bump a builder's version when it changes what it writes, so caches built by older code are not reused.
+# tiny://trellis is trained on tiny://dino's tokens: bump it with dino, and with Stage1Config's defaults.
+BUILDERS = {"vlm": (write_tiny_vlm, "3"), "dino": (write_tiny_dino, "3"), "trellis": (write_trained_tiny_trellis, "3.1")}
 _COMPLETE = ".complete"
 
 
@@ -31,14 +29,14 @@ def tiny_checkpoint(name: str) -> Path:
     """The directory of tiny checkpoint `name` ("vlm", "dino" or "trellis"), built on first use."""
     if name not in BUILDERS:
         raise ValueError(f"unknown tiny checkpoint tiny://{name}; there are {', '.join(f'tiny://{n}' for n in BUILDERS)}")
-    version = f"{TINY_VERSION}.{TRELLIS_RECIPE_VERSION}" if name == "trellis" else TINY_VERSION
+    builder, version = BUILDERS[name]
     target = storage.cache_root() / "tiny" / f"{name}-v{version}"
     with storage.cache_lock(target):
         if not (target / _COMPLETE).is_file():
             logger.info("building tiny checkpoint tiny://%s in %s", name, target)
             staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{target.name}.partial-"))
             try:
-                BUILDERS[name](staging)
+                builder(staging)
                 (staging / _COMPLETE).touch()
                 shutil.rmtree(target, ignore_errors=True)
                 staging.rename(target)

@@ -7,13 +7,10 @@ The writer is data-driven: a dict of pipeline model name -> ModelSpec (see `tiny
 outputs look like objects: a few smooth blobs in stage 1, a surface hugging the voxels in stage 2.
 """
 
-import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from gap3d.trellis.config import (
@@ -28,7 +25,7 @@ from gap3d.trellis.config import (
     PipelineConfig,
     SamplerConfig,
 )
-from gap3d.trellis.loading import build_model
+from gap3d.trellis.loading import ModelSpec, build_model, write_trellis_checkpoint
 from gap3d.trellis.mesh_extraction import NUM_WEIGHTS
 from gap3d.trellis.sampler import FlowEulerSampler
 from gap3d.trellis.sparse_structure_decoder import UpsampleBlock3d
@@ -80,13 +77,6 @@ TINY_SDF_BIAS = -0.2
 TINY_SDF_SCALE = 0.1
 TINY_COLOR_BIAS = 0.5
 TINY_COLOR_SCALE = 0.3
-
-
-@dataclass
-class ModelSpec:
-    stem: str  # checkpoint stem under the root, e.g. "ckpts/ss_flow_tiny"
-    class_name: str  # TRELLIS class name, a key of loading.MODEL_MODULES
-    args: dict = field(default_factory=dict)  # constructor args, the JSON "args"
 
 
 def tiny_model_specs(cond_dim: int = 64) -> dict[str, ModelSpec]:
@@ -177,19 +167,6 @@ def calibrate_occupancy(flow: nn.Module, decoder: nn.Module, sampler: SamplerCon
         logits = decoder(FlowEulerSampler(sampler).sample(flow, noise, cond)).flatten(1)  # (4, R^3)
         thresholds = torch.quantile(logits, 1.0 - TINY_OCCUPANCY, dim=1)
         decoder.out_layer[-1].bias -= thresholds.median()
-
-
-def write_trellis_checkpoint(out_dir: str | Path, specs: dict[str, ModelSpec], models: dict[str, nn.Module], pipeline: PipelineConfig) -> Path:
-    """Write pipeline.json and, per model, <stem>.json + <stem>.safetensors under `out_dir`."""
-    root = Path(out_dir)
-    for name, spec in specs.items():
-        stem_path = root / spec.stem
-        stem_path.parent.mkdir(parents=True, exist_ok=True)
-        stem_path.with_suffix(".json").write_text(json.dumps({"name": spec.class_name, "args": spec.args}, indent=2))
-        state = {key: tensor.detach().contiguous().cpu() for key, tensor in models[name].state_dict().items()}
-        save_file(state, str(stem_path.with_suffix(".safetensors")))
-    (root / "pipeline.json").write_text(json.dumps(pipeline.to_json(), indent=2))
-    return root
 
 
 def write_tiny_trellis(

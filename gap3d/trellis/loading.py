@@ -1,4 +1,4 @@
-"""Build TRELLIS modules from ckpts/<stem>.json and load ckpts/<stem>.safetensors strictly.
+"""Build TRELLIS modules from ckpts/<stem>.json and load ckpts/<stem>.safetensors strictly; write that layout.
 
 A model class is registered here by its TRELLIS class name. It must expose `config_class`, a dataclass
 whose fields are the JSON `args`, and take an instance of it as its only constructor argument.
@@ -7,10 +7,11 @@ whose fields are the JSON `args`, and take an instance of it as its only constru
 import importlib
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gap3d.checkpoints import resolve
@@ -104,3 +105,23 @@ def load_pipeline(
     if all(name in pipeline.models for name in optional):
         names = (*names, *optional)
     return pipeline, {name: load_model(root, pipeline.models[name], device) for name in names}
+
+
+@dataclass
+class ModelSpec:
+    stem: str  # checkpoint stem under the root, e.g. "ckpts/ss_flow_tiny"
+    class_name: str  # TRELLIS class name, a key of loading.MODEL_MODULES
+    args: dict = field(default_factory=dict)  # constructor args, the JSON "args"
+
+
+def write_trellis_checkpoint(out_dir: str | Path, specs: dict[str, ModelSpec], models: dict[str, nn.Module], pipeline: PipelineConfig) -> Path:
+    """Write pipeline.json and, per model, <stem>.json + <stem>.safetensors under `out_dir`."""
+    root = Path(out_dir)
+    for name, spec in specs.items():
+        stem_path = root / spec.stem
+        stem_path.parent.mkdir(parents=True, exist_ok=True)
+        stem_path.with_suffix(".json").write_text(json.dumps({"name": spec.class_name, "args": spec.args}, indent=2))
+        state = {key: tensor.detach().contiguous().cpu() for key, tensor in models[name].state_dict().items()}
+        save_file(state, str(stem_path.with_suffix(".safetensors")))
+    (root / "pipeline.json").write_text(json.dumps(pipeline.to_json(), indent=2))
+    return root

@@ -1,9 +1,10 @@
 """TRELLIS's flow Euler sampler with classifier-free guidance inside a time interval.
 
 Time convention (TRELLIS = ours): t=1 is noise, t=0 is data, x_t = (1 - t) x0 + t noise (TRELLIS adds
-a sigma_min floor that only affects its x0 estimate). The network is fed t * 1000: that conversion is
-`model_time`, the one place it happens. The sampler needs only `x - c * v` and `a * v1 - b * v2` on the
-state, so it also drives stage 2, whose state is a sparse tensor.
+a sigma_min floor that only affects its x0 estimate). The network is fed
+t * MODEL_TIME_SCALE (1000): `model_time` here, and gap3d.trellis.objectives for training, which must agree.
+The sampler needs only `x - c * v` and `a * v1 - b * v2` on the state, so it also drives stage 2, whose state
+is a sparse tensor.
 """
 
 import logging

@@ -23,7 +23,7 @@ from gap3d.trellis.config import (
     PipelineConfig,
     SamplerConfig,
 )
-from gap3d.trellis.loading import build_model
+from gap3d.trellis.loading import ModelSpec, build_model, write_trellis_checkpoint
 from gap3d.trellis.objectives import flow_loss, vae_loss
 
 logger = logging.getLogger(__name__)
@@ -208,8 +208,6 @@ class Stage1Trainer:
 
     def write_release(self, out_dir: str | Path) -> Path:
         """A TRELLIS release directory (pipeline.json + ckpts/) with the trained stage 1."""
-        from gap3d.tiny.trellis import ModelSpec, write_trellis_checkpoint
-
         stems = {SPARSE_STRUCTURE_ENCODER: "ckpts/ss_enc_conv3d_trained", SPARSE_STRUCTURE_DECODER: "ckpts/ss_dec_conv3d_trained", SPARSE_STRUCTURE_FLOW: "ckpts/ss_flow_img_dit_trained"}
         specs = {name: ModelSpec(stems[name], spec["name"], spec["args"]) for name, spec in self.specs.items()}
         models = {SPARSE_STRUCTURE_ENCODER: self.encoder, SPARSE_STRUCTURE_DECODER: self.decoder, SPARSE_STRUCTURE_FLOW: self.flow_for_release()}
