@@ -1,13 +1,14 @@
 """Preprocessing throughput: the Ray Data pipeline against a plain single-process loop, plus bytes per sample.
 
-    python benchmarks/preprocess.py [--num 192] [--shard-size 16] [--repeats 3] [--preset tiny] [key.sub=value ...]
+    python benchmarks/preprocess.py [--num 384] [--shard-size 64] [--repeats 3] [--preset tiny] [key.sub=value ...]
 
-Both sides decode and encode the same synthetic shards with the same gap3d.data.encode code; the Ray side runs
-streaming mode (no writes) and the full preprocessing job (writes Parquet to a local directory). Ray's times
-include starting the encoder actors, as a job's would, and are set against a plain loop that loads its encoders
-each run; Ray's steady state (after the first batch) against a plain loop whose encoders are loaded. Prints one
-JSON line per figure (medians over repeats), then the storage arithmetic: bytes per sample measured on the tiny
-files and computed for the paper shapes.
+Both sides decode and encode the same input with the same gap3d.data.encode code: img2dataset-layout shards
+(gap3d.data.img2dataset) of 640x480 photo-like JPEGs, which every sample decodes and resizes as a real crawl's
+would. The Ray side runs streaming mode (no writes) and the full preprocessing job (writes Parquet to a local
+directory). Ray's end-to-end times include starting the encoder actors, as a job's would, and are set against a
+plain loop that loads its encoders each run; Ray's steady state (after the first batch) against a plain loop
+whose encoders are loaded. Prints one JSON line per figure (medians over repeats), then the storage arithmetic:
+bytes per sample measured on the tiny files and computed for the paper shapes.
 """
 
 import argparse
@@ -19,12 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
-from gap3d.data.encode import FeatureEncoder, decode_shard
+from gap3d.data.encode import FeatureEncoder, decode_chunks
+from gap3d.data.img2dataset import Download, photo_like_jpeg, write_img2dataset_shard
 from gap3d.data.shards import list_shards
-from gap3d.data.synth import write_synth
 from ray_jobs.config import add_config_arguments, job_config_from_args
 from ray_jobs.pipeline import ENCODE_SECTION, stream_features
 from ray_jobs.preprocess import run_preprocess
@@ -36,6 +38,23 @@ PAPER_SOFT_LATENTS = (64, 2048)
 FP16_BYTES = 2
 
 
+IMAGE_POOL = 32  # distinct JPEGs, reused under distinct keys so that writing the input stays quick
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+SHAPES = ("cube", "sphere", "cone", "cylinder", "torus")
+
+
+def write_input(raw: str, num: int, shard_size: int) -> None:
+    """img2dataset-layout shards of `num` photo-like JPEGs with short shape captions."""
+    rng = np.random.default_rng(0)
+    pool = [photo_like_jpeg(rng) for _ in range(IMAGE_POOL)]
+    for shard, start in enumerate(range(0, num, shard_size)):
+        downloads = [
+            Download(f"a {COLOURS[i % len(COLOURS)]} {SHAPES[i % len(SHAPES)]} on a table {i}", pool[i % IMAGE_POOL], 640, 480)
+            for i in range(start, min(start + shard_size, num))
+        ]
+        write_img2dataset_shard(raw, shard, downloads)
+
+
 def emit(**figure) -> None:
     print(json.dumps(figure), flush=True)
 
@@ -45,8 +64,8 @@ def plain_loop(config, encode, raw: str, encoder: FeatureEncoder | None = None) 
     encoder = encoder or FeatureEncoder(config)
     rows = 0
     for shard in list_shards(raw):
-        decoded = decode_shard(shard, config.dino.image_size, config.data.min_image_side)
-        rows += sum(table.num_rows for table, _ in encoder.encode_shard(decoded, encode.encode_batch_size))
+        for chunk in decode_chunks(shard, config.dino.image_size, config.data.min_image_side, encode.chunk_size):
+            rows += sum(table.num_rows for table, _ in encoder.encode_chunk(chunk, encode.encode_batch_size))
     return rows
 
 
@@ -113,8 +132,8 @@ def storage_figures(config, encode, raw: str, scratch: Path, prompt_tokens: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num", type=int, default=192, help="synthetic samples")
-    parser.add_argument("--shard-size", type=int, default=16, help="samples per raw shard")
+    parser.add_argument("--num", type=int, default=384, help="input samples")
+    parser.add_argument("--shard-size", type=int, default=64, help="samples per input shard")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (medians reported)")
     parser.add_argument("--pools", type=lambda text: [int(v) for v in text.split(",")], default=[1, 2], help="encoder actor counts to stream with")
     parser.add_argument("--prompt-tokens", type=int, default=60, help="prompt length for the paper cache arithmetic")
@@ -126,7 +145,7 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="gap3d-bench-preprocess-"))
     try:
         raw = str(scratch / "raw")
-        write_synth(raw, args.num, seed=0, shard_size=args.shard_size, image_size=config.dino.image_size)
+        write_input(raw, args.num, args.shard_size)
         common = {"preset": config.preset, "samples": args.num, "shard_size": args.shard_size}
         plain, rows = timed_rows_per_s(lambda: plain_loop(config, encode, raw), args.repeats)
         emit(figure="plain_loop_rows_per_s", value=round(plain, 2), rows=rows, torch_threads=torch.get_num_threads(), **common)

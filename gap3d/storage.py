@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 _COMPLETE_MARKER = ".gap3d_complete"
 GLOB_CHARS = "*?["
 PARTIAL_SUFFIX = ".partial"  # temporary files of `publish_file`, beside their target on local disks
+STAGING_DIR = "gap3d-staging"  # under the system temp directory: per-process dirs for files bound for object storage
 
 
 def is_remote(uri: str) -> bool:
@@ -33,6 +34,12 @@ def is_remote(uri: str) -> bool:
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for `uri` and the path inside it."""
     return fsspec.core.url_to_fs(str(uri))
+
+
+def same_filesystem(first: str, second: str) -> bool:
+    """Whether two URIs live on the same storage (both local, or the same remote scheme)."""
+    first_protocol, second_protocol = (fsspec.core.split_protocol(str(uri))[0] for uri in (first, second))
+    return is_remote(first) == is_remote(second) and (not is_remote(first) or first_protocol == second_protocol)
 
 
 def join(uri: str, *parts: str) -> str:
@@ -109,20 +116,47 @@ def upload_dir(local: str | Path, uri: str) -> None:
     fs.put(str(local).rstrip("/") + "/", root.rstrip("/"), recursive=True)
 
 
+def _staging_root() -> str:
+    return os.path.join(tempfile.gettempdir(), STAGING_DIR)
+
+
 def temp_file_for(uri: str) -> str:
     """A new local temporary file to build `uri` in before `publish_file`.
 
     Beside the target on a local filesystem (so publishing is an atomic rename; the leading dot hides it
-    from listings), in the system temp directory for object storage.
+    from listings); for object storage, in this process's own staging directory, which
+    `remove_stale_staging` deletes once the process is gone.
     """
-    directory = None
-    if not is_remote(uri):
+    if is_remote(uri):
+        directory = os.path.join(_staging_root(), str(os.getpid()))
+    else:
         directory = posixpath.dirname(filesystem(uri)[1])
-        os.makedirs(directory, exist_ok=True)
+    os.makedirs(directory, exist_ok=True)
     handle, path = tempfile.mkstemp(prefix=f".{posixpath.basename(str(uri))}.", suffix=PARTIAL_SUFFIX, dir=directory)
     os.close(handle)
     os.chmod(path, 0o644)  # mkstemp's 0600 would survive the rename
     return path
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_staging() -> int:
+    """Delete this machine's staging directories of processes that are gone (killed writers); returns how many."""
+    root = _staging_root()
+    stale = [name for name in (os.listdir(root) if os.path.isdir(root) else []) if name.isdigit() and not _process_exists(int(name))]
+    for name in stale:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    if stale:
+        logger.info("removed the staging files of %d killed writers from %s", len(stale), root)
+    return len(stale)
 
 
 def publish_file(local_path: str, uri: str) -> None:
@@ -138,17 +172,33 @@ def publish_file(local_path: str, uri: str) -> None:
             os.remove(local_path)
 
 
+def _abort_uploads(fs: fsspec.AbstractFileSystem, root: str) -> int:
+    """Abort the unfinished multipart uploads under an S3 prefix (a writer killed mid-upload leaves one, billed but invisible)."""
+    if not hasattr(fs, "call_s3"):
+        return 0
+    bucket, _, prefix = root.partition("/")
+    aborted, markers = 0, {}
+    while True:
+        page = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix.rstrip("/") + "/", **markers)
+        for upload in page.get("Uploads", []):
+            fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            aborted += 1
+        if not page.get("IsTruncated"):
+            return aborted
+        markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+
 def remove_partial_files(directory_uri: str) -> int:
-    """Delete the temporary files killed writers left in a local directory; returns how many."""
-    if is_remote(directory_uri):
-        return 0  # temporary files of remote targets live on the writers' own disks
+    """Delete what killed writers left under a directory: `.partial` files, and unfinished uploads on S3; returns how many."""
     fs, root = filesystem(directory_uri)
-    stale = fs.glob(join(root, f".*{PARTIAL_SUFFIX}")) if fs.isdir(root) else []
+    fs.invalidate_cache(root)
+    stale = fs.glob(join(root, f"**/.*{PARTIAL_SUFFIX}")) if fs.isdir(root) else []
     for path in stale:
         fs.rm_file(path)
-    if stale:
-        logger.info("removed %d temporary files left by an interrupted run in %s", len(stale), directory_uri)
-    return len(stale)
+    count = len(stale) + (_abort_uploads(fs, root) if is_remote(directory_uri) else 0)
+    if count:
+        logger.info("removed %d temporary files and uploads left by an interrupted run in %s", count, directory_uri)
+    return count
 
 
 def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:

@@ -22,7 +22,7 @@ from gap3d.data.encode import FeatureEncoder
 from gap3d.data.synth import render_scene, sample_scene
 from gap3d.features.format import feature_schema
 from gap3d.features.identity import encoder_identity, soft_token_mode
-from gap3d.features.store import write_feature_shard, write_manifest
+from gap3d.features.store import chunk_file_name, write_feature_file, write_manifest, write_shard_record
 from ray_jobs.train import TRAIN_SECTIONS
 
 # Smaller than the tiny preset so multi-process training runs in seconds on 2 cores: an 8x8 grid (69 tokens).
@@ -43,7 +43,7 @@ def small_config(*overrides: str) -> Gap3DConfig:
 
 
 def write_feature_dir(config: Gap3DConfig, scenes: list, out: Path, rows_per_shard: int = 128) -> Path:
-    """Encode scenes with the production FeatureEncoder into `<out>/part-NNNNN.parquet` + manifest.json."""
+    """Encode scenes with the production FeatureEncoder into one-chunk shards `<out>/part-NNNNN.00000.parquet` + manifest.json."""
     encoder = FeatureEncoder(config)
     schema = feature_schema(soft_token_mode(config))
     manifest = encoder.manifest
@@ -51,9 +51,13 @@ def write_feature_dir(config: Gap3DConfig, scenes: list, out: Path, rows_per_sha
         part = scenes[start : start + rows_per_shard]
         images = np.stack([render_scene(scene, config.dino.image_size) for scene in part])
         table = encoder.encode([f"{start + i:08d}" for i in range(len(part))], [scene.caption for scene in part], images)
-        name = f"part-{index:05d}.parquet"
-        stats = write_feature_shard(str(out), name, schema, [(table, {})], {"input": "synthetic", "rows_in": len(part), "encoders": manifest.encoders})
-        manifest.shards[name] = {k: v for k, v in stats.items() if k != "encoders"}
+        stem = f"part-{index:05d}"
+        name = chunk_file_name(stem, 0)
+        stats = write_feature_file(str(out), name, schema, [(table, {})], {"input": "synthetic", "rows_in": len(part), "encoders": manifest.encoders})
+        record = {"input": "synthetic", "files": {name: stats["bytes"]}, "rows": stats["rows"], "rows_in": stats["rows_in"], "skipped": stats["skipped"]}
+        write_shard_record(str(out), stem, {**record, "encoders": manifest.encoders})
+        manifest.shards[stem] = record
+    manifest.count_totals()
     write_manifest(str(out), manifest)
     return out
 

@@ -21,12 +21,13 @@ from PIL import Image
 from gap3d import storage
 from gap3d.build import build_encoders
 from gap3d.config import load_config
-from gap3d.data.shards import Sample, decode_record, iter_shard_records, list_shards, resize_and_center_crop
+from gap3d.data.images import resize_and_center_crop
+from gap3d.data.shards import Sample, decode_record, iter_shard_records, list_shards
 from gap3d.data.synth import write_synth
 from gap3d.features.format import batch_from_rows
 from gap3d.features.identity import check_compatible, expected_manifest
 from gap3d.features.store import read_manifest
-from ray_jobs.pipeline import ENCODE_PRESETS, output_names, stream_features
+from ray_jobs.pipeline import ENCODE_PRESETS, output_stems, stream_features
 from ray_jobs.preprocess import run_preprocess
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +132,7 @@ def test_summary_and_manifest_count_every_row_per_shard(s3_features, tiny_config
     summary, manifest = s3_features["summary"], read_manifest(s3_features["features"])
     assert summary["rows_in"] == summary["rows_written"] == NUM_SAMPLES
     assert summary["skipped"] == {}
-    assert set(manifest.shards) == {Path(s.shard_id).stem + ".parquet" for s in list_shards(s3_features["raw"])}
+    assert set(manifest.shards) == {s.stem for s in list_shards(s3_features["raw"])}
     assert sum(entry["rows"] for entry in manifest.shards.values()) == NUM_SAMPLES
     assert manifest.dino_shape == [69, 64] and manifest.cache_shape == [2, 2, 2, 16]
     check_compatible(manifest, tiny_config)
@@ -205,7 +206,7 @@ def test_bad_records_of_every_kind_are_skipped_and_counted_while_good_rows_survi
     }
     assert (summary["rows_in"], summary["rows_written"]) == (9, 2)
     assert feature_table(str(tmp_path / "features")).column("key").to_pylist() == ["good0", "good1"]
-    assert read_manifest(str(tmp_path / "features")).shards["bad.parquet"]["skipped"] == summary["skipped"]
+    assert read_manifest(str(tmp_path / "features")).shards["bad"]["skipped"] == summary["skipped"]
 
 
 def test_parquet_input_with_a_bad_row_is_encoded(ray_cluster, tiny_config, tmp_path):
@@ -220,11 +221,11 @@ def test_parquet_input_with_a_bad_row_is_encoded(ray_cluster, tiny_config, tmp_p
     assert rows["key"] == ["p0", "p2"] and rows["caption"] == ["a red cone", "a green torus"]
 
 
-def test_two_inputs_that_would_write_the_same_feature_file_are_refused(tmp_path):
-    for name in ("a.tar", "a.parquet"):
+def test_two_inputs_that_would_write_the_same_feature_files_are_refused(tmp_path):
+    for name in ("a.tar", "a.tgz"):
         (tmp_path / name).write_bytes(b"")
-    with pytest.raises(ValueError, match="would both write a.parquet"):
-        output_names(list_shards(str(tmp_path)))
+    with pytest.raises(ValueError, match=r"would both write a\.\*\.parquet"):
+        output_stems(list_shards(str(tmp_path)))
 
 
 def test_resumed_run_after_missing_and_partial_outputs_gives_exactly_the_full_output(ray_cluster, tiny_config, local_raw, tmp_path):
@@ -284,7 +285,7 @@ def test_job_killed_mid_run_then_resumed_gives_every_row_once(ray_cluster, tiny_
     job = subprocess.Popen(command, cwd=REPO_ROOT, env=job_env(ray_cluster), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        while not list(features.glob("*.parquet")) and job.poll() is None and time.monotonic() < deadline:
+        while not list(features.glob("shards/*.json")) and job.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
         job.send_signal(signal.SIGKILL)

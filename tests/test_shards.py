@@ -6,24 +6,22 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from gap3d import storage
+from gap3d.data.img2dataset import Download, sample_key, write_img2dataset_shard
 from gap3d.data.shards import (
     SKIP_REASONS,
     Sample,
     Skipped,
-    composite_on_black,
     decode_record,
     iter_parquet_records,
     iter_shard_records,
     iter_tar_records,
     list_shards,
-    resize_and_center_crop,
 )
 
 
@@ -66,6 +64,8 @@ def test_skip_reasons_are_the_documented_set():
         "image_too_small",
         "missing_image",
         "corrupt_member",
+        "duplicate_key",
+        "unreadable_shard",
     }
 
 
@@ -93,6 +93,72 @@ def test_txt_caption_wins_over_json_caption():
     data = tar_bytes([("k.png", GOOD_PNG), ("k.json", b'{"caption": "json"}'), ("k.txt", b"txt")])
     (record,) = iter_tar_records(io.BytesIO(data))
     assert record.caption == "txt"
+
+
+def test_blank_txt_caption_gives_way_to_the_json_caption():
+    data = tar_bytes([("k.png", GOOD_PNG), ("k.txt", b"  \n"), ("k.json", b'{"caption": "from json"}')])
+    (record,) = iter_tar_records(io.BytesIO(data))
+    assert record.caption == "from json"
+
+
+def test_members_of_a_sample_are_grouped_by_key_when_not_adjacent():
+    data = tar_bytes([("a.png", GOOD_PNG), ("b.png", GOOD_PNG), ("b.txt", b"bee"), ("a.txt", b"ay")])
+    assert [(r.key, r.caption) for r in iter_tar_records(io.BytesIO(data))] == [("b", "bee"), ("a", "ay")]
+
+
+def test_a_second_image_under_an_emitted_key_is_a_duplicate():
+    data = tar_bytes([("a.png", GOOD_PNG), ("a.txt", b"first"), ("b.png", GOOD_PNG), ("b.txt", b"bee"), ("a.png", GOOD_PNG), ("a.txt", b"again")])
+    records = list(iter_tar_records(io.BytesIO(data)))
+    assert [(r.key, r.caption, r.skip_reason) for r in records] == [("a", "first", None), ("b", "bee", None), ("a", None, "duplicate_key")]
+
+
+def test_gzipped_tar_shards_are_listed_and_read(tmp_path):
+    import gzip
+
+    payload = tar_bytes([("k.png", GOOD_PNG), ("k.txt", b"zipped")])
+    for name in ("a.tar.gz", "b.tgz"):
+        (tmp_path / name).write_bytes(gzip.compress(payload))
+    shards = list_shards(str(tmp_path))
+    assert [(s.shard_id, s.stem, s.format) for s in shards] == [("a.tar.gz", "a", "webdataset"), ("b.tgz", "b", "webdataset")]
+    assert [decode_record(r).caption for s in shards for r in iter_shard_records(s)] == ["zipped", "zipped"]
+
+
+def img2dataset_dir(root: Path) -> Path:
+    write_img2dataset_shard(str(root), 0, [Download("a red cube", GOOD_PNG), Download("lost", None)])
+    write_img2dataset_shard(str(root), 1, [Download("a blue cone", GOOD_PNG)])
+    return root
+
+
+def test_img2dataset_metadata_parquet_is_the_tars_sidecar_not_a_shard(tmp_path):
+    img2dataset_dir(tmp_path)
+    for uri in (str(tmp_path), str(tmp_path / "*.tar")):
+        shards = list_shards(uri)
+        assert [(s.shard_id, s.metadata_uri) for s in shards] == [
+            ("00000.tar", str(tmp_path / "00000.parquet")), ("00001.tar", str(tmp_path / "00001.parquet")),
+        ]
+
+
+def test_metadata_caption_fills_in_a_sample_without_one(tmp_path):
+    write_img2dataset_shard(str(tmp_path), 0, [Download("from metadata", GOOD_PNG)])
+    key = sample_key(0, 0)
+    (tmp_path / "00000.tar").write_bytes(tar_bytes([(f"{key}.png", GOOD_PNG)]))  # the tar lost its .txt and .json
+    (shard,) = list_shards(str(tmp_path))
+    assert [(r.key, r.caption) for r in iter_shard_records(shard)] == [(key, "from metadata")]
+
+
+def test_listing_leaves_out_the_output_directory(tmp_path):
+    img2dataset_dir(tmp_path)
+    (tmp_path / "features").mkdir()
+    pq.write_table(parquet_table([(GOOD_PNG, "x")], with_key=True), tmp_path / "features" / "00000.00000.parquet")
+    assert [s.shard_id for s in list_shards(str(tmp_path), exclude=str(tmp_path / "features"))] == ["00000.tar", "00001.tar"]
+
+
+def test_listed_shards_carry_the_identity_that_changes_with_their_content(tmp_path):
+    img2dataset_dir(tmp_path)
+    before = list_shards(str(tmp_path))[1]
+    write_img2dataset_shard(str(tmp_path), 1, [Download("a blue cone", GOOD_PNG), Download("a green ring", GOOD_PNG)])
+    after = list_shards(str(tmp_path))[1]
+    assert before.identity() != after.identity() and after.identity()["size"] == (tmp_path / "00001.tar").stat().st_size
 
 
 def test_every_bad_record_kind_is_skipped_with_its_reason_and_good_records_survive():
@@ -195,6 +261,22 @@ def test_truncated_parquet_gives_one_corrupt_member(tmp_path):
     assert reasons(decode_all(iter_parquet_records(str(path)))) == Counter(corrupt_member=1)
 
 
+def test_parquet_base64_images_are_decoded(tmp_path):
+    import base64
+
+    path = tmp_path / "part.parquet"
+    text = base64.b64encode(GOOD_PNG).decode()
+    pq.write_table(pa.table({"image": [text, f"data:image/png;base64,{text}", "not base64 !"], "caption": ["a", "b", "c"]}), path)
+    results = decode_all(iter_parquet_records(str(path)))
+    assert [getattr(r, "reason", "ok") for r in results] == ["ok", "ok", "undecodable_image"]
+
+
+def test_parquet_rows_with_a_repeated_key_are_duplicates(tmp_path):
+    path = tmp_path / "part.parquet"
+    pq.write_table(pa.table({"key": ["a", "b", "a"], "image": [GOOD_PNG] * 3, "caption": ["x", "y", "z"]}), path)
+    assert [(r.key, r.skip_reason) for r in iter_parquet_records(str(path))] == [("a", None), ("b", None), ("a", "duplicate_key")]
+
+
 def test_parquet_without_caption_column_raises_naming_the_columns(tmp_path):
     path = tmp_path / "part.parquet"
     pq.write_table(pa.table({"image": [GOOD_PNG], "text": ["x"]}), path)
@@ -249,46 +331,3 @@ def test_shards_on_s3_are_listed_and_read(s3_bucket, tmp_path):
     assert shards[0].uri == f"{s3_bucket}/raw/a.parquet"
     captions = [decode_record(r).caption for s in shards for r in iter_shard_records(s)]
     assert captions == ["parquet caption", "tar caption", "tar caption"]
-
-
-def test_rgba_is_premultiplied_onto_black():
-    rgba = np.array([[[200, 100, 50, 128], [10, 20, 30, 0], [90, 60, 30, 255]]], dtype=np.uint8)
-    rgb = np.asarray(composite_on_black(Image.fromarray(rgba, mode="RGBA")))
-    # round(c * a / 255): 200*128/255 = 100.4, 100*128/255 = 50.2, 50*128/255 = 25.1
-    np.testing.assert_array_equal(rgb, [[[100, 50, 25], [0, 0, 0], [90, 60, 30]]])
-
-
-def test_decoded_rgba_image_is_composited():
-    result = decode_record_of(encoded_image(color=(255, 255, 255, 0), mode="RGBA"))
-    assert result.image.mode == "RGB" and result.image.getextrema() == ((0, 0), (0, 0), (0, 0))
-
-
-def decode_record_of(image: bytes) -> Sample:
-    (record,) = iter_tar_records(io.BytesIO(tar_bytes([("x.png", image), ("x.txt", b"c")])))
-    return decode_record(record)
-
-
-def random_image(width: int, height: int) -> Image.Image:
-    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels, mode="RGB")
-
-
-def test_landscape_resize_and_crop_match_pil_by_hand():
-    image = random_image(300, 200)
-    # short side 200 -> 518, long side int(518 * 300 / 200) = 777; crop left round(259 / 2) = 130
-    expected = image.resize((777, 518), Image.Resampling.BICUBIC).crop((130, 0, 648, 518))
-    np.testing.assert_array_equal(resize_and_center_crop(image, 518), np.asarray(expected))
-
-
-def test_portrait_resize_and_crop_match_pil_by_hand():
-    image = random_image(90, 131)
-    # short side 90 -> 64, long side int(64 * 131 / 90) = 93; crop top round(29 / 2) = 14
-    expected = image.resize((64, 93), Image.Resampling.BICUBIC).crop((0, 14, 64, 78))
-    out = resize_and_center_crop(image, 64)
-    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
-    np.testing.assert_array_equal(out, np.asarray(expected))
-
-
-def test_image_already_at_the_target_size_is_unchanged():
-    image = random_image(518, 518)
-    np.testing.assert_array_equal(resize_and_center_crop(image), np.asarray(image))

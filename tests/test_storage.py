@@ -2,12 +2,17 @@
 
 import logging
 import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import s3fs
 
-from gap3d.storage import is_remote, local_dir, upload_dir
+from gap3d.storage import STAGING_DIR, is_remote, local_dir, remove_partial_files, remove_stale_staging, temp_file_for, upload_dir
 
 
 def test_remote_schemes_are_recognised():
@@ -90,3 +95,33 @@ def test_processes_sharing_the_cache_download_a_remote_directory_once(s3_bucket,
         downloads = pool.starmap(_fetch_and_count_downloads, [(f"{s3_bucket}/ckpt", start)] * 4)
     assert sum(downloads) == 1, downloads
     assert sorted(p.name for p in (tmp_path / "cache").iterdir() if ".partial-" in p.name) == []
+
+
+def test_files_bound_for_object_storage_are_staged_in_this_processes_own_directory(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    path = temp_file_for("s3://bucket/features/a.00000.parquet")
+    assert Path(path).parent == tmp_path / STAGING_DIR / str(os.getpid())
+
+
+def test_staging_of_writers_that_are_gone_is_removed_and_of_live_ones_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead, alive = tmp_path / STAGING_DIR / finished.stdout.strip(), tmp_path / STAGING_DIR / str(os.getpid())
+    for directory in (dead, alive):
+        directory.mkdir(parents=True)
+        (directory / ".a.00000.parquet.x.partial").write_bytes(b"left by a killed writer")
+    assert remove_stale_staging() == 1
+    assert not dead.exists() and alive.exists()
+
+
+def test_unfinished_uploads_and_partial_objects_under_an_s3_directory_are_removed(s3_bucket):
+    bucket = s3_bucket.removeprefix("s3://")
+    fs = s3fs.S3FileSystem()
+    client_args = {"Bucket": bucket}
+    fs.call_s3("create_multipart_upload", Key="features/a.00000.parquet", **client_args)
+    fs.call_s3("create_multipart_upload", Key="elsewhere/b.parquet", **client_args)
+    fs.pipe(f"{bucket}/features/.a.00001.parquet.x.partial", b"left by an old writer")
+    assert remove_partial_files(f"{s3_bucket}/features") == 2
+    remaining = [upload["Key"] for upload in fs.call_s3("list_multipart_uploads", **client_args).get("Uploads", [])]
+    assert remaining == ["elsewhere/b.parquet"]
+    assert not fs.exists(f"{bucket}/features/.a.00001.parquet.x.partial")

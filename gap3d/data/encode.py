@@ -1,12 +1,15 @@
-"""Model-side preprocessing: decode a raw shard, and encode its samples into feature-shard rows.
+"""Model-side preprocessing: decode a raw shard in chunks, and encode each chunk into feature-shard rows.
 
 No Ray here: ray_jobs/pipeline.py runs these pieces in Ray Data tasks and actors, and the benchmark's
-plain loop calls them directly, so both compute exactly the same thing.
+plain loop calls them directly, so both compute exactly the same thing. Memory follows the chunk, never
+the shard: a chunk holds at most `chunk_size` records' decoded images.
 """
 
 import logging
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +17,8 @@ import torch
 
 from gap3d.build import build_encoders
 from gap3d.config import Gap3DConfig
-from gap3d.data.shards import Sample, Shard, decode_record, iter_shard_records, resize_and_center_crop
+from gap3d.data.images import resize_and_center_crop
+from gap3d.data.shards import RawRecord, Sample, Shard, UnreadableShard, decode_record, iter_shard_records
 from gap3d.features.format import empty_table, rows_to_table
 from gap3d.features.identity import expected_manifest, soft_token_mode
 
@@ -23,37 +27,69 @@ logger = logging.getLogger(__name__)
 # Skipped by the encoders rather than the decoder: the prompt needs the VLM's tokenizer to measure.
 PROMPT_TOO_LONG = "prompt_too_long"
 
+# keys -> per key, whether this shard may keep it (False: another shard already holds that key).
+ClaimKeys = Callable[[list[str]], list[bool]]
+
 
 @dataclass
-class DecodedShard:
-    """The valid samples of one input shard, resized for DINOv2, and what was skipped."""
+class DecodedChunk:
+    """Up to chunk_size consecutive records of one input shard: the valid ones resized for DINOv2, and what was skipped."""
 
+    index: int  # chunk number within the shard, from 0
+    last: bool  # whether this is the shard's final chunk
     keys: list[str]
     captions: list[str]
     images: np.ndarray  # (n, S, S, 3) uint8, S = dino.image_size
     rows_in: int  # records read, valid or not
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    error: str | None = None  # why the shard could not be read, on its only chunk
 
     def __len__(self) -> int:
         return len(self.keys)
 
 
-def decode_shard(shard: Shard, image_size: int, min_side: int) -> DecodedShard:
-    """Read one raw shard, drop bad records by reason, resize and center-crop the rest to (S, S, 3)."""
-    keys, captions, images, skipped, rows_in = [], [], [], Counter(), 0
-    for record in iter_shard_records(shard):
-        rows_in += 1
+def _record_chunks(records: Iterator[RawRecord], chunk_size: int) -> Iterator[tuple[list[RawRecord], bool]]:
+    """(records, is_last) per chunk; reads one record ahead so the last chunk is known when it is yielded."""
+    chunk = list(islice(records, chunk_size))
+    while True:
+        following = list(islice(records, chunk_size))
+        yield chunk, not following
+        if not following:
+            return
+        chunk = following
+
+
+def _decode_chunk(index: int, last: bool, records: list[RawRecord], image_size: int, min_side: int, claim: ClaimKeys | None) -> DecodedChunk:
+    samples, skipped = [], Counter()
+    for record in records:
         result = decode_record(record, min_side=min_side)
-        if not isinstance(result, Sample):
+        if isinstance(result, Sample):
+            samples.append(result)
+        else:
             skipped[result.reason] += 1
-            continue
-        keys.append(result.key)
-        captions.append(result.caption)
-        images.append(resize_and_center_crop(result.image, image_size))
-    stacked = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), dtype=np.uint8)
-    if skipped:
-        logger.info("%s: skipped %s", shard.uri, dict(skipped))
-    return DecodedShard(keys, captions, stacked, rows_in, dict(skipped))
+    if claim is not None and samples:
+        kept = claim([sample.key for sample in samples])
+        skipped["duplicate_key"] += kept.count(False)
+        samples = [sample for sample, keep in zip(samples, kept) if keep]
+    images = np.stack([resize_and_center_crop(s.image, image_size) for s in samples]) if samples else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return DecodedChunk(index, last, [s.key for s in samples], [s.caption for s in samples], images, len(records), dict(+skipped))
+
+
+def decode_chunks(shard: Shard, image_size: int, min_side: int, chunk_size: int, claim: ClaimKeys | None = None) -> Iterator[DecodedChunk]:
+    """Read one raw shard as chunks of `chunk_size` records, bad ones dropped by reason, images (S, S, 3).
+
+    An empty shard gives one empty chunk, so every shard has a last chunk. A file that is not a shard gives
+    one chunk with `error` set and one `unreadable_shard` skip. `claim` decides which valid keys this shard keeps.
+    """
+    records = iter_shard_records(shard)
+    index = 0
+    try:
+        for index, (chunk, last) in enumerate(_record_chunks(records, chunk_size)):
+            yield _decode_chunk(index, last, chunk, image_size, min_side, claim)
+    except UnreadableShard as error:
+        logger.warning("skipping %s: %s", shard.uri, error)
+        empty = np.zeros((0, image_size, image_size, 3), np.uint8)
+        yield DecodedChunk(index, True, [], [], empty, 0, {"unreadable_shard": 1}, error=str(error))
 
 
 class FeatureEncoder:
@@ -109,15 +145,15 @@ class FeatureEncoder:
             if actual != shapes:
                 raise ValueError(f"encoders produced {name} of shape {actual[0]}, manifest expects {shapes[0]}; check the checkpoints' config.json")
 
-    def encode_shard(self, decoded: DecodedShard, batch_size: int):
-        """Yield (feature table, skipped-by-reason) per batch of `batch_size` samples of a decoded shard."""
-        for start in range(0, len(decoded), batch_size):
-            stop = min(start + batch_size, len(decoded))
-            fits = self.prompts_fit(decoded.captions[start:stop])
+    def encode_chunk(self, chunk: DecodedChunk, batch_size: int) -> Iterator[tuple[pa.Table, dict[str, int]]]:
+        """Yield (feature table, skipped-by-reason) per batch of `batch_size` samples of a decoded chunk."""
+        for start in range(0, len(chunk), batch_size):
+            stop = min(start + batch_size, len(chunk))
+            fits = self.prompts_fit(chunk.captions[start:stop])
             keep = [start + i for i, ok in enumerate(fits) if ok]
             skipped = {PROMPT_TOO_LONG: len(fits) - len(keep)} if len(keep) < len(fits) else {}
             if keep:
-                table = self.encode([decoded.keys[i] for i in keep], [decoded.captions[i] for i in keep], decoded.images[keep])
+                table = self.encode([chunk.keys[i] for i in keep], [chunk.captions[i] for i in keep], chunk.images[keep])
             else:
                 table = empty_table(self.mode)
             yield table, skipped

@@ -1,12 +1,16 @@
-"""Raw image-caption shards: listing, record iteration, decoding with skip reasons, DINOv2 image prep.
+"""Raw image-caption shards: listing, record iteration, decoding with skip reasons.
 
-Formats (DESIGN.md, "Data"): WebDataset tar (`<key>.jpg|jpeg|png|webp` + `<key>.txt` or `<key>.json`
-with a "caption" field) and Parquet (`image` encoded bytes + `caption`). Bad records never raise:
-they come back as `Skipped` with one reason from `SKIP_REASONS`, so a job can count them.
+Formats (DESIGN.md, "Data"): WebDataset tar, also gzipped (`<key>.jpg|jpeg|png|webp` + `<key>.txt` or
+`<key>.json` with a "caption" field), and Parquet (`image` encoded bytes, a Hugging Face {bytes, path}
+struct or a base64 string, + `caption`). img2dataset's output reads as a directory: beside each
+`00000.tar` its `00000.parquet` holds metadata, not images, and supplies captions the tar lacks;
+`00000_stats.json` is ignored. Bad records never raise: they come back as `Skipped` with one reason
+from `SKIP_REASONS`, so a job can count them.
 """
 
+import base64
+import binascii
 import gzip
-import io
 import json
 import logging
 import posixpath
@@ -16,16 +20,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import numpy as np
 from PIL import Image
 
 from gap3d import storage
+from gap3d.data.images import decode_image
 
 logger = logging.getLogger(__name__)
 
-SKIP_REASONS = ("missing_image", "missing_caption", "empty_caption", "undecodable_image", "image_too_small", "corrupt_member")
+SKIP_REASONS = (
+    "missing_image", "missing_caption", "empty_caption", "undecodable_image", "image_too_small", "corrupt_member",
+    "duplicate_key", "unreadable_shard",
+)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-SHARD_FORMATS = {".tar": "webdataset", ".parquet": "parquet"}
+SHARD_SUFFIXES = {".tar.gz": "webdataset", ".tgz": "webdataset", ".tar": "webdataset", ".parquet": "parquet"}
 _PARQUET_BATCH_ROWS = 256
 
 
@@ -40,11 +47,23 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class Shard:
-    """One input shard file."""
+    """One input shard file, and the identity a finished encoding of it is keyed on."""
 
     uri: str  # full URI (local paths stay plain paths)
     shard_id: str  # path relative to the listed root, "/" -> "__": stable across reruns and storage schemes
     format: str  # "webdataset" or "parquet"
+    size: int | None = None  # bytes, from the listing
+    version: str | None = None  # ETag on object storage, mtime locally: changes when the file is replaced
+    metadata_uri: str | None = None  # img2dataset's metadata Parquet beside a tar, if any
+
+    @property
+    def stem(self) -> str:
+        """shard_id without its shard suffix ("a__00000.tar" -> "a__00000")."""
+        return self.shard_id[: -len(_shard_suffix(self.shard_id))]
+
+    def identity(self) -> dict:
+        """What says the input is unchanged since it was encoded."""
+        return {"size": self.size, "version": self.version}
 
 
 @dataclass(frozen=True)
@@ -54,7 +73,7 @@ class RawRecord:
     key: str
     image: bytes | None  # encoded image, None when the sample has no image
     caption: str | None  # None when the sample has no caption member or field
-    skip_reason: str | None = None  # "corrupt_member" when the shard broke while reading this sample
+    skip_reason: str | None = None  # set when the record is bad before decoding (corrupt_member, duplicate_key, ...)
 
 
 @dataclass(frozen=True)
@@ -62,7 +81,7 @@ class Sample:
     """A decoded, valid sample."""
 
     key: str
-    image: Image.Image  # RGB; alpha already composited onto black
+    image: Image.Image  # RGB; orientation applied, alpha composited onto black
     caption: str  # stripped of surrounding whitespace
 
 
@@ -74,35 +93,75 @@ class Skipped:
     reason: str  # one of SKIP_REASONS
 
 
+def _shard_suffix(name: str) -> str:
+    lower = name.lower()
+    return next((suffix for suffix in SHARD_SUFFIXES if lower.endswith(suffix)), "")
+
+
 def _shard_format(path: str) -> str | None:
     name = posixpath.basename(path)
     if name.startswith((".", "_")):  # partial uploads, _SUCCESS markers and the like
         return None
-    return SHARD_FORMATS.get(posixpath.splitext(name)[1].lower())
+    return SHARD_SUFFIXES.get(_shard_suffix(name))
 
 
-def list_shards(uri: str) -> list[Shard]:
-    """Shards under a directory URI (recursively), matching a glob URI, or the single shard file `uri`, sorted."""
-    fs, path = storage.filesystem(uri)
-    path = path.rstrip("/")
+def _listing(fs, path: str) -> tuple[str, dict[str, dict]]:
+    """(root the shard ids are relative to, {path: info}) for a directory, a glob or one file."""
     if storage.has_glob(path):
-        root, paths = storage.glob_root(path), fs.glob(path)
-    elif fs.isdir(path):
-        root, paths = path, fs.find(path)
-    elif fs.isfile(path):
-        root, paths = posixpath.dirname(path), [path]
-    else:
-        raise FileNotFoundError(f"no shards at {uri}: give a directory, a glob like .../train-*.tar, or a .tar/.parquet file")
+        return storage.glob_root(path), fs.glob(path, detail=True)
+    if fs.isdir(path):
+        return path, fs.find(path, detail=True)
+    if fs.isfile(path):
+        return posixpath.dirname(path), {path: fs.info(path)}
+    raise FileNotFoundError(f"no shards at {path}: give a directory, a glob like .../train-*.tar, or a .tar/.tar.gz/.parquet file")
+
+
+def _metadata_sidecars(fs, tars: list[str], found: dict[str, dict]) -> dict[str, str]:
+    """Tar path -> the metadata Parquet of the same stem beside it (img2dataset's layout), when there is one."""
+    directories = {posixpath.dirname(path) for path in tars}
+    known = set(found)
+    for directory in directories:  # a glob like *.tar lists no Parquet: look beside the tars once per directory
+        if not any(posixpath.dirname(path) == directory and path.endswith(".parquet") for path in known):
+            known.update(fs.ls(directory, detail=False))
+    sidecars = {}
+    for path in tars:
+        candidate = path[: -len(_shard_suffix(path))] + ".parquet"
+        if candidate in known:
+            sidecars[path] = candidate
+    return sidecars
+
+
+def _inside(path: str, directory: str | None) -> bool:
+    return directory is not None and (path == directory or path.startswith(directory.rstrip("/") + "/"))
+
+
+def list_shards(uri: str, exclude: str | None = None) -> list[Shard]:
+    """Shards under a directory URI (recursively), matching a glob URI, or the single file `uri`, sorted.
+
+    Files under `exclude` (the job's output directory) are left out. A Parquet file beside a tar of the same
+    stem is that tar's metadata, not a shard.
+    """
+    fs, path = storage.filesystem(uri)
+    root, found = _listing(fs, path.rstrip("/"))
+    excluded = storage.filesystem(exclude)[1].rstrip("/") if exclude and storage.same_filesystem(uri, exclude) else None
+    candidates = {p: info for p, info in found.items() if _shard_format(p) and info.get("type", "file") == "file" and not _inside(p, excluded)}
+    tars = [p for p in candidates if _shard_format(p) == "webdataset"]
+    sidecars = _metadata_sidecars(fs, tars, found)
     shards = []
-    for found in sorted(paths):
-        shard_format = _shard_format(found)
-        if shard_format is None:
-            continue
-        relative = posixpath.relpath(found, root) if root else found
-        shards.append(Shard(uri=storage.with_scheme(uri, found), shard_id=relative.replace("/", "__"), format=shard_format))
+    for found_path in sorted(set(candidates) - set(sidecars.values())):
+        info = candidates[found_path]
+        relative = posixpath.relpath(found_path, root) if root else found_path
+        version = info.get("ETag") or info.get("mtime") or info.get("LastModified")
+        metadata = sidecars.get(found_path)
+        shards.append(Shard(
+            uri=storage.with_scheme(uri, found_path), shard_id=relative.replace("/", "__"), format=_shard_format(found_path),
+            size=info.get("size"), version=None if version is None else str(version),
+            metadata_uri=None if metadata is None else storage.with_scheme(uri, metadata),
+        ))
     if not shards:
-        logger.warning("no .tar or .parquet shards found at %s", uri)
+        logger.warning("no .tar, .tar.gz, .tgz or .parquet shards found at %s", uri)
     return shards
+
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -112,21 +171,30 @@ def split_member_name(name: str) -> tuple[str, str]:
     return posixpath.join(directory, stem), extension.lower()
 
 
-def _caption_from_members(members: dict[str, bytes]) -> str | None:
+def _caption_from_members(members: dict[str, bytes], fallback: str | None = None) -> str | None:
+    """The first non-blank of: .txt, the .json's "caption", `fallback`; "" when only blank ones exist, None when none."""
+    candidates = []
     if "txt" in members:
-        return members["txt"].decode("utf-8", errors="replace")
+        candidates.append(members["txt"].decode("utf-8", errors="replace"))
     if "json" in members:
         try:
             caption = json.loads(members["json"]).get("caption")
         except (ValueError, AttributeError):
-            return None
-        return caption if isinstance(caption, str) else None
-    return None
+            caption = None
+        if isinstance(caption, str):
+            candidates.append(caption)
+    if fallback is not None:
+        candidates.append(fallback)
+    return next((caption for caption in candidates if caption.strip()), "" if candidates else None)
 
 
-def _record_from_members(key: str, members: dict[str, bytes]) -> RawRecord:
+def _has_image(members: dict[str, bytes]) -> bool:
+    return any(ext in members for ext in IMAGE_EXTENSIONS)
+
+
+def _record_from_members(key: str, members: dict[str, bytes], fallback: str | None = None) -> RawRecord:
     image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
-    return RawRecord(key=key, image=image, caption=_caption_from_members(members))
+    return RawRecord(key=key, image=image, caption=_caption_from_members(members, fallback))
 
 
 class _StrictTarInfo(tarfile.TarInfo):
@@ -145,14 +213,16 @@ class _StrictTarInfo(tarfile.TarInfo):
             raise tarfile.ReadError(f"broken tar header at byte {tar.offset}: {error}") from None
 
 
-def iter_tar_records(fileobj: BinaryIO) -> Iterator[RawRecord]:
-    """Records of a WebDataset tar stream, in order; a broken archive ends with one `corrupt_member` record.
+class _CorruptTar(Exception):
+    """The archive broke while the member group of `key` was being read."""
 
-    Members of a sample must be adjacent, as WebDataset writers produce them, so the sample in
-    progress when the archive breaks (truncated data, cut or garbled header) is the corrupt one; it
-    carries that sample's key, or "" when the first header is already broken. Reads sequentially
-    (streaming mode), so it works on non-seekable object-storage streams.
-    """
+    def __init__(self, key: str | None, error: Exception):
+        super().__init__(f"after key {key!r}: {error}")
+        self.key = key
+
+
+def _member_groups(fileobj: BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: payload}) per run of adjacent members sharing a key; a broken archive raises _CorruptTar."""
     key, members = None, {}
     try:
         with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_StrictTarInfo) as tar:
@@ -162,76 +232,154 @@ def iter_tar_records(fileobj: BinaryIO) -> Iterator[RawRecord]:
                 member_key, extension = split_member_name(member.name)
                 if member_key != key:
                     if key is not None:
-                        yield _record_from_members(key, members)
+                        yield key, members
                     key, members = member_key, {}
                 payload = tar.extractfile(member).read()
                 members.setdefault(extension, payload)
     # Only format errors count as corrupt: an I/O error of the storage itself must still raise.
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
-        logger.warning("corrupt tar member after key %r: %s", key, error)
-        yield RawRecord(key=key or "", image=None, caption=None, skip_reason="corrupt_member")
-        return
+        raise _CorruptTar(key, error) from error
     if key is not None:
-        yield _record_from_members(key, members)
+        yield key, members
+
+
+class _TarSamples:
+    """Groups members into samples by key, also when a sample's members are not adjacent.
+
+    A sample is emitted as soon as it has an image and a non-blank caption; incomplete ones wait (as
+    encoded bytes) for more members and are emitted at the end of the archive. A second image under an
+    emitted key is a duplicate_key record; other late members of an emitted sample are ignored.
+    """
+
+    def __init__(self, captions: dict[str, str]):
+        self.captions = captions  # key -> caption from img2dataset's metadata Parquet
+        self.pending: dict[str, dict[str, bytes]] = {}
+        self.emitted: set[str] = set()
+
+    def add(self, key: str, members: dict[str, bytes]) -> Iterator[RawRecord]:
+        if key in self.emitted or (key in self.pending and _has_image(self.pending[key]) and _has_image(members)):
+            if _has_image(members):
+                yield RawRecord(key=key, image=None, caption=None, skip_reason="duplicate_key")
+            return
+        merged = self.pending.pop(key, {})
+        for extension, payload in members.items():
+            merged.setdefault(extension, payload)
+        record = _record_from_members(key, merged, self.captions.get(key))
+        if record.image is not None and record.caption:
+            self.emitted.add(key)
+            yield record
+        else:
+            self.pending[key] = merged
+
+    def flush(self) -> Iterator[RawRecord]:
+        for key, members in self.pending.items():
+            self.emitted.add(key)
+            yield _record_from_members(key, members, self.captions.get(key))
+        self.pending = {}
+
+
+def iter_tar_records(fileobj: BinaryIO, captions: dict[str, str] | None = None, where: str = "tar") -> Iterator[RawRecord]:
+    """Records of a WebDataset tar stream (plain or gzipped); a broken archive ends with one `corrupt_member` record.
+
+    The corrupt record carries the key of the member group being read when the archive broke (truncated data,
+    cut or garbled header), or "" when the first header is already broken. Reads sequentially (streaming mode),
+    so it works on non-seekable object-storage streams. `captions` (key -> caption) fill in samples without one.
+    """
+    samples = _TarSamples(captions or {})
+    try:
+        for key, members in _member_groups(fileobj):
+            yield from samples.add(key, members)
+    except _CorruptTar as error:
+        logger.warning("%s: corrupt tar member %s", where, error)
+        yield from samples.flush()
+        yield RawRecord(key=error.key or "", image=None, caption=None, skip_reason="corrupt_member")
+        return
+    yield from samples.flush()
 
 
 def _image_bytes(value) -> bytes | None:
-    # Hugging Face `datasets` stores images as a struct {"bytes": ..., "path": ...}.
+    """Encoded image bytes of a Parquet cell: bytes, a Hugging Face {"bytes", "path"} struct, or a base64 string."""
     if isinstance(value, dict):
         value = value.get("bytes")
+    if isinstance(value, str):
+        text = value.split(",", 1)[1] if value.startswith("data:") else value  # data:image/png;base64,...
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            return text.encode("utf-8", errors="replace")  # not base64: undecodable, not missing
     return value if isinstance(value, bytes) else None
 
 
-def iter_parquet_records(source: str | BinaryIO) -> Iterator[RawRecord]:
-    """Records of a Parquet file with columns `image` (bytes) and `caption` (and optionally `key`).
+class UnreadableShard(ValueError):
+    """A listed file that is not a shard of a known kind (e.g. a Parquet without an `image` column)."""
 
-    Keys come from the `key` column when there is one, else the row number ("%08d"). A file that
-    cannot be parsed ends the iteration with one `corrupt_member` record.
+
+def iter_parquet_records(source: str | BinaryIO, where: str | None = None) -> Iterator[RawRecord]:
+    """Records of a Parquet file with columns `image` and `caption` (and optionally `key`).
+
+    Keys come from the `key` column when there is one, else the row number ("%08d"); a repeated key is a
+    duplicate_key record. A file that cannot be parsed ends the iteration with one `corrupt_member` record;
+    one without the columns raises UnreadableShard naming `where` (default: `source`).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    where = where or str(source)
     try:
         parquet = pq.ParquetFile(source)
     except pa.ArrowInvalid as error:
-        logger.warning("unreadable Parquet shard %s: %s", source, error)
+        logger.warning("unreadable Parquet shard %s: %s", where, error)
         yield RawRecord(key="", image=None, caption=None, skip_reason="corrupt_member")
         return
     names = parquet.schema_arrow.names
     missing = {"image", "caption"} - set(names)
     if missing:
-        raise ValueError(f"Parquet shard {source} lacks column(s) {sorted(missing)}; it has {names}")
+        raise UnreadableShard(f"Parquet file {where} lacks column(s) {sorted(missing)} (it has {names}), so it is not an image-caption shard")
     columns = ["image", "caption"] + (["key"] if "key" in names else [])
-    row = 0
+    row, seen = 0, set()
     try:
         for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
             data = batch.to_pydict()
             keys = data.get("key") or [f"{row + i:08d}" for i in range(batch.num_rows)]
-            for key, image, caption in zip(keys, data["image"], data["caption"]):
-                yield RawRecord(key=str(key), image=_image_bytes(image), caption=caption if isinstance(caption, str) else None)
+            for key, image, caption in zip(map(str, keys), data["image"], data["caption"]):
+                if key in seen:
+                    yield RawRecord(key=key, image=None, caption=None, skip_reason="duplicate_key")
+                    continue
+                seen.add(key)
+                yield RawRecord(key=key, image=_image_bytes(image), caption=caption if isinstance(caption, str) else None)
             row += batch.num_rows
     except pa.ArrowInvalid as error:
-        logger.warning("corrupt Parquet shard %s after row %d: %s", source, row, error)
+        logger.warning("corrupt Parquet shard %s after row %d: %s", where, row, error)
         yield RawRecord(key=f"{row:08d}", image=None, caption=None, skip_reason="corrupt_member")
 
 
+def read_metadata_captions(uri: str) -> dict[str, str]:
+    """key -> caption of an img2dataset metadata Parquet ({} when it has no such columns or cannot be read)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(uri)
+    try:
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            if not {"key", "caption"} <= set(parquet.schema_arrow.names):
+                return {}
+            table = parquet.read(columns=["key", "caption"])
+    except (OSError, pa.ArrowException) as error:
+        logger.warning("metadata %s is unreadable (%s); its captions are not used", uri, error)
+        return {}
+    return {str(k): c for k, c in zip(table.column("key").to_pylist(), table.column("caption").to_pylist()) if isinstance(c, str)}
+
+
 def iter_shard_records(shard: Shard) -> Iterator[RawRecord]:
-    """Records of one listed shard, opened through fsspec."""
+    """Records of one listed shard, opened through fsspec; raises UnreadableShard for a file that is not one."""
     fs, path = storage.filesystem(shard.uri)
     with fs.open(path, "rb") as handle:
         if shard.format == "webdataset":
-            yield from iter_tar_records(handle)
+            captions = read_metadata_captions(shard.metadata_uri) if shard.metadata_uri else {}
+            yield from iter_tar_records(handle, captions, where=shard.uri)
         else:
-            yield from iter_parquet_records(handle)
-
-
-def composite_on_black(image: Image.Image) -> Image.Image:
-    """RGB copy of `image`; with alpha, colours are premultiplied (composited onto black), as TRELLIS expects."""
-    if "A" not in image.getbands() and "transparency" not in image.info:
-        return image.convert("RGB")
-    rgba = np.asarray(image.convert("RGBA"), dtype=np.uint16)  # (H, W, 4)
-    rgb = (rgba[..., :3] * rgba[..., 3:] + 127) // 255  # rounded c * a / 255
-    return Image.fromarray(rgb.astype(np.uint8), mode="RGB")
+            yield from iter_parquet_records(handle, where=shard.uri)
 
 
 def decode_record(record: RawRecord, min_side: int = 64) -> Sample | Skipped:
@@ -246,29 +394,9 @@ def decode_record(record: RawRecord, min_side: int = 64) -> Sample | Skipped:
     if not caption:
         return Skipped(record.key, "empty_caption")
     try:
-        with Image.open(io.BytesIO(record.image)) as opened:
-            opened.load()
-            image = composite_on_black(opened)
-    except Exception:  # PIL raises many types (OSError, SyntaxError, zlib.error, ...) on bad bytes
+        image = decode_image(record.image)
+    except ValueError:
         return Skipped(record.key, "undecodable_image")
     if min(image.size) < min_side:
         return Skipped(record.key, "image_too_small")
     return Sample(record.key, image, caption)
-
-
-def resize_and_center_crop(image: Image.Image, size: int = 518) -> np.ndarray:
-    """Resize the short side to `size` (bicubic), center-crop size x size: uint8 (size, size, 3).
-
-    Sizes and offsets follow torchvision's Resize(size) + CenterCrop(size): the long side is
-    truncated, the crop offset rounded.
-    """
-    width, height = image.size
-    if min(width, height) != size:
-        if width <= height:
-            width, height = size, int(size * height / width)
-        else:
-            width, height = int(size * width / height), size
-        image = image.resize((width, height), Image.Resampling.BICUBIC)
-    left = int(round((width - size) / 2.0))
-    top = int(round((height - size) / 2.0))
-    return np.asarray(image.convert("RGB").crop((left, top, left + size, top + size)))

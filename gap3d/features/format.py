@@ -23,7 +23,7 @@ import torch
 
 from gap3d.prompt_encoder import PromptCache
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: chunk files per input shard, listed per shard in `shards`
 MANIFEST_NAME = "manifest.json"
 MODES = ("prompt_cache", "soft_latents")
 BASE_COLUMNS = ("key", "caption", "input_ids", "dino", "next_position")
@@ -37,12 +37,22 @@ class FeatureManifest:
     dino_shape: list[int]  # [N, D]
     cache_shape: list[int] | None = None  # [layers, 2, kv_heads, head_dim] in prompt_cache mode
     latents_shape: list[int] | None = None  # [s, d_vlm] in soft_latents mode
-    shards: dict[str, dict] = field(default_factory=dict)  # feature file name -> {"rows": n, "skipped": {...}, ...}
+    shards: dict[str, dict] = field(default_factory=dict)  # input shard stem -> completion record ({"files": [...], "rows": n, ...})
+    totals: dict = field(default_factory=dict)  # over all shards, from every run: {"rows_in", "rows", "skipped": {reason: n}}
     schema_version: int = SCHEMA_VERSION
 
     @property
     def mode(self) -> str:
         return "prompt_cache" if self.cache_shape is not None else "soft_latents"
+
+    def count_totals(self) -> None:
+        """Set `totals` from the shard records."""
+        skipped: dict[str, int] = {}
+        for record in self.shards.values():
+            for reason, count in record.get("skipped", {}).items():
+                skipped[reason] = skipped.get(reason, 0) + count
+        rows_in = sum(record.get("rows_in", 0) for record in self.shards.values())
+        self.totals = {"rows_in": rows_in, "rows": sum(record.get("rows", 0) for record in self.shards.values()), "skipped": dict(sorted(skipped.items()))}
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

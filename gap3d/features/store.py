@@ -1,15 +1,19 @@
-"""Feature shards on storage: listing, manifest.json, atomic shard files with their stats, reading rows back.
+"""Features on storage: chunk files, shard completion records, manifest.json, reading rows back.
 
-A feature file is complete exactly when it exists under its final name: it is built in a local temporary
-file and published whole (gap3d.storage.publish_file), so a crash never leaves part of a file under a final
-name. Its Parquet footer carries its own stats (input, rows, skips, encoder identity), so a resumed run
-verifies what it skips and rebuilds the manifest from the files alone.
+Layout of a feature directory:
+    <stem>.<chunk:05d>.parquet   one feature file per chunk of an input shard (the read unit of training)
+    shards/<stem>.json           the input shard's completion record: its identity, files, rows and skips
+    manifest.json                shapes, encoder identity, and every complete shard's record with totals
+Every file is built in a local temporary file and published whole (gap3d.storage.publish_file), so a crash
+never leaves part of a file under a final name. A shard is complete exactly when its record exists: the
+record is published after all of its chunk files, and readers take only the files the manifest lists.
 """
 
 import json
 import logging
 import os
 import posixpath
+import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,6 +29,7 @@ from gap3d.features.identity import check_compatible
 logger = logging.getLogger(__name__)
 
 STATS_KEY = b"gap3d.shard_stats"
+RECORDS_DIR = "shards"
 _FOOTER_READERS = 16  # footers are tiny; object-storage latency dominates, so read many at once
 
 
@@ -60,12 +65,14 @@ def write_manifest(output_uri: str, manifest: FeatureManifest) -> None:
 
 
 def feature_files(uri: str) -> list[str]:
-    """URIs of the Parquet feature shards of a directory (recursively) or matching a file-name glob, sorted."""
+    """URIs of the feature files of a directory or file-name glob that its manifest lists (complete shards only), sorted."""
     directory, pattern = split_pattern(uri)
+    listed = {name for entry in read_manifest(directory).shards.values() for name in entry.get("files", [])}
     fs, root = storage.filesystem(directory)
-    files = sorted(path for path in fs.glob(storage.join(root, pattern)) if not posixpath.basename(path).startswith((".", "_")))
+    found = fs.glob(storage.join(root, pattern))
+    files = sorted(path for path in found if posixpath.relpath(path, root) in listed)
     if not files:
-        raise FileNotFoundError(f"no *.parquet feature shards at {uri}; run ray_jobs/preprocess.py to write them")
+        raise FileNotFoundError(f"no feature files of complete shards at {uri}; run ray_jobs/preprocess.py to write them")
     return [storage.with_scheme(uri, path) for path in files]
 
 
@@ -106,11 +113,12 @@ def load_rows(uri: str, config: Gap3DConfig, limit: int | None = None) -> tuple[
     return batch_from_rows(rows, manifest), [str(caption) for caption in rows["caption"]], [str(key) for key in rows["key"]]
 
 
-def write_feature_shard(output_uri: str, name: str, schema: pa.Schema, batches: Iterable[tuple[pa.Table, dict]], stats: dict) -> dict:
+def write_feature_file(output_uri: str, name: str, schema: pa.Schema, batches: Iterable[tuple[pa.Table, dict]], stats: dict) -> dict:
     """Write (table, skipped-by-reason) batches as output_uri/name, published atomically; returns the final stats.
 
     `stats` holds what is known before encoding ("input", "rows_in", "skipped", "encoders"); rows written and
-    skips found while encoding are added, and the whole dict is stored in the file's footer.
+    skips found while encoding are added, and the whole dict is stored in the file's footer; the returned
+    stats also hold the file's size in "bytes".
     """
     target = storage.join(output_uri, name)
     local_path = storage.temp_file_for(target)
@@ -127,41 +135,80 @@ def write_feature_shard(output_uri: str, name: str, schema: pa.Schema, batches: 
     except BaseException:
         os.remove(local_path)
         raise
+    size = os.path.getsize(local_path)
     storage.publish_file(local_path, target)
-    return stats
+    return {**stats, "bytes": size}
 
 
-def read_shard_stats(output_uri: str, name: str) -> dict | None:
-    """The footer stats of output_uri/name, or None when the file is missing, unreadable or not ours."""
-    fs, root = storage.filesystem(output_uri)
-    path = storage.join(root, name)
+def chunk_file_name(stem: str, index: int) -> str:
+    """Name of chunk `index` of the input shard with feature stem `stem`."""
+    return f"{stem}.{index:05d}.parquet"
+
+
+def write_shard_record(output_uri: str, stem: str, record: dict) -> None:
+    """Publish the completion record of input shard `stem` (after all its chunk files)."""
+    target = storage.join(output_uri, RECORDS_DIR, f"{stem}.json")
+    local_path = storage.temp_file_for(target)
+    with open(local_path, "w") as handle:
+        json.dump(record, handle, sort_keys=True)
+    storage.publish_file(local_path, target)
+
+
+def _read_json(fs, path: str) -> dict | None:
     try:
-        with fs.open(path, "rb") as handle:
-            metadata = pq.read_metadata(handle)
-    except FileNotFoundError:
+        with fs.open(path, "r") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as error:
+        logger.warning("%s is unreadable (%s); its shard will be encoded again", path, error)
         return None
-    except (OSError, pa.ArrowException) as error:
-        logger.warning("%s is unreadable (%s); it will be rewritten", path, error)
-        return None
-    raw = (metadata.metadata or {}).get(STATS_KEY)
-    stats = json.loads(raw) if raw else None
-    if stats is None or stats.get("rows") != metadata.num_rows:
-        logger.warning("%s has no valid gap3d stats in its footer; it will be rewritten", path)
-        return None
-    return stats
 
 
-def scan_feature_shards(output_uri: str) -> dict[str, dict]:
-    """Stats of every complete feature file directly under output_uri, by name ({} for a new output)."""
+def read_shard_records(output_uri: str) -> dict[str, dict]:
+    """Completion records under output_uri, by stem, whose chunk files all exist at their recorded sizes ({} for a new output)."""
     fs, root = storage.filesystem(output_uri)
     fs.invalidate_cache(root)  # other processes (the encoder actors) wrote there since this one last listed it
-    if not fs.isdir(root):
+    records_dir = storage.join(root, RECORDS_DIR)
+    if not fs.isdir(records_dir):
         return {}
-    names = sorted(
-        posixpath.basename(path)
-        for path in fs.ls(root, detail=False)
-        if path.endswith(".parquet") and not posixpath.basename(path).startswith((".", "_"))
-    )
+    paths = sorted(path for path in fs.ls(records_dir, detail=False) if path.endswith(".json"))
     with ThreadPoolExecutor(_FOOTER_READERS) as pool:
-        stats = list(pool.map(lambda name: read_shard_stats(output_uri, name), names))
-    return {name: value for name, value in zip(names, stats) if value is not None}
+        records = list(pool.map(lambda path: _read_json(fs, path), paths))
+    sizes = {posixpath.basename(info["name"]): info["size"] for info in fs.ls(root, detail=True)}
+    complete = {}
+    for path, record in zip(paths, records):
+        stem = posixpath.basename(path)[: -len(".json")]
+        if record is None:
+            continue
+        damaged = [name for name, size in record.get("files", {}).items() if sizes.get(name) != size]
+        if damaged:
+            logger.warning("feature files %s of shard %s are missing or changed; the shard will be encoded again", damaged, stem)
+        else:
+            complete[stem] = record
+    return complete
+
+
+def remove_shard_outputs(output_uri: str, stems: list[str]) -> int:
+    """Delete the completion records and chunk files of input shards `stems` (record first); returns files removed."""
+    fs, root = storage.filesystem(output_uri)
+    if not fs.isdir(root) or not stems:
+        return 0
+    records = {storage.join(root, RECORDS_DIR, f"{stem}.json") for stem in stems}
+    chunk = re.compile(r"(.+)\.\d{5}\.parquet")
+    wanted = set(stems)
+    chunks = [path for path in fs.ls(root, detail=False) if (match := chunk.fullmatch(posixpath.basename(path))) and match.group(1) in wanted]
+    stale = [path for path in records if fs.exists(path)] + chunks
+    for path in stale:
+        fs.rm_file(path)
+    return len(stale)
+
+
+def read_keys(output_uri: str, files: list[str]) -> list[str]:
+    """The `key` column of feature files (names under output_uri)."""
+    fs, root = storage.filesystem(output_uri)
+
+    def keys(name: str) -> list[str]:
+        with fs.open(storage.join(root, name), "rb") as handle:
+            return pq.read_table(handle, columns=["key"]).column("key").to_pylist()
+
+    with ThreadPoolExecutor(_FOOTER_READERS) as pool:
+        return [key for part in pool.map(keys, files) for key in part]
