@@ -22,7 +22,6 @@ by the decode chunk (e.g. `encode.chunk_size=128`), not by the shard.
 """
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -35,9 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from PIL import Image, ImageDraw
 
-from gap3d.data.img2dataset import Download, write_img2dataset_shard
+from gap3d.data.img2dataset import Download, photo_like_jpeg, write_img2dataset_shard
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 518  # the paper's DINOv2 input side
@@ -61,31 +59,12 @@ def note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def photo_like_jpeg(rng: np.random.Generator) -> bytes:
-    """A gradient with a few filled shapes and mild noise, as JPEG: compresses about as a photo does."""
-    y, x = np.mgrid[0:SOURCE_HEIGHT, 0:SOURCE_WIDTH].astype(np.float32)
-    angle = rng.uniform(0, np.pi)
-    ramp = ((x * np.cos(angle) + y * np.sin(angle)) / np.hypot(SOURCE_WIDTH, SOURCE_HEIGHT)).clip(0, 1)[..., None]
-    image = Image.fromarray((rng.uniform(0, 255, 3) * (1 - ramp) + rng.uniform(0, 255, 3) * ramp).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(5):
-        left, top = int(rng.integers(0, SOURCE_WIDTH - 80)), int(rng.integers(0, SOURCE_HEIGHT - 80))
-        width, height = (int(v) for v in rng.integers(40, 240, 2))
-        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
-        shape((left, top, left + width, top + height), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 6, (SOURCE_HEIGHT, SOURCE_WIDTH, 3))
-    buffer = io.BytesIO()
-    Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=85)
-    return buffer.getvalue()
-
-
 def write_shard(directory: Path, samples: int, pool: list[bytes]) -> None:
     """One img2dataset shard of `samples` pool images under distinct keys and captions."""
     downloads = (
         Download(f"a {COLOURS[i % len(COLOURS)]} {SHAPES[i % len(SHAPES)]} on a table {i}", pool[i % len(pool)], SOURCE_WIDTH, SOURCE_HEIGHT)
         for i in range(samples)
     )
-    directory.mkdir(parents=True)  # the writer opens its files through fsspec, which creates no local directories
     write_img2dataset_shard(str(directory), 0, downloads)
 
 
@@ -241,7 +220,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     rng = np.random.default_rng(0)
-    pool = [photo_like_jpeg(rng) for _ in range(POOL_SIZE)]
+    pool = [photo_like_jpeg(rng, SOURCE_WIDTH, SOURCE_HEIGHT) for _ in range(POOL_SIZE)]
     scratch = Path(tempfile.mkdtemp(prefix="gap3d-bench-preprocess-memory-"))
     try:
         warmup = measure(WARMUP_SAMPLES, pool, args, scratch)
