@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     config, sections = job_config_from_args(args, ENCODE_SECTION)
     ray.init()
     summary = run_preprocess(config, sections["encode"], args.input, args.output)
+    ray.shutdown()  # Ray forwards worker and raylet output to stdout until then; the summary must be the last line
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
 

@@ -72,7 +72,7 @@ def feature_files(uri: str) -> list[str]:
     found = fs.glob(storage.join(root, pattern))
     files = sorted(path for path in found if posixpath.relpath(path, root) in listed)
     if not files:
-        raise FileNotFoundError(f"no feature files of complete shards at {uri}; run ray_jobs/preprocess.py to write them")
+        raise FileNotFoundError(f"no *.parquet feature shards of complete input shards at {uri}; run ray_jobs/preprocess.py to write them")
     return [storage.with_scheme(uri, path) for path in files]
 
 
