@@ -98,22 +98,35 @@ def batch_condition(batch: FeatureBatch, prompt_encoder: PromptEncoder | None) -
     return batch.latents
 
 
-def lr_multiplier(step: int, config: TrainConfig) -> float:
-    """Factor on train.lr for optimiser step `step` (0-based): linear warmup, then cosine decay to train.min_lr.
+@dataclass(frozen=True)
+class LRContinuation:
+    """The LR curve of a run resumed with a changed schedule: from `start_step` on, a cosine from `start_multiplier`
+    (the factor on train.lr the run had reached) down to train.min_lr at train.max_steps."""
+
+    start_step: int  # the checkpoint's step, where the new curve begins
+    start_multiplier: float  # factor on train.lr at start_step under the schedule the checkpoint was trained with
+
+
+def lr_multiplier(step: int, config: TrainConfig, continuation: LRContinuation | None = None) -> float:
+    """Factor on train.lr for optimiser step `step` (0-based): linear warmup, then cosine decay to train.min_lr,
+    or from `continuation.start_step` on the continuation's cosine.
 
     Ours rather than transformers' cosine-with-min-lr helper: the same curve in a few lines, evaluated at any step.
     """
+    floor = config.min_lr / config.lr
+    if continuation is not None and step >= continuation.start_step:
+        progress = min(1.0, (step - continuation.start_step) / max(1, config.max_steps - continuation.start_step))
+        return floor + (continuation.start_multiplier - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     warmup = math.ceil(config.warmup_ratio * config.max_steps)
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, config.max_steps - warmup))
-    floor = config.min_lr / config.lr
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, continuation: LRContinuation | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR applying lr_multiplier; step it once per optimiser step."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config, continuation))
 
 
 def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:

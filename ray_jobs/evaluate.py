@@ -3,7 +3,8 @@
     python -m ray_jobs.evaluate --checkpoint s3://bucket/runs/gap3d-train/checkpoint_00000300 --features s3://bucket/features/eval \
         [--train-features s3://bucket/features/train]
 
---checkpoint is a training checkpoint (its `export/` is used) or an export directory. Both aligners sample
+--checkpoint is a training checkpoint (its `export/` is used), a run directory (its newest checkpoint is used) or an
+export directory. Both aligners sample
 from the same noise; the untrained one is freshly initialised with train.seed and the initial soft tokens.
 `mean_target` scores the mean of the evaluated targets given for every prompt: a prompt-blind reference
 whose cosine is high wherever targets share much (backgrounds), whose prompt-specific cosine is 0 and whose
@@ -35,6 +36,7 @@ from gap3d.metrics import alignment_metrics, nearest_targets
 from gap3d.prompt_encoder import PromptEncoder
 from gap3d.trellis.structure_metrics import structure_metrics
 from ray_jobs.config import configure_logging
+from ray_jobs.resume import newest_checkpoint
 
 logger = logging.getLogger("gap3d.evaluate")
 
@@ -67,6 +69,7 @@ def run_evaluation(
         raise ValueError("structure evaluation needs both --trellis (a TRELLIS release) and --shards (raw shards with occupancy)")
     start = time.perf_counter()
     device = torch.device(device)
+    checkpoint = newest_checkpoint(checkpoint) or checkpoint  # a run directory stands for its newest checkpoint
     export = load_export(checkpoint, device)
     config = export.config
     eval_set = load_eval_set(features, config, limit, train_features)
@@ -137,7 +140,7 @@ def held_out_table(eval_set: EvalSet, generated: torch.Tensor) -> list[dict]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="evaluate", description="Compare a trained aligner with an untrained one on held-out features.")
-    parser.add_argument("--checkpoint", required=True, help="training checkpoint or export directory (local or s3://)")
+    parser.add_argument("--checkpoint", required=True, help="training checkpoint, run directory (its newest checkpoint) or export directory (local or s3://)")
     parser.add_argument("--features", required=True, help="held-out feature directory (local or s3://)")
     parser.add_argument("--train-features", default=None, help="training features: fit the attribute probe on their targets")
     parser.add_argument("--trellis", default=None, help="TRELLIS release: also score stage-1 structures (needs --shards)")

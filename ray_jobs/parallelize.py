@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gap3d.config import Gap3DConfig
-from gap3d.training import EMA, AlignerTrainModule, lr_schedule, optimizer_groups, trainable_parameters
+from gap3d.training import EMA, AlignerTrainModule, LRContinuation, lr_schedule, optimizer_groups, trainable_parameters
 
 
 def apply_activation_checkpointing(aligner: nn.Module) -> None:
@@ -24,10 +24,11 @@ def apply_activation_checkpointing(aligner: nn.Module) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def build_engine(module: AlignerTrainModule, config: Gap3DConfig, scaling, micro_batch: int):
+def build_engine(module: AlignerTrainModule, config: Gap3DConfig, scaling, micro_batch: int, continuation: LRContinuation | None = None):
     """DeepSpeed engine over the trainable parameters (torch AdamW + warmup/cosine schedule) -> (engine, scheduler).
 
-    `scaling` is the job's ray_jobs.train.TrainScaling (ZeRO stage, activation checkpointing).
+    `scaling` is the job's ray_jobs.train.TrainScaling (ZeRO stage, activation checkpointing); `continuation` the
+    LR curve of a run resumed with a changed schedule (ray_jobs/resume.py).
     """
     import deepspeed
 
@@ -36,10 +37,29 @@ def build_engine(module: AlignerTrainModule, config: Gap3DConfig, scaling, micro
         apply_activation_checkpointing(module.aligner)
     optimizer = torch.optim.AdamW(optimizer_groups(module, train), lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.999))
     engine, _, _, scheduler = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, train),
+        model=module, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, train, continuation),
         config=deepspeed_config(config, scaling.zero_stage, micro_batch), dist_init_required=False,
     )
     return engine, scheduler
+
+
+def load_engine_state(engine, scheduler, directory: str, tag: str) -> dict:
+    """Load a DeepSpeed checkpoint into `engine`, keeping this run's LR schedule -> the checkpoint's client state.
+
+    DeepSpeed restores the optimiser's param-group LRs and the scheduler's base LRs of the run that saved the
+    checkpoint; a resumed run whose train.lr changed would then follow neither schedule. The base LRs of this
+    run's optimiser are put back and the LR set for the checkpoint's step.
+    """
+    base_lrs = list(scheduler.base_lrs)
+    _, client_state = engine.load_checkpoint(directory, tag=tag)
+    if client_state is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' in {directory}")
+    scheduler.base_lrs = base_lrs
+    step = scheduler.last_epoch
+    for group, base_lr, multiplier in zip(scheduler.optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = base_lr, base_lr * multiplier(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    return client_state
 
 
 def deepspeed_config(config: Gap3DConfig, zero_stage: int, micro_batch: int) -> dict:

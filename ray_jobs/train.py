@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.data import ExecutionOptions
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from gap3d import storage as gap3d_storage
@@ -29,6 +30,7 @@ from gap3d.features.identity import check_compatible, expected_manifest
 from gap3d.features.store import check_features, count_rows, feature_files
 from ray_jobs.config import add_config_arguments, configure_logging, job_config_from_args
 from ray_jobs.pipeline import ENCODE_SECTION, EncodeResources, stream_features
+from ray_jobs.resume import data_identity, plan_resume
 from ray_jobs.train_worker import WorkerJob, train_worker
 
 logger = logging.getLogger("gap3d.train")
@@ -84,8 +86,18 @@ def build_dataset(scaling: TrainScaling, features: str) -> ray.data.Dataset:
     filesystem, _ = gap3d_storage.arrow_filesystem(features)
     paths = [gap3d_storage.arrow_filesystem(path)[1] for path in feature_files(features)]
     dataset = ray.data.read_parquet(paths, filesystem=filesystem)
+    # Rows in file order, whatever finishes first, so that a resumed run sees the order it stopped in.
+    dataset.context.execution_options.preserve_order = True
     # Each epoch otherwise re-reads the Parquet files: seconds per epoch, which dominates small runs.
     return dataset.materialize() if scaling.materialize_features else dataset
+
+
+def data_config(features: str | None) -> DataConfig:
+    """How Ray Train splits the rows: in a fixed order for preprocessed features, so every rank's stream is the
+    same in every run (the split hands each block to the rank with the fewest rows so far, ignoring locality)."""
+    if features is None:
+        return DataConfig()  # encoded on the fly: the actor pool's completion order decides, so resume is approximate
+    return DataConfig(execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False)
 
 
 def run_training(
@@ -102,12 +114,14 @@ def run_training(
 ) -> ray.train.Result:
     """Train with TorchTrainer; rerunning with the same storage and name resumes from the newest checkpoint."""
     manifest = check_start(config, scaling, features, stream)
+    data = data_identity(features, stream)
+    plan = plan_resume(gap3d_storage.join(storage, name), config, scaling, data)
     eval_set = load_eval_set(eval_features, config, config.train.eval_samples, train_features=features) if eval_features else None
     dataset = build_dataset(scaling, features) if features else stream_features(config, encode or ENCODE_SECTION["encode"][1][config.preset], stream)
     storage_fs, storage_path = gap3d_storage.arrow_filesystem(storage)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"job": WorkerJob(config, scaling, manifest, eval_set, in_process)},
+        train_loop_config={"job": WorkerJob(config, scaling, manifest, eval_set, in_process, data, plan.lr_continuation)},
         scaling_config=ScalingConfig(
             num_workers=0 if in_process else scaling.num_workers,
             use_gpu=scaling.use_gpu,
@@ -121,8 +135,15 @@ def run_training(
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
         ),
         datasets={"train": dataset},
+        dataset_config=data_config(features),
     )
     return trainer.fit()
+
+
+def result_summary(result: ray.train.Result, storage: str) -> dict:
+    """The job's JSON result: the newest checkpoint as a URI of --storage's scheme (what evaluate.py takes) and its metrics."""
+    checkpoint = gap3d_storage.with_scheme(storage, result.checkpoint.path) if result.checkpoint is not None else None
+    return {"checkpoint": checkpoint, "metrics": result.metrics}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -147,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         config, sections["scaling"], args.storage, features=args.features, stream=args.stream, eval_features=args.eval_features,
         name=args.name, max_failures=args.max_failures, in_process=args.in_process, encode=sections["encode"],
     )
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    sys.stdout.write(json.dumps({"checkpoint": checkpoint, "metrics": result.metrics}, default=str) + "\n")
+    sys.stdout.write(json.dumps(result_summary(result, args.storage), default=str) + "\n")
     return 0
 
 

@@ -6,10 +6,12 @@ Checkpoint layout (one directory, every rank writing its own files, merged by Ra
     ema.safetensors       EMA of every trainable parameter (rank 0)
     export/               inference export: EMA aligner + soft tokens + config (gap3d/export.py)
     config.yaml           the resolved job config (library tree + scaling section)
-    progress.json         step, epoch and data position, plus the metrics of that step
+    progress.json         step, epoch and data position, the metrics of that step, the data fingerprint and
+                          the LR continuation (ray_jobs/resume.py)
     evals.json            every periodic held-out evaluation so far: the learning curve (rank 0)
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -32,8 +34,8 @@ from gap3d.export import EXPORT_DIR, save_export
 from gap3d.features.format import FeatureBatch, FeatureManifest, RowCollator
 from gap3d.features.identity import soft_token_mode
 from gap3d.prompt_encoder import PromptEncoder
-from gap3d.training import EMA, AlignerTrainModule, trainable_parameters, with_soft_tokens
-from ray_jobs.parallelize import build_engine, global_grad_norm, init_single_process_group, update_ema
+from gap3d.training import EMA, AlignerTrainModule, LRContinuation, trainable_parameters, with_soft_tokens
+from ray_jobs.parallelize import build_engine, global_grad_norm, init_single_process_group, load_engine_state, update_ema
 
 logger = logging.getLogger("gap3d.train")
 
@@ -52,6 +54,8 @@ class WorkerJob:
     manifest: FeatureManifest  # shapes of the training features
     eval_set: EvalSet | None  # held-out rows (and attribute probe) for periodic evaluation on rank 0, loaded by the driver
     in_process: bool  # ScalingConfig(num_workers=0): one process, no Ray workers
+    data: str  # fingerprint of the training data (ray_jobs/resume.py), saved with each checkpoint
+    lr_continuation: LRContinuation | None  # the LR curve after a resume that changed the schedule
 
 
 def train_worker(loop_config: dict) -> None:
@@ -90,11 +94,11 @@ def _train(job: WorkerJob) -> None:
     prompt_encoder = PromptEncoder.from_pretrained(config.vlm, device) if soft_token_mode(config) == "prompt_cache" else None
     module = AlignerTrainModule(build_aligner(config, seed=train.seed).to(device), config.flow, prompt_encoder)
     ema = EMA(trainable_parameters(module), train.ema_decay)  # before ZeRO-3 could partition the parameters
-    engine, scheduler = build_engine(module, config, scaling, micro_batch)
+    engine, scheduler = build_engine(module, config, scaling, micro_batch, job.lr_continuation)
     generator = torch.Generator(device=device).manual_seed(train.seed * 1000 + rank)
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples": 0}
     evals: list[dict] = []  # the learning curve, kept by rank 0
-    resumed_from = _restore(engine, ema, generator, rank)
+    resumed_from = _restore(engine, scheduler, ema, generator, rank)
     if resumed_from is not None:
         progress, evals = resumed_from
         logger.info("resumed from step %d (epoch %d, %d batches in)", progress["step"], progress["epoch"], progress["batches_in_epoch"])
@@ -233,7 +237,9 @@ def _save_and_report(engine, ema: EMA, generator: torch.Generator, progress: dic
         save_file({name: value.cpu() for name, value in ema.state_dict().items()}, directory / EMA_NAME)
         save_export(directory / EXPORT_DIR, ema.split("aligner"), ema.shadow.get("soft_tokens"), job.config, progress["step"])
         save_config(job.config, directory / "config.yaml", {"scaling": job.scaling})
-        (directory / PROGRESS_NAME).write_text(json.dumps({**progress, "metrics": metrics}, indent=2, sort_keys=True))
+        continuation = dataclasses.asdict(job.lr_continuation) if job.lr_continuation else None
+        record = {**progress, "metrics": metrics, "data": job.data, "lr_continuation": continuation}
+        (directory / PROGRESS_NAME).write_text(json.dumps(record, indent=2, sort_keys=True))
         (directory / EVALS_NAME).write_text(json.dumps(evals, indent=1))
     checkpoint = ray.train.Checkpoint.from_directory(str(directory))
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{progress['step']:08d}")
@@ -241,14 +247,14 @@ def _save_and_report(engine, ema: EMA, generator: torch.Generator, progress: dic
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _restore(engine, ema: EMA, generator: torch.Generator, rank: int) -> tuple[dict, list[dict]] | None:
+def _restore(engine, scheduler, ema: EMA, generator: torch.Generator, rank: int) -> tuple[dict, list[dict]] | None:
     """Load the newest reported checkpoint, if any -> (its progress, the evaluations so far), or None."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
         directory = Path(directory)
-        _, client_state = engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG)
+        client_state = load_engine_state(engine, scheduler, str(directory), DEEPSPEED_TAG)
         ema.load_state_dict(load_file(directory / EMA_NAME, device=str(next(iter(ema.shadow.values())).device)))
         rng = directory / f"rng_rank{rank}.pt"
         if rng.is_file():

@@ -16,10 +16,10 @@ from gap3d.features.format import MANIFEST_NAME
 from gap3d.features.store import feature_files, load_rows
 from gap3d.prompt_encoder import PromptEncoder
 from gap3d.storage import filesystem
-from gap3d.training import AlignerTrainModule
+from gap3d.training import AlignerTrainModule, LRContinuation, lr_multiplier
 from ray_jobs.evaluate import evaluate
 from ray_jobs.preprocess import run_preprocess
-from ray_jobs.train import build_dataset, main, run_training
+from ray_jobs.train import build_dataset, main, result_summary, run_training
 from tests.support import KillTrainWorkerWhen, checkpoint_registered, small_config, small_job, synthetic_features, upload_features
 
 NUM_SCENES = 400
@@ -65,19 +65,21 @@ def zero2_job(max_steps, *overrides):
 
 
 @pytest.fixture(scope="module")
-def one_file_features():
-    """Training features in a single Parquet file: Ray Data then hands every run the same row order."""
-    return synthetic_features(small_config(), NUM_SCENES, rows_per_shard=10_000)[0]
+def many_file_features():
+    """Training features in many small Parquet files, so that read order and the split between ranks matter."""
+    train = synthetic_features(small_config(), NUM_SCENES, rows_per_shard=24)[0]
+    assert len(feature_files(str(train))) >= 8
+    return train
 
 
 @pytest.fixture(scope="module")
-def straight_and_killed_runs(ray_cluster, one_file_features, tmp_path_factory):
+def straight_and_killed_runs(ray_cluster, many_file_features, tmp_path_factory):
     """The same ZeRO-2 run twice: straight through, and with a worker killed once checkpoint 10 is written."""
     storage = tmp_path_factory.mktemp("zero2")
     config, sections = zero2_job(ZERO2_STEPS)
-    straight = run_training(config, sections["scaling"], str(storage), features=str(one_file_features), name="straight")
+    straight = run_training(config, sections["scaling"], str(storage), features=str(many_file_features), name="straight")
     with KillTrainWorkerWhen(checkpoint_registered(str(storage / "killed"), 10)) as killer:
-        killed = run_training(config, sections["scaling"], str(storage), features=str(one_file_features), name="killed", max_failures=1)
+        killed = run_training(config, sections["scaling"], str(storage), features=str(many_file_features), name="killed", max_failures=1)
     assert killer.killed is not None, "no training worker was killed"
     return storage, straight, killed
 
@@ -117,6 +119,14 @@ def test_trained_aligner_beats_an_untrained_one_on_held_out_pairs(zero1_run, buc
     assert zero1_run.metrics["eval_cosine_mean"] > 0.15
 
 
+def test_printed_checkpoint_keeps_the_s3_scheme_and_evaluates_like_its_run_directory(zero1_run, bucket, s3_features):
+    printed = result_summary(zero1_run, f"{bucket}/runs")["checkpoint"]
+    assert printed == f"{bucket}/runs/zero1/checkpoint_{STEPS:08d}"
+    from_checkpoint, from_run = (evaluate(uri, s3_features[1], limit=16) for uri in (printed, f"{bucket}/runs/zero1"))
+    assert from_run["checkpoint"] == printed
+    assert {k: v for k, v in from_run.items() if k != "seconds"} == {k: v for k, v in from_checkpoint.items() if k != "seconds"}
+
+
 def test_evaluation_scores_the_held_out_mean_as_a_prompt_blind_reference(zero1_run, bucket, s3_features):
     report = evaluate(f"{bucket}/runs/zero1/checkpoint_{STEPS:08d}", s3_features[1])
     targets = load_rows(s3_features[1], zero1_job()[0], limit=report["samples"])[0].dino
@@ -150,11 +160,24 @@ def test_a_run_killed_and_resumed_ends_with_the_weights_of_a_straight_run(straig
         torch.testing.assert_close(ema["killed"][key], ema["straight"][key], rtol=0, atol=0, msg=key)
 
 
-def test_rerun_of_a_finished_run_with_more_steps_continues_from_its_last_checkpoint(ray_cluster, straight_and_killed_runs, one_file_features):
+def test_rerun_with_more_steps_and_a_new_lr_continues_from_its_last_checkpoint_on_the_continued_schedule(ray_cluster, straight_and_killed_runs, many_file_features):
     storage, _, _ = straight_and_killed_runs
-    config, sections = zero2_job(ZERO2_STEPS + 10)
-    rerun = run_training(config, sections["scaling"], str(storage), features=str(one_file_features), name="straight")
-    assert (rerun.metrics["resumed_from_step"], rerun.metrics["step"]) == (ZERO2_STEPS, ZERO2_STEPS + 10)
+    saved = zero2_job(ZERO2_STEPS)[0].train
+    config, sections = zero2_job(ZERO2_STEPS + 20, f"train.lr={saved.lr / 2}")
+    rerun = run_training(config, sections["scaling"], str(storage), features=str(many_file_features), name="straight")
+    assert (rerun.metrics["resumed_from_step"], rerun.metrics["step"]) == (ZERO2_STEPS, ZERO2_STEPS + 20)
+    # The LR halves at the checkpoint, then decays by cosine to train.min_lr at the new end (ray_jobs/resume.py).
+    continuation = LRContinuation(ZERO2_STEPS, lr_multiplier(ZERO2_STEPS, saved))
+    progress = json.loads((storage / "straight" / f"checkpoint_{ZERO2_STEPS + 10:08d}" / "progress.json").read_text())
+    assert progress["metrics"]["lr"] == pytest.approx(config.train.lr * lr_multiplier(ZERO2_STEPS + 10, config.train, continuation))
+    assert progress["lr_continuation"] == {"start_step": ZERO2_STEPS, "start_multiplier": continuation.start_multiplier}
+
+
+def test_rerun_with_another_zero_stage_fails_on_the_driver_naming_the_key(straight_and_killed_runs, many_file_features):
+    storage, _, _ = straight_and_killed_runs
+    config, sections = zero2_job(ZERO2_STEPS + 20, "scaling.zero_stage=1")
+    with pytest.raises(ValueError, match="changed scaling.zero_stage: 2 -> 1"):
+        run_training(config, sections["scaling"], str(storage), features=str(many_file_features), name="killed")
 
 
 def test_only_the_newest_checkpoints_are_kept(straight_and_killed_runs):

@@ -11,7 +11,17 @@ from gap3d.features.format import MANIFEST_NAME
 from gap3d.features.store import check_features, load_rows
 from gap3d.flow import flow_matching_loss
 from gap3d.prompt_encoder import PromptEncoder
-from gap3d.training import EMA, AlignerTrainModule, batch_condition, lr_multiplier, lr_schedule, optimizer_groups, trainable_parameters, with_soft_tokens
+from gap3d.training import (
+    EMA,
+    AlignerTrainModule,
+    LRContinuation,
+    batch_condition,
+    lr_multiplier,
+    lr_schedule,
+    optimizer_groups,
+    trainable_parameters,
+    with_soft_tokens,
+)
 from tests.support import small_config, synthetic_features
 
 
@@ -42,6 +52,16 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
     reference = [1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * (s - 10) / 90)) for s in range(10, 100)]
     assert lrs[10:] == pytest.approx(reference)
     assert train.lr * lr_multiplier(100, train) == pytest.approx(1e-4)
+
+
+def test_lr_continuation_follows_a_cosine_from_its_start_factor_to_min_lr_at_the_new_end():
+    train = load_config("tiny", overrides=["train.max_steps=200", "train.warmup_ratio=0.1", "train.lr=1e-3", "train.min_lr=1e-4"]).train
+    continuation = LRContinuation(start_step=60, start_multiplier=0.8)
+    before = [lr_multiplier(step, train, continuation) for step in range(60)]
+    assert before == [lr_multiplier(step, train) for step in range(60)]
+    after = [train.lr * lr_multiplier(step, train, continuation) for step in range(60, 201)]
+    reference = [1e-4 + 0.5 * (0.8e-3 - 1e-4) * (1 + math.cos(math.pi * (s - 60) / 140)) for s in range(60, 201)]
+    assert after == pytest.approx(reference)
 
 
 def test_lr_scheduler_sets_the_optimizer_lr_each_step():
