@@ -18,7 +18,7 @@ metadata .parquet beside each tar for a second shard.
 
 Prints one JSON line per size (figure preprocess_peak_rss_mib), then preprocess_peak_rss_ratio: the peak of the
 largest size over that of the smallest. Goal: at most 1.25 for 10,000 against 500 samples, i.e. memory bounded
-by the decode chunk (e.g. `encode.chunk_size=128`), not by the shard.
+by the decode chunk (`encode.chunk_size`, 64 by default), not by the shard.
 """
 
 import argparse
@@ -213,7 +213,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sizes", type=lambda text: [int(v) for v in text.split(",")], default=[500, 2000, 10000], help="samples per input shard, one run each")
     parser.add_argument("--tar-glob", action="store_true", help="pass the job DIR/*.tar rather than the shard directory")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per job run before its process tree is killed")
-    parser.add_argument("overrides", nargs="*", default=[], help="config overrides passed to the job, e.g. encode.chunk_size=128")
+    parser.add_argument("overrides", nargs="*", default=[], help="config overrides passed to the job, e.g. encode.chunk_size=32")
     return parser.parse_args()
 
 

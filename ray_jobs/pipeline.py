@@ -31,7 +31,7 @@ class EncodeResources:
     """Ray resources and chunking of the decode tasks and the encoder actor pool (the `encode:` config section)."""
 
     encode_batch_size: int = 32  # rows per encoder forward pass
-    chunk_size: int = 128  # records per decoded chunk: at 518 px, 128 images are ~100 MiB, Ray Data's block size
+    chunk_size: int = 64  # records per decoded chunk: at 518 px, 64 images are ~50 MiB
     pool_min: int = 1  # encoder actor pool size bounds
     pool_max: int = 8
     num_gpus: float = 1.0  # GPUs per encoder actor (fractions allowed)
@@ -53,7 +53,7 @@ ENCODE_PRESETS = {
     "paper": EncodeResources(),
 }
 ENCODE_SECTION = {"encode": (EncodeResources, ENCODE_PRESETS)}
-CHUNKS_IN_FLIGHT_PER_ACTOR = 4  # decoded chunks the object store may hold per encoder actor: one in work, the rest queued
+CHUNKS_IN_FLIGHT_PER_ACTOR = 2  # decoded chunks the object store may hold per encoder actor: one in work, one queued
 MIN_OBJECT_STORE_BYTES = 64 * 2**20  # below this Ray Data's scheduling, not memory, becomes the limit
 
 
