@@ -5,6 +5,7 @@ gap3d.storage.local_dir), or `tiny://NAME`: a tiny random checkpoint built with 
 classes on first use (gap3d.tiny), which is what the tiny preset and the tests load.
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -50,3 +51,45 @@ def transformers_config(uri: str):
 
     values = read_json(uri, "config.json")
     return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+# Saved by the library that wrote config.json, not part of the model: a copy elsewhere or a re-save keeps its identity.
+_UNIDENTIFYING_CONFIG_KEYS = ("_name_or_path", "transformers_version")
+_HASH_BLOCK = 2**24
+
+
+def fingerprint(uri: str) -> str:
+    """What a checkpoint's outputs depend on, by content: sha256 over its config.json (less where it was saved from)
+    and the sha256 of every other file, so identical weights anywhere match and other weights at one path do not."""
+    directory = resolve(uri)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        name = path.relative_to(directory).as_posix()
+        if name == "config.json":
+            values = {k: v for k, v in json.loads(path.read_text()).items() if k not in _UNIDENTIFYING_CONFIG_KEYS}
+            content = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+        else:
+            content = _file_sha256(path)
+        digest.update(f"{name}\0{content}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+_file_hashes: dict[tuple, str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file's content, remembered per (path, size, mtime) for the life of the process (weights run to
+    gigabytes). A .safetensors file counts by its tensors: the header's free-form `__metadata__` is left out."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _file_hashes:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            if path.suffix == ".safetensors":
+                header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+                header.pop("__metadata__", None)
+                digest.update(json.dumps(header, sort_keys=True).encode())
+            while block := handle.read(_HASH_BLOCK):
+                digest.update(block)
+        _file_hashes[key] = digest.hexdigest()
+    return _file_hashes[key]

@@ -1,10 +1,14 @@
 """Feature shards: rows round-trip through Arrow/Parquet, and the manifest guards encoder compatibility."""
 
+import shutil
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from gap3d.checkpoints import resolve
 from gap3d.config import load_config
 from gap3d.features.format import FeatureManifest, batch_from_rows, rows_to_table
 from gap3d.features.identity import check_compatible, encoder_identity
@@ -44,13 +48,31 @@ def test_manifest_of_another_schema_version_asks_to_rerun_preprocessing():
         FeatureManifest.from_json('{"schema_version": 0, "encoders": {}, "dino_shape": [1, 1]}', "manifest.json")
 
 
-def test_features_from_other_encoders_are_rejected_naming_the_difference():
+def copy_of_tiny_dino(directory, change_weights: bool) -> str:
+    """The tiny DINOv2 checkpoint re-saved at `directory`, with one weight changed or not."""
+    weights = load_file(resolve("tiny://dino") / "model.safetensors")
+    if change_weights:
+        name = sorted(weights)[0]
+        weights[name] = weights[name] + 1e-3
+    directory.mkdir()
+    shutil.copy(resolve("tiny://dino") / "config.json", directory / "config.json")
+    save_file(weights, directory / "model.safetensors")
+    return str(directory)
+
+
+def test_features_from_encoders_with_other_weights_are_rejected_naming_the_checkpoint(tmp_path):
     config = load_config("tiny")
     manifest = FeatureManifest(encoders=encoder_identity(config), dino_shape=[69, 64])
-    check_compatible(manifest, config)
-    other = load_config("tiny", overrides=["dino.path=/elsewhere/dino"])
-    with pytest.raises(ValueError, match="dino_path: features have .* config has '/elsewhere/dino'"):
-        check_compatible(manifest, other)
+    other = copy_of_tiny_dino(tmp_path / "dino", change_weights=True)
+    with pytest.raises(ValueError, match=f"dino: features have .* config has .* \\(the checkpoint at {other}\\)"):
+        check_compatible(manifest, load_config("tiny", overrides=[f"dino.path={other}"]))
+
+
+def test_features_match_the_same_encoder_weights_stored_elsewhere(tmp_path):
+    config = load_config("tiny")
+    manifest = FeatureManifest(encoders=encoder_identity(config), dino_shape=[69, 64])
+    same = copy_of_tiny_dino(tmp_path / "elsewhere", change_weights=False)
+    check_compatible(manifest, load_config("tiny", overrides=[f"dino.path={same}"]))
 
 
 def test_features_for_another_token_grid_are_rejected_naming_the_shape():
@@ -58,3 +80,11 @@ def test_features_for_another_token_grid_are_rejected_naming_the_shape():
     manifest = FeatureManifest(encoders=encoder_identity(config), dino_shape=[261, 64])
     with pytest.raises(ValueError, match=r"shape \[261, 64\] but the aligner generates \[69, 64\]"):
         check_compatible(manifest, config)
+
+
+def test_tiny_encoders_built_in_another_cache_have_the_same_identity(tmp_path, monkeypatch):
+    config = load_config("tiny")
+    identity = encoder_identity(config)
+    monkeypatch.setenv("GAP3D_CACHE", str(tmp_path / "other-cache"))
+    assert resolve("tiny://vlm").is_relative_to(tmp_path) and resolve("tiny://dino").is_relative_to(tmp_path)
+    assert encoder_identity(config) == identity

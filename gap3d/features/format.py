@@ -23,7 +23,7 @@ import torch
 
 from gap3d.prompt_encoder import PromptCache
 
-SCHEMA_VERSION = 2  # 2: chunk files per input shard, listed per shard in `shards`
+SCHEMA_VERSION = 3  # 2: chunk files per input shard, listed per shard in `shards`; 3: encoders by content fingerprint
 MANIFEST_NAME = "manifest.json"
 MODES = ("prompt_cache", "soft_latents")
 BASE_COLUMNS = ("key", "caption", "input_ids", "dino", "next_position")

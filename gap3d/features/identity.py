@@ -1,6 +1,6 @@
 """What features depend on: the encoders and settings that wrote them, and the shapes that follow from them."""
 
-from gap3d.checkpoints import transformers_config
+from gap3d.checkpoints import fingerprint, transformers_config
 from gap3d.config import Gap3DConfig
 from gap3d.features.format import FeatureManifest
 
@@ -11,11 +11,14 @@ def soft_token_mode(config: Gap3DConfig) -> str:
 
 
 def encoder_identity(config: Gap3DConfig) -> dict:
-    """What features depend on; training refuses features whose identity differs from its config's."""
+    """What features depend on; training refuses features whose identity differs from its config's.
+
+    The encoders count by content (gap3d.checkpoints.fingerprint: config and weights), not by where they are stored.
+    """
     identity = {
-        "vlm_path": config.vlm.path,
+        "vlm": fingerprint(config.vlm.path),
         "prompt_template": config.vlm.prompt_template,
-        "dino_path": config.dino.path,
+        "dino": fingerprint(config.dino.path),
         "dino_image_size": config.dino.image_size,
         "soft_token_mode": soft_token_mode(config),
     }
@@ -44,8 +47,9 @@ def expected_manifest(config: Gap3DConfig) -> FeatureManifest:
 def check_compatible(manifest: FeatureManifest, config: Gap3DConfig) -> None:
     """Raise ValueError naming every encoder setting that differs between these features and `config`."""
     expected = encoder_identity(config)
+    paths = {"vlm": config.vlm.path, "dino": config.dino.path}
     differences = [
-        f"{key}: features have {manifest.encoders.get(key)!r}, config has {value!r}"
+        f"{key}: features have {manifest.encoders.get(key)!r}, config has {value!r}" + (f" (the checkpoint at {paths[key]})" if key in paths else "")
         for key, value in expected.items()
         if manifest.encoders.get(key) != value
     ]
