@@ -30,7 +30,7 @@ def encoder_identity(config: Gap3DConfig) -> dict:
 def expected_manifest(config: Gap3DConfig) -> FeatureManifest:
     """The manifest (encoder identity and tensor shapes, no shards yet) of the features `config` produces.
 
-    Read from the checkpoints' config.json alone: no weights are loaded.
+    Shapes come from the checkpoints' config.json; the identity hashes their files (no weights are loaded).
     """
     dino = transformers_config(config.dino.path)
     grid = config.dino.image_size // dino.patch_size
