@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     config, sections = job_config_from_args(args, STAGE1_SECTIONS)
     result = run_decoder_training(config, sections["stage1"], args.features, args.shards, args.storage, args.name,
                                   args.checkpoint_every, args.max_failures, args.worker_cpus)
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    checkpoint = gap3d_storage.with_scheme(args.storage, result.checkpoint.path) if result.checkpoint is not None else None
     release = gap3d_storage.join(checkpoint, RELEASE_NAME) if checkpoint else None
     sys.stdout.write(json.dumps({"checkpoint": checkpoint, "release": release, "metrics": result.metrics, "stage1": asdict(sections["stage1"])}, default=str) + "\n")
     return 0
