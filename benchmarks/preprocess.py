@@ -1,6 +1,6 @@
 """Preprocessing throughput: the Ray Data pipeline against a plain single-process loop, plus bytes per sample.
 
-    python benchmarks/preprocess.py [--num 3072] [--shard-size 256] [--repeats 3] [--preset tiny] [key.sub=value ...]
+    python benchmarks/preprocess.py [--num 12288] [--shard-size 256] [--repeats 3] [--preset tiny] [key.sub=value ...]
 
 Both sides decode and encode the same input with the same gap3d.data.encode code: img2dataset-layout shards
 (gap3d.data.img2dataset) of 640x480 photo-like JPEGs, which every sample decodes and resizes as a real crawl's
@@ -141,7 +141,7 @@ def storage_figures(config, encode, raw: str, scratch: Path, prompt_tokens: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num", type=int, default=3072, help="input samples")
+    parser.add_argument("--num", type=int, default=12288, help="input samples (enough that the rows decoded while the actors start are a small share)")
     parser.add_argument("--shard-size", type=int, default=256, help="samples per input shard")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (medians reported)")
     parser.add_argument("--pools", type=lambda text: [int(v) for v in text.split(",")], default=[1, 2], help="encoder actor counts to stream with")
