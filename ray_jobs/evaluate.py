@@ -4,8 +4,8 @@
         [--train-features s3://bucket/features/train]
 
 --checkpoint is a training checkpoint (its `export/` is used), a run directory (its newest checkpoint is used) or an
-export directory. Both aligners sample
-from the same noise; the untrained one is freshly initialised with train.seed and the initial soft tokens.
+export directory. Both aligners sample from the same noise; the untrained one is freshly initialised with
+train.seed and the initial soft tokens.
 `mean_target` scores the mean of the evaluated targets given for every prompt: a prompt-blind reference
 whose cosine is high wherever targets share much (backgrounds), whose prompt-specific cosine is 0 and whose
 recall@k is chance. With --train-features and captions that name their attributes (the synthetic world),
