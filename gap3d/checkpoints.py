@@ -30,19 +30,24 @@ def require_files(directory: Path, names: list[str], what: str) -> None:
         raise FileNotFoundError(f"{what} at {directory} is missing {', '.join(missing)}")
 
 
-def read_json(uri: str, name: str) -> dict:
-    """The JSON file `name` of a checkpoint, read without downloading the rest of a remote one."""
+def read_text(uri: str, name: str) -> str:
+    """The text file `name` of a checkpoint, read without downloading the rest of a remote one."""
     if str(uri).startswith(TINY_SCHEME) or not storage.is_remote(uri):
         path = resolve(uri) / name
         if not path.is_file():
             raise FileNotFoundError(f"no {name} in checkpoint {uri}")
-        return json.loads(path.read_text())
+        return path.read_text()
     fs, root = storage.filesystem(uri)
     path = storage.join(root, name)
     if not fs.isfile(path):
         raise FileNotFoundError(f"no {name} in checkpoint {uri}")
     with fs.open(path, "r") as handle:
-        return json.load(handle)
+        return handle.read()
+
+
+def read_json(uri: str, name: str) -> dict:
+    """The JSON file `name` of a checkpoint (see read_text)."""
+    return json.loads(read_text(uri, name))
 
 
 def transformers_config(uri: str):

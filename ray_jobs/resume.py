@@ -26,13 +26,14 @@ import re
 import yaml
 
 from gap3d import storage
+from gap3d.checkpoints import read_json, read_text
 from gap3d.config import Gap3DConfig, config_to_dict
 from gap3d.features.store import feature_files, read_manifest
 from gap3d.training import LRContinuation, lr_multiplier
 
 logger = logging.getLogger("gap3d.train")
 
-CHECKPOINT_DIR = re.compile(r"checkpoint_(\d{8})$")
+CHECKPOINT_DIR = re.compile(r"checkpoint_(\d{8})$")  # checkpoint_dir_name's pattern
 SCHEDULE_KEYS = frozenset({"train.lr", "train.min_lr", "train.warmup_ratio", "train.max_steps", "train.soft_token_lr_scale"})
 FREE_KEYS = frozenset({
     "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every", "train.eval_samples", "train.log_every",
@@ -54,10 +55,14 @@ def data_identity(features: str | None, stream: str | None) -> str:
     """A fingerprint of the training data: the feature files (names and sizes) a run reads, or the raw-shard URI."""
     if features is None:
         return f"stream:{stream}"
-    directory = features if not storage.has_glob(features) else storage.glob_root(features)
-    sizes = {name: size for entry in read_manifest(directory).shards.values() for name, size in entry.get("files", {}).items()}
+    sizes = {name: size for entry in read_manifest(features).shards.values() for name, size in entry.get("files", {}).items()}
     used = sorted(posixpath.basename(uri) for uri in feature_files(features))
     return "features:" + hashlib.sha256(json.dumps([[name, sizes.get(name)] for name in used]).encode()).hexdigest()[:16]
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """The directory name of the checkpoint of optimiser step `step` under a run."""
+    return f"checkpoint_{step:08d}"
 
 
 def newest_checkpoint(run_uri: str) -> str | None:
@@ -88,22 +93,13 @@ def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
     return {key: (before.get(key), after.get(key)) for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)}
 
 
-def _read(checkpoint: str, name: str) -> str:
-    fs, root = storage.filesystem(checkpoint)
-    path = storage.join(root, name)
-    if not fs.isfile(path):
-        raise FileNotFoundError(f"checkpoint {checkpoint} has no {name}; it was not written by ray_jobs/train.py")
-    with fs.open(path, "r") as handle:
-        return handle.read()
-
-
 def plan_resume(run_uri: str, config: Gap3DConfig, scaling, data: str) -> ResumePlan:
     """Compare the rerun's config and data with the newest checkpoint's -> the plan; ValueError on a change that cannot apply."""
     checkpoint = newest_checkpoint(run_uri)
     if checkpoint is None:
         return ResumePlan(None, 0, None)
-    progress = json.loads(_read(checkpoint, "progress.json"))
-    saved = yaml.safe_load(_read(checkpoint, "config.yaml"))
+    progress = read_json(checkpoint, "progress.json")
+    saved = yaml.safe_load(read_text(checkpoint, "config.yaml"))
     step = progress["step"]
     changes = config_changes(saved, config_to_dict(config, {"scaling": scaling}))
     fixed = [key for key in changes if key not in SCHEDULE_KEYS | FREE_KEYS]

@@ -36,6 +36,7 @@ from gap3d.features.identity import soft_token_mode
 from gap3d.prompt_encoder import PromptEncoder
 from gap3d.training import EMA, AlignerTrainModule, LRContinuation, trainable_parameters, with_soft_tokens
 from ray_jobs.parallelize import build_engine, global_grad_norm, init_single_process_group, load_engine_state, update_ema
+from ray_jobs.resume import checkpoint_dir_name
 
 logger = logging.getLogger("gap3d.train")
 
@@ -242,7 +243,7 @@ def _save_and_report(engine, ema: EMA, generator: torch.Generator, progress: dic
         (directory / PROGRESS_NAME).write_text(json.dumps(record, indent=2, sort_keys=True))
         (directory / EVALS_NAME).write_text(json.dumps(evals, indent=1))
     checkpoint = ray.train.Checkpoint.from_directory(str(directory))
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{progress['step']:08d}")
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(progress["step"]))
     if not job.in_process:
         shutil.rmtree(directory, ignore_errors=True)
 
