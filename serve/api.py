@@ -111,7 +111,9 @@ def authorized(request: Request, keys: frozenset[str]) -> bool:
     if not keys or request.url.path in OPEN_PATHS:
         return True
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip(), key) for key in keys)
+    # Bytes, not str: compare_digest refuses non-ASCII str, and any malformed credential must be a 401, not a 500.
+    offered = token.strip().encode("utf-8", "surrogateescape")
+    return scheme.lower() == "bearer" and any(hmac.compare_digest(offered, key.encode("utf-8")) for key in keys)
 
 
 class ServiceMetrics:

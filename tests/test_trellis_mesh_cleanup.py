@@ -1,13 +1,18 @@
 """Mesh post-processing: cavity walls and specks dropped, stage-2 voxel selection, colour-keeping simplification."""
 
+import json
+import struct
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
 import trimesh
 
 from gap3d.trellis.mesh_cleanup import remove_hidden_components
-from gap3d.trellis.mesh_export import simplify
+from gap3d.trellis.mesh_export import export_mesh, load_mesh, simplify
 from gap3d.trellis.stage2_inputs import TooManyVoxelsError, stage2_voxels, surface_mask, voxel_budget_groups
+from gap3d.trellis.voxel_mesh import occupancy_mesh
 
 
 def coloured(mesh: trimesh.Trimesh, rgb: tuple[int, int, int]) -> trimesh.Trimesh:
@@ -59,3 +64,38 @@ def test_simplification_keeps_vertex_colours():
     simplified = simplify(mesh, 500)
     assert 0 < len(simplified.faces) <= 500
     assert (simplified.visual.vertex_colors == [10, 120, 250, 255]).all()
+
+
+def wavy_blob_mesh() -> trimesh.Trimesh:
+    axis = torch.linspace(-1, 1, 64)
+    x, y, z = torch.meshgrid(axis, axis, axis, indexing="ij")
+    field = 0.6 - (x**2 + (1.5 * y) ** 2 + z**2).sqrt() + 0.1 * torch.sin(7 * x) * torch.cos(4 * z)
+    return occupancy_mesh(field)
+
+
+@pytest.mark.parametrize("target_faces", [8000, 5000, 2000])
+def test_simplifying_a_watertight_mesh_keeps_it_watertight(target_faces):
+    mesh = wavy_blob_mesh()
+    assert mesh.is_watertight
+    simplified = simplify(mesh, target_faces)
+    assert simplified.is_watertight and simplified.is_winding_consistent
+    assert 0.98 * target_faces <= len(simplified.faces) <= target_faces
+
+
+def test_overlapping_simplifications_in_threads_give_the_serial_results():
+    mesh = wavy_blob_mesh()
+    serial = simplify(mesh, 3000)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: simplify(mesh, 3000), range(8)))
+    for result in results:
+        np.testing.assert_array_equal(result.faces, serial.faces)
+        np.testing.assert_array_equal(result.vertices, serial.vertices)
+
+
+def test_glb_carries_outward_vertex_normals():
+    data = export_mesh(trimesh.creation.icosphere(subdivisions=3), "glb", target_faces=None)
+    header_length = struct.unpack("<I", data[12:16])[0]
+    gltf = json.loads(data[20 : 20 + header_length])
+    assert "NORMAL" in gltf["meshes"][0]["primitives"][0]["attributes"]
+    loaded = load_mesh(data)
+    assert (np.einsum("ij,ij->i", loaded.vertex_normals, loaded.vertices) > 0).all()

@@ -3,11 +3,13 @@
 Extracted meshes are dense (10^5 - 10^6 faces); `export_mesh` quadric-decimates them to
 DEFAULT_TARGET_FACES (pass target_faces=None to keep every face) with the `fast-simplification`
 package, carrying vertex colours over by averaging the colours of the vertices each kept vertex absorbed.
+GLBs carry vertex normals beside the positions.
 """
 
 import importlib
 import importlib.util
 import io
+import threading
 
 import numpy as np
 import trimesh
@@ -17,6 +19,9 @@ EXPORT_FORMATS = ("glb", "obj", "ply")
 # (TRELLIS's own GLB export keeps about 5% of its extracted faces, a similar count).
 DEFAULT_TARGET_FACES = 50_000
 MEDIA_TYPES = {"glb": "model/gltf-binary", "obj": "model/obj", "ply": "application/ply"}
+# fast-simplification is not thread-safe: two threads in it corrupt the heap (a served replica runs
+# overlapping requests in a thread pool), so every call into it holds this lock.
+_SIMPLIFY_LOCK = threading.Lock()
 
 
 def simplify(mesh: trimesh.Trimesh, target_faces: int) -> trimesh.Trimesh:
@@ -29,9 +34,10 @@ def simplify(mesh: trimesh.Trimesh, target_faces: int) -> trimesh.Trimesh:
         raise RuntimeError("mesh simplification needs the fast-simplification package: pip install fast-simplification (or pass target_faces=None)")
     fast_simplification = importlib.import_module("fast_simplification")
     points, triangles = np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces, dtype=np.int64)
-    _, _, collapses = fast_simplification.simplify(points, triangles, target_count=target_faces, return_collapses=True)
-    # Replaying the collapses gives the same mesh plus the kept vertex each original vertex merged into.
-    vertices, faces, merged_into = fast_simplification.replay_simplification(points, triangles, collapses)
+    with _SIMPLIFY_LOCK:
+        _, _, collapses = fast_simplification.simplify(points, triangles, target_count=target_faces, return_collapses=True)
+        # Replaying the collapses gives the same mesh plus the kept vertex each original vertex merged into.
+        vertices, faces, merged_into = fast_simplification.replay_simplification(points, triangles, collapses)
     colors = None
     if mesh.visual.kind == "vertex":
         kept = merged_into >= 0
@@ -39,7 +45,19 @@ def simplify(mesh: trimesh.Trimesh, target_faces: int) -> trimesh.Trimesh:
         np.add.at(sums, merged_into[kept], mesh.visual.vertex_colors[kept].astype(np.float64))
         counts = np.bincount(merged_into[kept], minlength=len(vertices))[:, None]
         colors = np.round(sums / np.maximum(counts, 1)).astype(np.uint8)
-    return trimesh.Trimesh(vertices=vertices, faces=faces, vertex_colors=colors, process=False)
+    simplified = trimesh.Trimesh(vertices=vertices, faces=faces[_unfolded(faces)], vertex_colors=colors, process=False)
+    simplified.remove_unreferenced_vertices()
+    return simplified
+
+
+def _unfolded(faces: np.ndarray) -> np.ndarray:
+    """(F,) mask dropping faces that share all three vertices with another face.
+
+    Collapsing a thin sheet leaves two back-to-back copies of one triangle; their edges then join four faces and
+    the mesh stops being watertight. Without both copies the surface on either side closes again.
+    """
+    _, inverse, counts = np.unique(np.sort(faces, axis=1), axis=0, return_inverse=True, return_counts=True)
+    return counts[inverse.ravel()] == 1
 
 
 def export_mesh(mesh: trimesh.Trimesh, file_format: str = "glb", target_faces: int | None = DEFAULT_TARGET_FACES) -> bytes:
@@ -51,7 +69,8 @@ def export_mesh(mesh: trimesh.Trimesh, file_format: str = "glb", target_faces: i
         raise ValueError("cannot export an empty mesh (the decoded structure had no occupied voxels)")
     if target_faces is not None:
         mesh = simplify(mesh, target_faces)
-    data = mesh.export(file_type=file_format)
+    options = {"include_normals": True} if file_format == "glb" else {}
+    data = mesh.export(file_type=file_format, **options)
     return data.encode() if isinstance(data, str) else bytes(data)
 
 
