@@ -1,136 +1,176 @@
-"""Serving benchmark: a bounded load test through HTTP, autoscaling replica counts, and Serve's overhead.
+"""Serving benchmark over HTTP on the shipped serve/config.yaml (tiny preset by default, synchronous routes).
 
-Starts a local Ray, writes tiny-preset artifacts (or uses --export/--trellis), `serve run`s the shipped
-serve/config.yaml on a free 127.0.0.1 port, then:
-  1. latency of the three stages called directly in this process vs one request through HTTP (ratio);
-  2. --requests requests at --concurrency to /v1/generate: p50/p95/p99, throughput, errors;
-  3. running replicas per deployment before, at the peak of, and after the load (after --cooldown-s).
-One JSON line per figure.
+Starts a local Ray (with --throughput-optimized: Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED=1), `serve run`s the
+shipped config on a free 127.0.0.1 port, then:
+  1. one prompt through HTTP against the same three stages called in this process, at the replicas' thread
+     count (1: Ray gives fractional-CPU replicas OMP_NUM_THREADS=1) and at this process's: medians, the ratio,
+     and where the difference goes (each stage as the Gateway saw it, and the rest: proxy, ingress, transfers);
+  2. /v1/generate at each --concurrency: p50/p95 of the 200s, throughput, share of 503s, client time-outs and
+     other errors (the last two must be 0), and the running replicas at the end;
+  3. /v1/embed throughput at concurrency 8 over 1: the Aligner's batching gain.
+Every request loop is bounded in count and time. One JSON line per figure.
 """
 
 import argparse
 import json
-import socket
+import os
 import statistics
-import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import ray
-import yaml
-from ray import serve
+import torch
 
 from gap3d.build import build_aligner
 from gap3d.config import load_config
 from gap3d.export import save_export
-from gap3d.generation import TextTo3D
+from gap3d.generation import TextTo3D, align
 from gap3d.tiny.trellis import write_tiny_trellis
+from gap3d.trellis import export_mesh
+from serve.launch import free_port, local_config, serve_run
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+PROMPT = {"prompt": "a small red cone", "seed": 3}
 
 
 def emit(figure: str, value, unit: str, **extra) -> None:
     print(json.dumps({"benchmark": "serve_load", "figure": figure, "value": value, "unit": unit, **extra}), flush=True)
 
 
-def tiny_artifacts(root: Path) -> tuple[str, str]:
+def tiny_artifacts(root: Path) -> dict:
     config = load_config("tiny")
-    save_export(root / "export", build_aligner(config, seed=0).state_dict(), None, config, step=0)
-    write_tiny_trellis(root / "trellis", cond_dim=config.aligner.token_dim)
-    return str(root / "export"), str(root / "trellis")
+    aligner = build_aligner(config, seed=0)
+    torch.nn.init.normal_(aligner.final_layer.linear.weight, std=0.05)  # a non-trivial velocity field, as in the tests
+    save_export(root / "export", aligner.state_dict(), None, config, step=0)
+    write_tiny_trellis(root / "trellis", cond_dim=config.aligner.token_dim, stage2=False)
+    return {"export": str(root / "export"), "trellis": str(root / "trellis")}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 4) if ordered else None
+
+
+def in_process_seconds(direct: TextTo3D, target_faces: int, threads: int) -> dict:
+    """One prompt through the three stages in this process with `threads` torch threads: seconds per stage and total."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        flow, times = direct.export.config.flow, {}
+        start = time.perf_counter()
+        cond = direct.prompt_encoder([PROMPT["prompt"]])
+        times["prompt_encoder"] = time.perf_counter() - start
+        tokens = align(direct.export, cond, [PROMPT["seed"]], flow.sample_steps, flow.cfg_scale)
+        times["aligner"] = time.perf_counter() - start - times["prompt_encoder"]
+        mesh = direct.decoder.generate(tokens, seed=PROMPT["seed"])[0]
+        export_mesh(mesh, "glb", target_faces)
+        times["total"] = time.perf_counter() - start
+        times["decoder"] = times["total"] - times["prompt_encoder"] - times["aligner"]
+        return times
+    finally:
+        torch.set_num_threads(saved)
+
+
+def http_seconds(base: str) -> dict:
+    start = time.perf_counter()
+    response = httpx.post(f"{base}/v1/generate", json=PROMPT, timeout=120)
+    total = time.perf_counter() - start
+    response.raise_for_status()
+    stages = {name: float(response.headers[f"x-timing-{name.replace('_', '-')}-ms"]) / 1000 for name in ("prompt_encoder", "aligner", "decoder")}
+    return {**stages, "total": total, "rest": total - sum(stages.values())}
+
+
+def compare_with_in_process(base: str, direct: TextTo3D, target_faces: int, repeats: int) -> None:
+    runs = {"http": [], "in_process_1_thread": [], f"in_process_{torch.get_num_threads()}_threads": []}
+    for _ in range(repeats):
+        runs["http"].append(http_seconds(base))
+        runs["in_process_1_thread"].append(in_process_seconds(direct, target_faces, 1))
+        runs[f"in_process_{torch.get_num_threads()}_threads"].append(in_process_seconds(direct, target_faces, torch.get_num_threads()))
+    medians = {name: {key: round(statistics.median(r[key] for r in rows), 4) for key in rows[0]} for name, rows in runs.items()}
+    for name, values in medians.items():
+        emit(f"{name}_latency_median", values["total"], "s", stages=values, repeats=repeats)
+    emit("http_over_in_process_ratio", round(medians["http"]["total"] / medians["in_process_1_thread"]["total"], 3), "x",
+         note="same thread count per stage (1)")
+
+
+def load_phase(base: str, route: str, concurrency: int, requests: int, time_limit_s: float, client_timeout_s: float) -> dict:
+    """`requests` requests at `concurrency` (stopping early after `time_limit_s`): latencies and outcomes."""
+    stop_at = time.monotonic() + time_limit_s
+
+    def one(_):
+        if time.monotonic() > stop_at:
+            return None, "skipped", None
+        start = time.perf_counter()
+        try:
+            response = httpx.post(f"{base}{route}", json=PROMPT, timeout=client_timeout_s)
+            return time.perf_counter() - start, response.status_code, response.headers.get("x-aligner-batch-size")
+        except httpx.TimeoutException:
+            return time.perf_counter() - start, "client_timeout", None
+        except httpx.HTTPError as error:
+            return time.perf_counter() - start, type(error).__name__, None
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - start
+    sent = [r for r in results if r[1] != "skipped"]
+    ok = [latency for latency, status, _ in sent if status == 200]
+    return {
+        "sent": len(sent), "ok": len(ok), "wall_s": round(wall, 2), "p50_s": percentile(ok, 0.5), "p95_s": percentile(ok, 0.95),
+        "throughput_rps": round(len(ok) / wall, 3),
+        "share_503": round(sum(1 for r in sent if r[1] == 503) / max(len(sent), 1), 3),
+        "client_timeouts": sum(1 for r in sent if r[1] == "client_timeout"),
+        "errors": sum(1 for r in sent if r[1] not in (200, 503, "client_timeout")),
+        "mean_batch": round(statistics.mean(int(b) for _, status, b in sent if status == 200 and b) if ok and route == "/v1/embed" else 0, 2),
+    }
 
 
 def running_replicas() -> dict[str, int]:
+    from ray import serve
+
     deployments = serve.status().applications["gap3d"].deployments
     return {name: status.replica_states.get("RUNNING", 0) for name, status in deployments.items()}
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--time-limit-s", type=float, default=900, help="stop sending after this long")
-    parser.add_argument("--cooldown-s", type=float, default=60, help="wait this long after the load before counting replicas")
-    parser.add_argument("--direct-repeats", type=int, default=5)
+    parser.add_argument("--concurrency", default="1,8,100", help="comma-separated concurrency levels for /v1/generate")
+    parser.add_argument("--requests-per-level", type=int, default=0, help="requests per level (default: max(24, 3 x concurrency))")
+    parser.add_argument("--time-limit-s", type=float, default=300, help="stop sending at a level after this long")
+    parser.add_argument("--repeats", type=int, default=7, help="repeats of the HTTP vs in-process comparison")
+    parser.add_argument("--embed-requests", type=int, default=96)
+    parser.add_argument("--throughput-optimized", action="store_true", help="start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
     parser.add_argument("--export", default=None)
     parser.add_argument("--trellis", default=None)
     args = parser.parse_args()
 
+    if args.throughput_optimized:
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read by Serve's processes, which inherit this environment
+    import ray
+    from ray import serve
+
     workdir = Path(tempfile.mkdtemp(prefix="gap3d-serve-load-"))
-    export, trellis = (args.export, args.trellis) if args.export else tiny_artifacts(workdir)
+    artifacts = {"export": args.export, "trellis": args.trellis} if args.export else tiny_artifacts(workdir)
+    mode = "throughput_optimized" if args.throughput_optimized else "default"
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    config = yaml.safe_load(open("serve/config.yaml"))
-    config["http_options"] = {"host": "127.0.0.1", "port": port}
-    config["applications"][0]["args"].update(export=export, trellis=trellis)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    subprocess.run(["serve", "run", str(workdir / "config.yaml"), "--address", ray.get_runtime_context().gcs_address, "--non-blocking"], check=True)
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while httpx.get(f"{base}/healthz", timeout=10).status_code != 200:
-            if time.monotonic() > deadline:
-                raise TimeoutError("service not healthy after 300 s")
-            time.sleep(1)
-        body = {"prompt": "a small red cone on the left", "seed": 0}
-        direct = TextTo3D.load(export, trellis, decoder_stages=config["applications"][0]["args"].get("decoder_stages", "auto"))
-        flow = direct.export.config.flow
-        direct_times, http_times = [], []
-        for _ in range(args.direct_repeats):
-            start = time.perf_counter()
-            direct.generate(body["prompt"], None, 0, flow.sample_steps, flow.cfg_scale, "glb", config["applications"][0]["args"]["limits"]["target_faces"])
-            direct_times.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            httpx.post(f"{base}/v1/generate", json=body, timeout=300).raise_for_status()
-            http_times.append(time.perf_counter() - start)
+        config = local_config(free_port(), artifacts, jobs=None)
+        app_args = config["applications"][0]["args"]
+        base = serve_run(config, workdir / "config.yaml", ray.get_runtime_context().gcs_address)
+        direct = TextTo3D.load(artifacts["export"], artifacts["trellis"], decoder_stages=app_args["decoder_stages"])
+        httpx.post(f"{base}/v1/generate", json=PROMPT, timeout=120).raise_for_status()  # warm every stage once
+        compare_with_in_process(base, direct, app_args["limits"]["target_faces"], args.repeats)
         del direct
-        emit("direct_latency_median", round(statistics.median(direct_times), 4), "s")
-        emit("http_latency_median", round(statistics.median(http_times), 4), "s")
-        emit("serve_overhead_ratio", round(statistics.median(http_times) / statistics.median(direct_times), 3), "x")
-
-        before = running_replicas()
-        peak = dict(before)
-        stop_at = time.monotonic() + args.time_limit_s
-
-        def one(index: int):
-            if time.monotonic() > stop_at:
-                return None, "skipped"
-            start = time.perf_counter()
-            try:
-                response = httpx.post(f"{base}/v1/generate", json={"prompt": f"a red cone {index}", "seed": index}, timeout=300)
-                return time.perf_counter() - start, response.status_code
-            except httpx.HTTPError as error:
-                return time.perf_counter() - start, type(error).__name__
-
-        start = time.perf_counter()
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            futures = [pool.submit(one, i) for i in range(args.requests)]
-            while not all(f.done() for f in futures):
-                peak = {name: max(peak.get(name, 0), count) for name, count in running_replicas().items()}
-                time.sleep(1)
-        wall = time.perf_counter() - start
-        results = [f.result() for f in futures]
-        ok = [latency for latency, status in results if status == 200]
-        errors = sum(1 for _, status in results if status not in (200, "skipped"))
-        context = dict(requests=args.requests, concurrency=args.concurrency)
-        for q in (0.5, 0.95, 0.99):
-            emit(f"latency_p{int(q * 100)}", round(percentile(ok, q), 4) if ok else None, "s", **context)
-        emit("throughput", round(len(ok) / wall, 3), "requests/s", **context)
-        emit("errors", errors, "requests", skipped=sum(1 for _, s in results if s == "skipped"), **context)
-        time.sleep(args.cooldown_s)
-        emit("replicas", {"before": before, "peak": peak, "after": running_replicas()}, "running replicas", cooldown_s=args.cooldown_s)
+        client_timeout_s = app_args["limits"]["deadline_s"] + 30
+        for concurrency in (int(c) for c in args.concurrency.split(",")):
+            requests = args.requests_per_level or max(24, 3 * concurrency)
+            figures = load_phase(base, "/v1/generate", concurrency, requests, args.time_limit_s, client_timeout_s)
+            emit("generate_load", figures, "mixed", concurrency=concurrency, mode=mode, deadline_s=app_args["limits"]["deadline_s"],
+                 replicas_after=running_replicas())
+        embeds = {c: load_phase(base, "/v1/embed", c, args.embed_requests, args.time_limit_s, client_timeout_s) for c in (1, 8)}
+        emit("embed_throughput", {c: embeds[c]["throughput_rps"] for c in embeds}, "requests/s", mean_batch_at_8=embeds[8]["mean_batch"], mode=mode)
+        emit("aligner_batching_gain", round(embeds[8]["throughput_rps"] / embeds[1]["throughput_rps"], 3), "x", mode=mode)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from gap3d.cancellation import raise_if_cancelled
+
 
 @dataclass
 class FlowConfig:
@@ -116,6 +118,7 @@ def sample(
     x = noise.to(cond.device, cond.dtype)
     times = torch.linspace(1.0, 0.0, steps + 1, device=cond.device)
     for t_cur, t_next in zip(times[:-1], times[1:]):
+        raise_if_cancelled()
         t_batch = t_cur.expand(batch)
         v = guided_velocity(model, x, t_batch, cond, cfg_scale)
         x_next = x + (t_next - t_cur) * v

@@ -222,3 +222,11 @@ def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
         skip_instance_cache=True,
     )
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(s3)), str(uri)[len("s3://") :].rstrip("/")
+
+
+def publish_bytes(data: bytes, uri: str) -> None:
+    """Write `data` to `uri` whole: readers see the old object or the new one, never part of it."""
+    local_path = temp_file_for(uri)
+    with open(local_path, "wb") as handle:
+        handle.write(data)
+    publish_file(local_path, uri)

@@ -6,7 +6,7 @@ Each command is also its own script (`python ray_jobs/<command>.py`, `ray job su
 
 import sys
 
-from ray_jobs import demo, evaluate, make_tiny, preprocess, smoke, synth, train, train_decoder
+from ray_jobs import broker, demo, evaluate, make_tiny, preprocess, smoke, synth, train, train_decoder
 
 COMMANDS = {
     "demo": demo,
@@ -17,6 +17,7 @@ COMMANDS = {
     "evaluate": evaluate,
     "smoke": smoke,
     "make-tiny": make_tiny,
+    "broker": broker,
 }
 
 

@@ -4,7 +4,8 @@ synthetic world -> Ray Data preprocessing -> Ray Train + DeepSpeed (2 workers, h
 -> evaluation on held-out shape x colour pairs against an untrained aligner and the prompt-blind mean, and of
 the 3D structures the tiny TRELLIS (tiny://trellis, stage 1 trained on the same world, built once per machine)
 decodes from true and from generated tokens -> pictures (alignment.png, learning_curve.png) -> `serve run
-serve/config.yaml` -> one HTTP generation per example prompt -> GLB files -> assets.png. Run as
+serve/config.yaml` (with a Redis broker for async jobs) -> one HTTP generation per example prompt, the last one as
+an async job -> GLB files -> assets.png. Run as
 `python -m ray_jobs demo [--workdir DIR]`. Artifacts land where serve/config.yaml expects them by default
 (~/.cache/gap3d/demo), so `serve run serve/config.yaml` works afterwards.
 """
@@ -13,14 +14,12 @@ import argparse
 import json
 import logging
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
 import ray
-import yaml
 
 from gap3d import storage
 from gap3d.checkpoints import resolve
@@ -34,17 +33,18 @@ from ray_jobs.config import (
     configure_logging,
     job_config_from_args,
 )
+from ray_jobs.broker import start_redis
 from ray_jobs.evaluate import Evaluation, run_evaluation
 from ray_jobs.preprocess import run_preprocess
 from ray_jobs.train import TRAIN_SECTIONS, run_training
 from ray_jobs.train_worker import EVALS_NAME
+from serve.launch import free_port, local_config, serve_run
 
 logger = logging.getLogger("gap3d.demo")
 
 # Held-out combinations: no training image showed a yellow cube, a green sphere or a red torus.
 EXAMPLE_PROMPTS = ("a yellow cube", "a green sphere", "a red torus")
 PICTURE_ROWS = 8  # held-out prompts drawn in alignment.png
-SERVE_CONFIG = Path(__file__).resolve().parent.parent / "serve" / "config.yaml"
 
 
 def stage(name: str, timings: dict):
@@ -62,25 +62,24 @@ def stage(name: str, timings: dict):
     return _Stage()
 
 
-def start_service(workdir: Path, port: int) -> str:
-    """`serve run` the shipped config against this cluster with the demo's artifacts; returns the base URL."""
-    config = yaml.safe_load(SERVE_CONFIG.read_text())
-    config["http_options"] = {"host": "127.0.0.1", "port": port}
-    config["applications"][0]["args"].update(export=str(workdir / "export"), trellis=str(workdir / "trellis"))
-    path = workdir / "serve_config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    address = ray.get_runtime_context().gcs_address
-    subprocess.run(["serve", "run", str(path), "--address", address, "--non-blocking"], check=True, timeout=600)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
-                return base
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise TimeoutError(f"the service at {base} did not become healthy within 600 s")
+def start_service(workdir: Path, port: int, broker: str) -> str:
+    """`serve run` the shipped config against this cluster with the demo's artifacts and broker; returns the base URL."""
+    artifacts = {"export": str(workdir / "export"), "trellis": str(workdir / "trellis")}
+    config = local_config(port, artifacts, jobs={"store": str(workdir / "jobs"), "broker": broker})
+    return serve_run(config, workdir / "serve_config.yaml", ray.get_runtime_context().gcs_address)
+
+
+def generate_as_job(base: str, body: dict, timeout_s: float = 600) -> httpx.Response:
+    """The async route: POST /v1/jobs, poll until the job ends, then fetch its result."""
+    job_id = httpx.post(f"{base}/v1/jobs", json=body, timeout=60).raise_for_status().json()["id"]
+    deadline = time.monotonic() + timeout_s
+    while (state := httpx.get(f"{base}/v1/jobs/{job_id}", timeout=60).json())["status"] in ("queued", "running"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} still {state['status']} after {timeout_s} s")
+        time.sleep(0.5)
+    if state["status"] != "succeeded":
+        raise RuntimeError(f"job {job_id} {state['status']}: {state['error']}")
+    return httpx.get(f"{base}/v1/jobs/{job_id}/result", timeout=60).raise_for_status()
 
 
 def run_demo(args: argparse.Namespace) -> dict:
@@ -90,6 +89,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     raw, features = workdir / "raw", workdir / "features"
     timings: dict = {}
+    broker = None
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)  # workers log training progress
     try:
         with stage("synthetic data", timings):
@@ -117,11 +117,15 @@ def run_demo(args: argparse.Namespace) -> dict:
         with stage("pictures", timings):
             pictures = draw_pictures(config, evaluation, str(features / "train-*.parquet"), checkpoint, workdir, args.seed)
         with stage("serving (Ray Serve) and HTTP generation", timings):
-            base = start_service(workdir, args.port)
+            broker_port = free_port()
+            broker = start_redis(broker_port)
+            base = start_service(workdir, args.port, f"redis://127.0.0.1:{broker_port}/0")
             assets = []
             for index, prompt in enumerate(EXAMPLE_PROMPTS):
-                response = httpx.post(f"{base}/v1/generate", json={"prompt": prompt, "seed": index}, timeout=600)
-                response.raise_for_status()
+                body = {"prompt": prompt, "seed": index}
+                # The last prompt goes through the async job route (JobRunner, Redis, job store), the others synchronously.
+                response = generate_as_job(base, body) if index == len(EXAMPLE_PROMPTS) - 1 else \
+                    httpx.post(f"{base}/v1/generate", json=body, timeout=600).raise_for_status()
                 path = workdir / "assets" / f"{index}_{prompt.replace(' ', '_')}.glb"
                 path.parent.mkdir(exist_ok=True)
                 path.write_bytes(response.content)
@@ -134,6 +138,8 @@ def run_demo(args: argparse.Namespace) -> dict:
 
         serve.shutdown()
         ray.shutdown()
+        if broker is not None:
+            broker.terminate()
     return {
         "workdir": str(workdir),
         "samples": synth.get("counts", synth.get("num")),

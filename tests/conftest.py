@@ -2,36 +2,20 @@
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
+
+from ray_jobs.broker import start_redis, wait_for_port
+from serve.launch import free_port
 
 
 def pytest_configure(config):
     # Tiny checkpoints (tiny://...) and downloads go to a cache of the session's own, unless the caller set one;
     # set before any Ray worker starts, so every process of the session shares it.
     os.environ.setdefault("GAP3D_CACHE", tempfile.mkdtemp(prefix="gap3d-test-cache-"))
-
-
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_port(port: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +37,7 @@ def s3_server():
         AWS_REGION="us-east-1",
     )
     try:
-        _wait_for_port(port, timeout_s=30)
+        wait_for_port(port, timeout_s=30)
         yield endpoint
     finally:
         proc.terminate()
@@ -107,3 +91,39 @@ def tiny_config():
     from gap3d.config import load_config
 
     return load_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def redis_broker():
+    """A real Redis server on 127.0.0.1 (the async jobs' broker); yields its redis:// URL."""
+    port = free_port()
+    process = start_redis(port)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def serve_artifacts(tmp_path_factory, tiny_config):
+    """Export + TRELLIS directories the test service loads: {'export': ..., 'trellis': ...}."""
+    from tests.serving import write_artifacts
+
+    return write_artifacts(tmp_path_factory.mktemp("serve_artifacts"), tiny_config)
+
+
+@pytest.fixture(scope="session")
+def service(ray_cluster, serve_artifacts, redis_broker, tmp_path_factory):
+    """`serve run` of serve/config.yaml (session's artifacts, broker, job store, API key on); yields its base URL."""
+    from ray import serve
+
+    from serve.launch import serve_run
+    from tests.serving import service_config
+
+    root = tmp_path_factory.mktemp("service")
+    config = service_config(free_port(), serve_artifacts, redis_broker, str(root / "jobs"))
+    try:
+        yield serve_run(config, root / "config.yaml", ray_cluster.get_runtime_context().gcs_address)
+    finally:
+        serve.shutdown()

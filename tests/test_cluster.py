@@ -240,3 +240,18 @@ def test_serve_deployments_fit_the_rayservice_worker_groups():
         for kind in needed:
             needed[kind] += replica[kind] * replicas
     assert needed["GPU"] <= capacity["GPU"] and needed["CPU"] <= capacity["CPU"], (needed, capacity)
+
+
+def test_the_rayservice_workers_mount_the_api_keys_where_the_serve_config_reads_them_and_probe_the_service():
+    key_file = Path(yaml.safe_load((REPO / "serve" / "config.gpu.yaml").read_text())["applications"][0]["args"]["api_keys_file"])
+    spec = cluster_spec(load("rayservice.yaml"))
+    for group in spec["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        container = pod["containers"][0]
+        mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+        secrets = {volume["name"]: volume["secret"]["secretName"] for volume in pod["volumes"] if "secret" in volume}
+        assert secrets[next(name for name, path in mounts.items() if path == str(key_file.parent))] == "gap3d-api-keys", group["groupName"]
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    keys = {doc["metadata"]["name"]: doc["stringData"] for doc in yaml.safe_load_all((KUBERAY / "secret-example.yaml").read_text())}["gap3d-api-keys"]
+    assert key_file.name in keys

@@ -1,9 +1,7 @@
-"""The composed GAP3D service over real HTTP: `serve run` of the shipped config against the session's Ray."""
+"""The composed GAP3D service over real HTTP: `serve run` of the shipped config against the session's Ray (tests/serving.py)."""
 
 import base64
 import io
-import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -14,73 +12,18 @@ import trimesh
 import yaml
 from PIL import Image
 
-from gap3d.build import build_aligner
-from gap3d.export import save_export
 from gap3d.generation import TextTo3D, align
-from gap3d.tiny.trellis import write_tiny_trellis
-from tests.conftest import free_port
-
-API_KEY = "test-key-123"
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
+from tests.serving import AUTH, post
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory, tiny_config):
-    root = tmp_path_factory.mktemp("serve_artifacts")
-    aligner = build_aligner(tiny_config, seed=0)
-    torch.nn.init.normal_(aligner.final_layer.linear.weight, std=0.05)  # a non-trivial velocity field
-    save_export(root / "export", aligner.state_dict(), None, tiny_config, step=0)
-    # Stage 1 only keeps each generation around a second; stage 2 has its own tests in test_trellis_full.py.
-    write_tiny_trellis(root / "trellis", cond_dim=tiny_config.aligner.token_dim, stage2=False)
-    return {"export": str(root / "export"), "trellis": str(root / "trellis")}
-
-
-@pytest.fixture(scope="module")
-def service(ray_cluster, artifacts, tmp_path_factory):
-    """`serve run` of serve/config.yaml with this session's artifacts, a free port and API keys on."""
-    from ray import serve
-
-    config = yaml.safe_load(open("serve/config.yaml"))
-    port = free_port()
-    config["http_options"] = {"host": "127.0.0.1", "port": port}
-    application = config["applications"][0]
-    application["args"].update(artifacts)
-    gateway = next(d for d in application["deployments"] if d["name"] == "Gateway")
-    gateway["ray_actor_options"]["runtime_env"] = {"env_vars": {"GAP3D_API_KEYS": API_KEY}}
-    path = tmp_path_factory.mktemp("serve_config") / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    address = ray_cluster.get_runtime_context().gcs_address
-    subprocess.run(["serve", "run", str(path), "--address", address, "--non-blocking"], check=True, timeout=300, capture_output=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            raise TimeoutError("the service did not become healthy within 240 s")
-        yield base
-    finally:
-        serve.shutdown()
-
-
-@pytest.fixture(scope="module")
-def in_process(artifacts):
-    return TextTo3D.load(artifacts["export"], artifacts["trellis"])
+def in_process(serve_artifacts):
+    return TextTo3D.load(serve_artifacts["export"], serve_artifacts["trellis"])
 
 
 def png_base64(size=(64, 48)) -> str:
     buffer = io.BytesIO()
     Image.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")  # one colour: even a huge image stays small
     return base64.b64encode(buffer.getvalue()).decode()
-
-
-def post(service, route, body, headers=AUTH, timeout=120):
-    return httpx.post(f"{service}{route}", json=body, headers=headers, timeout=timeout)
 
 
 def test_generate_returns_a_glb_that_trimesh_loads_with_stage_timings(service):
@@ -164,16 +107,29 @@ def test_oversized_body_is_rejected_before_parsing(service):
     assert response.status_code == 413
 
 
-def test_requests_without_a_valid_key_get_401_but_healthz_stays_open(service):
+def test_requests_without_a_valid_key_get_401_but_the_probes_stay_open(service):
     assert post(service, "/v1/generate", {"prompt": "a cone"}, headers={}).status_code == 401
     assert post(service, "/v1/generate", {"prompt": "a cone"}, headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert httpx.get(f"{service}/healthz", timeout=10).json() == {"status": "ready"}
+    assert httpx.get(f"{service}/healthz", timeout=10).json() == {"status": "alive"}
+    assert httpx.get(f"{service}/readyz", timeout=10).json()["status"] == "ready"
 
 
-def test_models_lists_each_stage_and_where_it_was_loaded_from(service, artifacts):
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json"])
+def test_the_docs_need_a_key_like_every_route_but_the_probes(service, path):
+    assert httpx.get(f"{service}{path}", timeout=10).status_code == 401
+    assert httpx.get(f"{service}{path}", headers=AUTH, timeout=10).status_code == 200
+
+
+def test_readyz_reports_a_running_replica_for_every_deployment(service):
+    deployments = httpx.get(f"{service}/readyz", timeout=10).json()["deployments"]
+    assert set(deployments) == {"Gateway", "PromptEncoder", "Aligner", "Decoder", "JobRunner"}
+    assert all(view["running_replicas"] >= 1 for view in deployments.values())
+
+
+def test_models_lists_each_stage_and_where_it_was_loaded_from(service, serve_artifacts):
     models = httpx.get(f"{service}/v1/models", headers=AUTH, timeout=30).json()
-    assert models["stages"]["decoder"]["trellis"] == artifacts["trellis"]
-    assert models["stages"]["aligner"]["export"] == artifacts["export"]
+    assert models["stages"]["decoder"]["trellis"] == serve_artifacts["trellis"]
+    assert models["stages"]["aligner"]["export"] == serve_artifacts["export"]
     assert models["config"]["preset"] == "tiny"
 
 
@@ -181,12 +137,15 @@ def test_metrics_are_scrapeable_in_prometheus_format(service):
     post(service, "/v1/embed", {"prompt": "a cone", "steps": 2})
     text = httpx.get(f"{service}/metrics", headers=AUTH, timeout=30).text
     assert 'gap3d_requests_total{route="/v1/embed",status="200"}' in text
-    assert "gap3d_stage_seconds_bucket" in text and "gap3d_aligner_batch_size_count" in text
+    assert 'gap3d_stage_seconds_bucket{le="0.01",outcome="ok",stage="aligner"}' in text and "gap3d_aligner_batch_size_count" in text
+    for family in ("gap3d_stage_errors", "gap3d_stage_requests_waiting", "gap3d_requests_cancelled", "gap3d_jobs", "gap3d_generations_admitted"):
+        assert f"# TYPE {family}" in text
 
 
 def test_openapi_documents_the_versioned_routes(service):
     paths = httpx.get(f"{service}/openapi.json", headers=AUTH, timeout=30).json()["paths"]
-    assert {"/v1/generate", "/v1/embed", "/v1/models", "/healthz"} <= set(paths)
+    assert {"/v1/generate", "/v1/embed", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/result", "/v1/models", "/healthz", "/readyz",
+            "/generate", "/send", "/status/{uid}"} <= set(paths)
 
 
 @pytest.mark.parametrize("path", ["serve/config.yaml", "serve/config.gpu.yaml"])
@@ -196,4 +155,13 @@ def test_shipped_serve_configs_validate_and_name_every_deployment_of_the_app(pat
     schema = ServeDeploySchema(**yaml.safe_load(open(path)))
     application = schema.applications[0]
     assert application.import_path == "serve.app:app"
-    assert {d.name for d in application.deployments} == {"Gateway", "PromptEncoder", "Aligner", "Decoder"}
+    assert {d.name for d in application.deployments} == {"Gateway", "PromptEncoder", "Aligner", "Decoder", "JobRunner"}
+
+
+@pytest.mark.parametrize("path", ["serve/config.yaml", "serve/config.gpu.yaml"])
+def test_shipped_configs_admit_by_the_decoders_concurrency_and_scale_jobs_on_their_own_queue(path):
+    application = yaml.safe_load(open(path))["applications"][0]
+    deployments = {d["name"]: d for d in application["deployments"]}
+    assert application["args"]["limits"]["decoder_slots_per_replica"] == deployments["Decoder"]["max_ongoing_requests"]
+    policy = deployments["JobRunner"]["autoscaling_config"]["policy"]["policy_kwargs"]
+    assert (policy["broker_url"], policy["queue_name"]) == (application["args"]["jobs"]["broker"], application["args"]["jobs"]["queue"])

@@ -1,9 +1,10 @@
-"""Bearer-token checks of the gateway (in-process, no cluster): every malformed credential is refused, never a crash."""
+"""Bearer-token checks of the gateway (in-process, no cluster): every malformed credential is refused, never a crash;
+keys come only from the sources the Serve config names."""
 
 import pytest
 from starlette.requests import Request
 
-from serve.api import authorized
+from serve.api import authorized, load_api_keys
 
 KEYS = frozenset({"test-key-123"})
 
@@ -26,9 +27,48 @@ def test_a_missing_wrong_or_malformed_credential_is_refused(authorization):
     assert not authorized(request("/v1/generate", authorization), KEYS)
 
 
-def test_healthz_needs_no_key():
-    assert authorized(request("/healthz", None), KEYS)
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_the_probes_need_no_key(path):
+    assert authorized(request(path, None), KEYS)
+
+
+@pytest.mark.parametrize("path", ["/docs", "/openapi.json", "/redoc", "/metrics", "/generate", "/send", "/status/abc", "/v1/jobs"])
+def test_every_other_route_needs_a_key(path):
+    assert not authorized(request(path, None), KEYS)
 
 
 def test_with_no_keys_configured_every_route_is_open():
     assert authorized(request("/v1/generate", None), frozenset())
+
+
+def test_keys_are_read_from_the_configured_file(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("key-a\n\n  key-b  \n")
+    assert load_api_keys(str(path), None) == {"key-a", "key-b"}
+
+
+def test_keys_are_read_from_the_configured_variable(monkeypatch):
+    monkeypatch.setenv("SERVICE_KEYS", "key-a, key-b,")
+    assert load_api_keys(None, "SERVICE_KEYS") == {"key-a", "key-b"}
+
+
+def test_with_no_source_configured_auth_is_off_whatever_the_environment_holds(monkeypatch):
+    monkeypatch.setenv("GAP3D_API_KEYS", "key-from-a-shell")
+    assert load_api_keys(None, None) == frozenset()
+
+
+def test_a_configured_file_that_is_missing_fails_naming_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing-keys"):
+        load_api_keys(str(tmp_path / "missing-keys"), None)
+
+
+def test_a_configured_variable_that_is_unset_fails_naming_it(monkeypatch):
+    monkeypatch.delenv("SERVICE_KEYS", raising=False)
+    with pytest.raises(KeyError, match="SERVICE_KEYS"):
+        load_api_keys(None, "SERVICE_KEYS")
+
+
+def test_a_configured_source_without_keys_fails(tmp_path):
+    (tmp_path / "keys").write_text("\n")
+    with pytest.raises(ValueError, match="holds no key"):
+        load_api_keys(str(tmp_path / "keys"), None)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import trimesh
 from torch import nn
 
+from gap3d.cancellation import raise_if_cancelled
 from gap3d.trellis import sparse as sp
 from gap3d.trellis.config import (
     SLAT_DECODER_MESH,
@@ -266,6 +267,7 @@ class Decoder:
                 continue
             voxels[index] = stage2_voxels(occupancy, self.max_stage2_voxels, labels[index])
         for group in voxel_budget_groups({index: v.shape[0] for index, v in voxels.items()}, self.max_stage2_voxels):
+            raise_if_cancelled()
             start = time.perf_counter()
             latent = self.sample_structured_latent(cond[group], [voxels[i] for i in group], [structure.seeds[i] for i in group], params)
             decoded = self.models[SLAT_DECODER_MESH].decode(latent)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from gap3d.cancellation import raise_if_cancelled
 from gap3d.trellis.config import SamplerConfig
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class FlowEulerSampler:
         times = time_schedule(config.steps, config.rescale_t)
         x = noise
         for t, t_prev in zip(times[:-1], times[1:]):
+            raise_if_cancelled()
             velocity = guided_velocity(model, x, t, cond, neg_cond, config.cfg_strength, config.cfg_interval)
             x = x - (t - t_prev) * velocity
         logger.debug("sampled %d Euler steps (cfg %.2f in %s)", config.steps, config.cfg_strength, config.cfg_interval)

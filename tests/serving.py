@@ -1,0 +1,75 @@
+"""The test session's GAP3D service: artifacts, a config derived from serve/config.yaml, `serve run`, readiness."""
+
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from gap3d.build import build_aligner
+from gap3d.export import save_export
+from gap3d.tiny.trellis import write_tiny_trellis
+from serve.launch import local_config
+
+API_KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+KEYS_ENV = "GAP3D_TEST_API_KEYS"
+DEADLINE_S = 10.0  # the synchronous deadline of the test service: short, so overload tests end quickly
+LEASE_S = 4.0  # a JobRunner killed mid-job is noticed after this long
+
+
+def write_artifacts(root: Path, config) -> dict:
+    """A random aligner export with a non-trivial velocity field and a stage-1-only tiny TRELLIS."""
+    aligner = build_aligner(config, seed=0)
+    torch.nn.init.normal_(aligner.final_layer.linear.weight, std=0.05)
+    save_export(root / "export", aligner.state_dict(), None, config, step=0)
+    # Stage 1 only keeps each generation around a second; stage 2 has its own tests in test_trellis_full.py.
+    write_tiny_trellis(root / "trellis", cond_dim=config.aligner.token_dim, stage2=False)
+    return {"export": str(root / "export"), "trellis": str(root / "trellis")}
+
+
+def service_config(port: int, artifacts: dict, broker: str, jobs_store: str) -> dict:
+    """serve/config.yaml as shipped, on `port`, with the session's artifacts, broker, job store and an API key."""
+    config = local_config(port, artifacts, jobs={"store": jobs_store, "broker": broker, "lease_s": LEASE_S, "sweep_every_s": 1},
+                          limits={"deadline_s": DEADLINE_S}, args={"api_keys_env": KEYS_ENV})
+    gateway = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Gateway")
+    gateway["ray_actor_options"]["runtime_env"] = {"env_vars": {KEYS_ENV: API_KEY}}
+    return config
+
+
+def post(base: str, route: str, body: dict, headers: dict | None = None, timeout: float = 120) -> httpx.Response:
+    return httpx.post(f"{base}{route}", json=body, headers=AUTH if headers is None else headers, timeout=timeout)
+
+
+def replicas(deployment: str) -> list:
+    """Actor handles of the running replicas of `deployment`."""
+    import ray
+
+    return [ray.get_actor(actor["name"], namespace="serve") for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["namespace"] == "serve" and f"#{deployment}#" in actor["name"]]
+
+
+def kill(actors: list) -> None:
+    """Kill replica actors outright (as a node loss would); Serve starts new ones."""
+    import ray
+
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+
+
+def waiting_on(base: str, stage: str) -> float:
+    """The Gateway's gap3d_stage_requests_waiting for `stage`, read from /metrics."""
+    text = httpx.get(f"{base}/metrics", headers=AUTH, timeout=10).text
+    prefix = f'gap3d_stage_requests_waiting{{stage="{stage}"}} '
+    return float(next(line for line in text.splitlines() if line.startswith(prefix))[len(prefix):])
+
+
+def wait_for(condition, timeout_s: float, interval_s: float = 0.05, what: str = "condition"):
+    """Poll `condition()` until it returns a truthy value (returned), at most `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise TimeoutError(f"{what} did not happen within {timeout_s} s")

@@ -1,0 +1,38 @@
+"""The synchronous path under overload and faults, over real HTTP: 200 or 503 + Retry-After, never a client time-out."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from serve.launch import wait_until_ready
+from tests.serving import DEADLINE_S, kill, post, replicas, wait_for, waiting_on
+
+CLIENT_TIMEOUT_S = DEADLINE_S + 20  # a client that waits a little longer than the service's deadline
+
+
+def test_a_burst_beyond_capacity_gets_only_assets_and_503s_with_retry_after(service):
+    def one(index: int):
+        try:
+            return post(service, "/v1/generate", {"prompt": "a small red cone", "seed": 3}, timeout=CLIENT_TIMEOUT_S)
+        except httpx.TimeoutException:
+            return None
+
+    with ThreadPoolExecutor(48) as pool:
+        responses = list(pool.map(one, range(48)))
+    assert None not in responses, "a client timed out"
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses, statuses
+    assert all(int(r.headers["retry-after"]) >= 1 for r in responses if r.status_code == 503)
+
+
+def test_a_decoder_replica_killed_mid_request_costs_that_request_only(service):
+    decoders = replicas("Decoder")  # with one request in flight, only one of them can be serving it
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(post, service, "/v1/generate", {"prompt": "a blue cube", "seed": 3}, timeout=CLIENT_TIMEOUT_S)
+        wait_for(lambda: waiting_on(service, "decoder") >= 1, timeout_s=30, interval_s=0.01, what="the request reaching the decoder")
+        kill(decoders)
+        lost = in_flight.result()
+    assert lost.status_code == 503 and lost.headers["retry-after"], lost.text
+    wait_until_ready(service, timeout_s=120)
+    after = post(service, "/v1/generate", {"prompt": "a blue cube", "seed": 3}, timeout=CLIENT_TIMEOUT_S)
+    assert after.status_code == 200, after.text
