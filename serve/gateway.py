@@ -257,8 +257,8 @@ class Gateway:
 
         async def handler():
             try:
-                record = await self._job(uid)
-            except ApiError:
+                record = await asyncio.to_thread(self._job_store().get, uid)
+            except KeyError:  # not a job id at all
                 record = None
             result = await asyncio.to_thread(self.jobs.result, uid, record.file_format) if record and record.status == "succeeded" else None
             body, status = hunyuan.status_body(record, result)
