@@ -18,3 +18,13 @@ def remove_stale_staging_everywhere() -> int:
     clean = ray.remote(num_cpus=0)(storage.remove_stale_staging)
     return sum(ray.get([clean.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote() for node in alive_nodes()]))
 
+
+def check_storage_is_shared(storage_uri: str, what: str) -> None:
+    """Fail when `storage_uri` is a local path and the cluster has more than one node: each node's writers would
+    write to their own disk, and no process would see all the files."""
+    nodes = alive_nodes()
+    if len(nodes) > 1 and not storage.is_remote(storage_uri):
+        raise ValueError(
+            f"{what} {storage_uri} is a local path, but the Ray cluster has {len(nodes)} nodes: each would write its files to "
+            "its own disk. Give object storage every node reaches (s3://bucket/prefix), or run on one node"
+        )

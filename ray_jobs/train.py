@@ -29,7 +29,7 @@ from gap3d.evaluation import load_eval_set
 from gap3d.features.identity import check_compatible, expected_manifest
 from gap3d.features.store import check_features, count_rows, feature_files
 from ray_jobs.config import add_config_arguments, configure_logging, job_config_from_args
-from ray_jobs.nodes import remove_stale_staging_everywhere
+from ray_jobs.nodes import check_storage_is_shared, remove_stale_staging_everywhere
 from ray_jobs.pipeline import ENCODE_SECTION, EncodeResources, stream_features
 from ray_jobs.resume import data_identity, plan_resume
 from ray_jobs.run_checkpoints import RunStorage
@@ -118,6 +118,8 @@ def run_training(
 ) -> ray.train.Result:
     """Train with TorchTrainer; rerunning with the same storage and name resumes from the newest valid checkpoint."""
     manifest = check_start(config, scaling, features, stream)
+    if not in_process:
+        check_storage_is_shared(storage, "--storage")
     data = data_identity(features, stream)
     storage_fs, storage_path = gap3d_storage.arrow_filesystem(storage)
     run = RunStorage(storage_fs, gap3d_storage.join(storage_path, name), gap3d_storage.join(storage, name))
