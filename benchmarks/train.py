@@ -1,15 +1,22 @@
-"""Training throughput: samples/s with 1 and 2 Ray Train workers, DeepSpeed against plain DDP, one JSON line per figure.
+"""Training throughput: samples/s with 1 and 2 Ray Train workers, where the time of a step goes, DeepSpeed against
+plain DDP; one JSON line per figure.
 
     python benchmarks/train.py [--preset tiny] [--steps 12] [--warmup 3] [key=value ...]
 
-Every worker runs the real training step (soft tokens through the frozen VLM on prompt caches, flow-matching
-loss, backward, optimiser step) on in-memory batches, so the figures measure the step and its gradient
-all-reduce, not data loading. Each configuration reports the median over timed steps of rank 0's
-samples/s (all workers' samples). Ratios come from the same run. With a GPU, it also times the paper-preset
-aligner step in bf16 and reports achieved TFLOP/s against the bf16 peak given by --peak-tflops.
+Every worker runs the real training step (soft tokens through the frozen VLM on prompt caches, flow-matching loss,
+backward, optimiser step) on feature rows the real encoders wrote, read as training reads them (a Ray Dataset
+shard through `iter_torch_batches` and the training collate function). Each configuration reports rank 0's
+medians over the timed steps: samples/s of the whole step (all workers' samples); the seconds of each phase
+(waiting for the batch, forward, backward with DeepSpeed's gradient reduction, optimiser step); and the seconds a
+batch takes fetched with no step beside it (the CPU the data path costs, otherwise spent by Ray Data's prefetch
+thread next to the step). Beside them: one worker at half the global batch (one of 2 workers' share of the work,
+so the per-step costs that do not shrink with the batch show), and a gloo all-reduce of the trainable parameters'
+size on its own. Ratios come from the same run. With a GPU, it also times the paper-preset aligner step in bf16
+and reports achieved TFLOP/s against the bf16 peak given by --peak-tflops.
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -17,28 +24,58 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gap3d.build import build_aligner
 from gap3d.config import Gap3DConfig, load_config
-from gap3d.features.format import FeatureBatch
+from gap3d.data.encode import FeatureEncoder
+from gap3d.features.format import RowCollator
 from gap3d.prompt_encoder import PromptEncoder
 from gap3d.training import AlignerTrainModule, trainable_parameters
 from ray_jobs.config import add_config_arguments, job_config_from_args
 from ray_jobs.train import TRAIN_SECTIONS
+from ray_jobs.train_worker import FeatureCollator
 
 CAPTIONS = ("a small red cone on the left", "a large blue cube in the center", "a medium green sphere on the right", "a white torus in the middle")
+PHASES = ("data", "forward", "backward", "optimizer_step")
+ALLREDUCE_REPEATS = 20
 
 
-def synthetic_batch(config: Gap3DConfig, prompt_encoder: PromptEncoder, size: int) -> FeatureBatch:
-    """Prompt caches of real captions and layer-normed random targets (B, N, D)."""
-    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(size)]
-    dino = torch.nn.functional.layer_norm(torch.randn(size, config.aligner.num_tokens, config.aligner.token_dim), (config.aligner.token_dim,))
-    return FeatureBatch(dino=dino, caches=prompt_encoder.encode_prompt_cache(captions))
+def feature_dataset(config: Gap3DConfig, rows: int):
+    """A Ray Dataset of `rows` feature rows encoded by the real encoders from random images, and their manifest."""
+    import ray.data
+
+    encoder = FeatureEncoder(config)
+    images = np.random.default_rng(0).integers(0, 256, (rows, config.dino.image_size, config.dino.image_size, 3), dtype=np.uint8)
+    table = encoder.encode([f"{i:06d}" for i in range(rows)], [CAPTIONS[i % len(CAPTIONS)] for i in range(rows)], images)
+    return ray.data.from_arrow(table).materialize(), encoder.manifest
+
+
+def _batches(shard, micro_batch: int, collate, shuffle_rows: int):
+    """Training's batch stream over epochs, without end."""
+    epoch = 0
+    while True:
+        yield from shard.iter_torch_batches(batch_size=micro_batch, collate_fn=collate, drop_last=True,
+                                            local_shuffle_buffer_size=shuffle_rows or None, local_shuffle_seed=epoch)
+        epoch += 1
+
+
+def _allreduce_seconds(numel: int) -> float | None:
+    """Median seconds of a gloo all-reduce of `numel` float32 values across the workers (None on one worker)."""
+    if torch.distributed.get_world_size() == 1:
+        return None
+    tensor = torch.ones(numel)
+    times = []
+    for _ in range(ALLREDUCE_REPEATS):
+        start = time.perf_counter()
+        torch.distributed.all_reduce(tensor)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def benchmark_worker(loop_config: dict) -> None:
-    """Time `steps` optimiser steps after `warmup` with DeepSpeed or DDP; rank 0 reports the median samples/s."""
+    """Time `steps` optimiser steps after `warmup` with DeepSpeed or DDP; rank 0 reports medians per phase."""
     import ray.train
     import ray.train.torch
 
@@ -50,48 +87,71 @@ def benchmark_worker(loop_config: dict) -> None:
     micro_batch = config.train.global_batch_size // world
     prompt_encoder = PromptEncoder.from_pretrained(config.vlm)
     module = AlignerTrainModule(build_aligner(config, seed=0), config.flow, prompt_encoder)
-    batch = synthetic_batch(config, prompt_encoder, micro_batch)
     generator = torch.Generator().manual_seed(0)
+    collate = FeatureCollator(RowCollator(loop_config["manifest"]))
+    batches = _batches(ray.train.get_dataset_shard("train"), micro_batch, collate, scaling.shuffle_buffer_rows)
     if backend == "deepspeed":
         engine, _ = build_engine(module, config, scaling, micro_batch)
-
-        def step():
-            engine.backward(engine(batch, generator)["loss"])
-            engine.step()
+        forward, backward, step = (lambda batch: engine(batch, generator)["loss"]), engine.backward, engine.step
     else:
         model = ray.train.torch.prepare_model(module, move_to_device=False)
         optimizer = torch.optim.AdamW(trainable_parameters(module).values(), lr=config.train.lr)
 
-        def step():
+        def forward(batch):
             optimizer.zero_grad()
-            model(batch, generator)["loss"].backward()
+            return model(batch, generator)["loss"]
+
+        def step():
             torch.nn.utils.clip_grad_norm_(module.parameters(), config.train.grad_clip)
             optimizer.step()
 
-    rates = []
+        backward = torch.Tensor.backward
+
+    times = {phase: [] for phase in PHASES}
     for index in range(warmup + steps):
-        start = time.perf_counter()
+        marks = [time.perf_counter()]
+        batch = next(batches)
+        marks.append(time.perf_counter())
+        loss = forward(batch)
+        marks.append(time.perf_counter())
+        backward(loss)
+        marks.append(time.perf_counter())
         step()
+        marks.append(time.perf_counter())
         if index >= warmup:
-            rates.append(micro_batch * world / (time.perf_counter() - start))
-    # Ray Train V2 keeps the metrics of checkpointed reports only, so the figure travels with a (tiny) checkpoint.
+            for phase, begin, end in zip(PHASES, marks, marks[1:]):
+                times[phase].append(end - begin)
+    totals = [sum(parts) for parts in zip(*times.values())]
+    fetches = []  # the data path's own cost per batch: normally paid by Ray Data's prefetch thread beside the step
+    for _ in range(steps):
+        start = time.perf_counter()
+        next(batches)
+        fetches.append(time.perf_counter() - start)
+    numel = sum(p.numel() for p in trainable_parameters(module).values())
+    figures = {
+        "samples_per_s": statistics.median(micro_batch * world / total for total in totals),
+        "phases": {phase: statistics.median(values) for phase, values in times.items()},
+        "batch_alone_s": statistics.median(fetches), "allreduce_s": _allreduce_seconds(numel), "gradient_bytes": numel * 4, "torch_threads": torch.get_num_threads(),
+    }
+    # Ray Train V2 keeps the metrics of checkpointed reports only, so the figures travel with a (tiny) checkpoint.
     directory = tempfile.mkdtemp()
-    Path(directory, "rate.json").write_text(json.dumps(statistics.median(rates)))
-    ray.train.report({"samples_per_s": statistics.median(rates)}, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    Path(directory, "figures.json").write_text(json.dumps(figures))
+    ray.train.report({"figures": json.dumps(figures)}, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def measure(config: Gap3DConfig, scaling, backend: str, workers: int, steps: int, warmup: int) -> float:
-    """Median samples/s of one configuration."""
+def measure(config: Gap3DConfig, scaling, dataset, manifest, backend: str, workers: int, steps: int, warmup: int) -> dict:
+    """One configuration's figures (see benchmark_worker)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         benchmark_worker,
-        train_loop_config={"config": config, "scaling": scaling, "backend": backend, "steps": steps, "warmup": warmup},
+        train_loop_config={"config": config, "scaling": scaling, "manifest": manifest, "backend": backend, "steps": steps, "warmup": warmup},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": scaling.worker_cpus}),
         run_config=RunConfig(name=f"bench-{backend}-{workers}-{time.time_ns()}", storage_path="/tmp/gap3d-bench"),
+        datasets={"train": dataset},
     )
-    return trainer.fit().metrics["samples_per_s"]
+    return json.loads(trainer.fit().metrics["figures"])
 
 
 def gpu_figures(peak_tflops: float, steps: int, warmup: int) -> list[dict]:
@@ -135,19 +195,35 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     config, sections = job_config_from_args(args, TRAIN_SECTIONS)
     scaling = sections["scaling"]
+    half = dataclasses.replace(config, train=dataclasses.replace(config.train, global_batch_size=config.train.global_batch_size // 2))
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    rates = {
-        ("deepspeed", 1): measure(config, scaling, "deepspeed", 1, args.steps, args.warmup),
-        ("deepspeed", 2): measure(config, scaling, "deepspeed", 2, args.steps, args.warmup),
-        ("ddp", 2): measure(config, scaling, "ddp", 2, args.steps, args.warmup),
+    dataset, manifest = feature_dataset(config, 8 * config.train.global_batch_size)
+    runs = {  # (backend, workers, global batch) -> figures
+        ("deepspeed", 1, config.train.global_batch_size): measure(config, scaling, dataset, manifest, "deepspeed", 1, args.steps, args.warmup),
+        ("deepspeed", 1, half.train.global_batch_size): measure(half, scaling, dataset, manifest, "deepspeed", 1, args.steps, args.warmup),
+        ("deepspeed", 2, config.train.global_batch_size): measure(config, scaling, dataset, manifest, "deepspeed", 2, args.steps, args.warmup),
+        ("ddp", 2, config.train.global_batch_size): measure(config, scaling, dataset, manifest, "ddp", 2, args.steps, args.warmup),
     }
-    common = {"preset": config.preset, "global_batch": config.train.global_batch_size, "zero_stage": scaling.zero_stage, "device": "cpu"}
-    for (backend, workers), value in rates.items():
-        print(json.dumps({"figure": "train_samples_per_s", "backend": backend, "workers": workers, "value": round(value, 2), **common}))
-    print(json.dumps({"figure": "scaling_2_vs_1_workers", "value": round(rates[("deepspeed", 2)] / rates[("deepspeed", 1)], 3), **common}))
-    print(json.dumps({"figure": "deepspeed_vs_ddp_throughput_ratio", "value": round(rates[("deepspeed", 2)] / rates[("ddp", 2)], 3), **common}))
+    common = {"preset": config.preset, "zero_stage": scaling.zero_stage, "device": "cpu"}
+    for (backend, workers, batch), figures in runs.items():
+        keys = {"backend": backend, "workers": workers, "global_batch": batch, **common}
+        print(json.dumps({"figure": "train_samples_per_s", "value": round(figures["samples_per_s"], 2), "torch_threads": figures["torch_threads"], **keys}))
+        for phase, seconds in figures["phases"].items():
+            print(json.dumps({"figure": "train_step_phase_s", "phase": phase, "value": round(seconds, 5), **keys}))
+        print(json.dumps({"figure": "data_batch_alone_s", "value": round(figures["batch_alone_s"], 5), **keys}))
+        if figures["allreduce_s"] is not None:
+            print(json.dumps({"figure": "gloo_allreduce_s", "bytes": figures["gradient_bytes"], "value": round(figures["allreduce_s"], 5), **keys}))
+    one, one_half, two = (runs[("deepspeed", w, b)] for w, b in ((1, config.train.global_batch_size), (1, half.train.global_batch_size), (2, config.train.global_batch_size)))
+    step_s = {name: sum(figures["phases"].values()) for name, figures in (("one", one), ("one_half", one_half), ("two", two))}
+    batch = {"global_batch": config.train.global_batch_size, **common}
+    print(json.dumps({"figure": "scaling_2_vs_1_workers", "value": round(two["samples_per_s"] / one["samples_per_s"], 3), **batch}))
+    # Where the 2-worker step loses against half the 1-worker step: costs that do not shrink with the batch (1 worker,
+    # half batch, against half the full-batch step), then communication and sharing the machine (2 workers against that).
+    print(json.dumps({"figure": "step_s_lost_to_per_step_costs", "value": round(step_s["one_half"] - step_s["one"] / 2, 5), **batch}))
+    print(json.dumps({"figure": "step_s_lost_to_two_workers", "value": round(step_s["two"] - step_s["one_half"], 5), **batch}))
+    print(json.dumps({"figure": "deepspeed_vs_ddp_throughput_ratio", "value": round(two["samples_per_s"] / runs[("ddp", 2, config.train.global_batch_size)]["samples_per_s"], 3), **batch}))
     if torch.cuda.is_available():
         for figure in gpu_figures(args.peak_tflops, args.steps, args.warmup):
             print(json.dumps(figure))

@@ -11,6 +11,8 @@ import os
 import posixpath
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import fsspec
@@ -138,6 +140,19 @@ def temp_file_for(uri: str) -> str:
     return path
 
 
+@contextmanager
+def staging_dir(prefix: str) -> Iterator[Path]:
+    """A new local temporary directory in this process's staging directory, removed on exit (and by
+    `remove_stale_staging` once the process is gone, if it was killed first)."""
+    root = os.path.join(_staging_root(), str(os.getpid()))
+    os.makedirs(root, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def _process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -230,3 +245,10 @@ def publish_bytes(data: bytes, uri: str) -> None:
     with open(local_path, "wb") as handle:
         handle.write(data)
     publish_file(local_path, uri)
+
+
+def fsspec_of(arrow_fs: pyarrow.fs.FileSystem) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem behind one of `arrow_filesystem`'s (s3fs with the keys it carries, or the local one)."""
+    if isinstance(arrow_fs, pyarrow.fs.PyFileSystem):
+        return arrow_fs.handler.fs
+    return fsspec.filesystem("file")

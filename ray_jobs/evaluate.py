@@ -36,7 +36,7 @@ from gap3d.metrics import alignment_metrics, nearest_targets
 from gap3d.prompt_encoder import PromptEncoder
 from gap3d.trellis.structure_metrics import structure_metrics
 from ray_jobs.config import configure_logging
-from ray_jobs.resume import newest_checkpoint
+from ray_jobs.run_checkpoints import newest_valid_checkpoint
 
 logger = logging.getLogger("gap3d.evaluate")
 
@@ -69,7 +69,7 @@ def run_evaluation(
         raise ValueError("structure evaluation needs both --trellis (a TRELLIS release) and --shards (raw shards with occupancy)")
     start = time.perf_counter()
     device = torch.device(device)
-    checkpoint = newest_checkpoint(checkpoint) or checkpoint  # a run directory stands for its newest checkpoint
+    checkpoint = newest_valid_checkpoint(checkpoint) or checkpoint  # a run directory stands for its newest valid checkpoint
     export = load_export(checkpoint, device)
     config = export.config
     eval_set = load_eval_set(features, config, limit, train_features)

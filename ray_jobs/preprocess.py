@@ -19,7 +19,6 @@ import time
 from collections import Counter
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from gap3d import storage
 from gap3d.config import Gap3DConfig
@@ -27,6 +26,7 @@ from gap3d.data.shards import Shard, list_shards
 from gap3d.features.identity import expected_manifest
 from gap3d.features.store import read_keys, read_shard_records, remove_shard_outputs, write_manifest, write_shard_record
 from ray_jobs.config import add_config_arguments, configure_logging, job_config_from_args
+from ray_jobs.nodes import remove_stale_staging_everywhere
 from ray_jobs.pipeline import ENCODE_SECTION, EncodeResources, KeyRegistry, output_stems, write_features_dataset
 
 logger = logging.getLogger("gap3d.preprocess")
@@ -39,13 +39,6 @@ def _check_same_encoders(records: dict[str, dict], identity: dict, output_uri: s
                 f"{output_uri}/{stem}.* was written by other encoders ({record.get('encoders')}) than configured ({identity}); "
                 "preprocess into a new output directory, or delete the old features"
             )
-
-
-def remove_stale_staging_everywhere() -> int:
-    """Run gap3d.storage.remove_stale_staging on every alive node (where killed writers left files bound for S3)."""
-    clean = ray.remote(num_cpus=0)(storage.remove_stale_staging)
-    nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
-    return sum(ray.get([clean.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote() for node in nodes]))
 
 
 class ShardAssembler:

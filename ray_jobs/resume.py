@@ -1,8 +1,8 @@
 """What a rerun of the training job resumes from, and which config changes it may bring: decided on the driver,
 before any worker starts.
 
-A rerun with the same --storage and --name continues from the run's newest checkpoint. Its resolved config is
-compared with the config.yaml saved beside that checkpoint, key by key:
+A rerun with the same --storage and --name continues from the run's newest checkpoint that matches its completion
+record (ray_jobs/run_checkpoints.py). Its resolved config is compared with the config.yaml saved beside that checkpoint, key by key:
 - Schedule keys (train.lr, min_lr, warmup_ratio, max_steps, soft_token_lr_scale) apply from the checkpoint on:
   the LR continues from the factor on train.lr the run had reached, along a cosine down to the new train.min_lr at
   the new train.max_steps (gap3d.training.LRContinuation). A changed train.lr therefore rescales the LR at once,
@@ -21,19 +21,17 @@ import hashlib
 import json
 import logging
 import posixpath
-import re
 
 import yaml
 
-from gap3d import storage
 from gap3d.checkpoints import read_json, read_text
 from gap3d.config import Gap3DConfig, config_to_dict
 from gap3d.features.store import feature_files, read_manifest
 from gap3d.training import LRContinuation, lr_multiplier
+from ray_jobs.run_checkpoints import RunStorage
 
 logger = logging.getLogger("gap3d.train")
 
-CHECKPOINT_DIR = re.compile(r"checkpoint_(\d{8})$")  # checkpoint_dir_name's pattern
 SCHEDULE_KEYS = frozenset({"train.lr", "train.min_lr", "train.warmup_ratio", "train.max_steps", "train.soft_token_lr_scale"})
 FREE_KEYS = frozenset({
     "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every", "train.eval_samples", "train.log_every",
@@ -46,7 +44,7 @@ FREE_KEYS = frozenset({
 class ResumePlan:
     """Where a rerun starts: the checkpoint it resumes from (None for a new run) and the LR curve it follows."""
 
-    checkpoint: str | None  # URI of the newest checkpoint of the run
+    checkpoint: str | None  # URI of the newest checkpoint of the run that matches its completion record
     step: int  # that checkpoint's step (0 for a new run)
     lr_continuation: LRContinuation | None  # set once a resume changed the schedule; carried to later resumes
 
@@ -58,23 +56,6 @@ def data_identity(features: str | None, stream: str | None) -> str:
     sizes = {name: size for entry in read_manifest(features).shards.values() for name, size in entry.get("files", {}).items()}
     used = sorted(posixpath.basename(uri) for uri in feature_files(features))
     return "features:" + hashlib.sha256(json.dumps([[name, sizes.get(name)] for name in used]).encode()).hexdigest()[:16]
-
-
-def checkpoint_dir_name(step: int) -> str:
-    """The directory name of the checkpoint of optimiser step `step` under a run."""
-    return f"checkpoint_{step:08d}"
-
-
-def newest_checkpoint(run_uri: str) -> str | None:
-    """URI of the highest-step `checkpoint_<step>` directory under a run that holds a progress.json, or None."""
-    fs, root = storage.filesystem(run_uri)
-    if not fs.isdir(root):
-        return None
-    steps = sorted(((int(match.group(1)), path) for path in fs.ls(root, detail=False) if (match := CHECKPOINT_DIR.search(path))), reverse=True)
-    for _, path in steps:
-        if fs.isfile(storage.join(path, "progress.json")):
-            return storage.with_scheme(run_uri, path)
-    return None
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:
@@ -93,14 +74,15 @@ def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
     return {key: (before.get(key), after.get(key)) for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)}
 
 
-def plan_resume(run_uri: str, config: Gap3DConfig, scaling, data: str) -> ResumePlan:
-    """Compare the rerun's config and data with the newest checkpoint's -> the plan; ValueError on a change that cannot apply."""
-    checkpoint = newest_checkpoint(run_uri)
-    if checkpoint is None:
+def plan_resume(run: RunStorage, config: Gap3DConfig, scaling, data: str) -> ResumePlan:
+    """Compare the rerun's config and data with the newest valid checkpoint's -> the plan; ValueError on a change
+    that cannot apply. Newer checkpoints that do not match their records are set aside (ray_jobs/run_checkpoints.py)."""
+    step = run.newest_valid(set_aside=True)
+    if step is None:
         return ResumePlan(None, 0, None)
+    checkpoint = run.checkpoint_uri(step)
     progress = read_json(checkpoint, "progress.json")
     saved = yaml.safe_load(read_text(checkpoint, "config.yaml"))
-    step = progress["step"]
     changes = config_changes(saved, config_to_dict(config, {"scaling": scaling}))
     fixed = [key for key in changes if key not in SCHEDULE_KEYS | FREE_KEYS]
     if fixed:

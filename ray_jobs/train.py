@@ -5,10 +5,10 @@
 
 Each Ray Train worker wraps the trainable parts in DeepSpeed (ZeRO stage scaling.zero_stage), reads its shard
 of the feature rows through `ray.train.get_dataset_shard("train")`, and every train.checkpoint_every steps
-every rank saves its DeepSpeed state into one checkpoint directory that Ray Train merges into
-`<storage>/<name>/checkpoint_<step>`; rank 0 adds the EMA weights, an inference export (`export/`), the
-resolved config and the data position (ray_jobs/train_worker.py). Rerunning the same command resumes from the
-newest checkpoint.
+every rank saves its DeepSpeed state and uploads it into `<storage>/<name>/checkpoint_<step>`; rank 0 adds the
+EMA weights, an inference export (`export/`), the resolved config and the data position (ray_jobs/train_worker.py),
+and last the completion record that makes the checkpoint count (ray_jobs/run_checkpoints.py). Rerunning the same
+command resumes from the newest checkpoint that matches its record, chosen and verified here before any worker starts.
 """
 
 import argparse
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import ray
 import ray.train
 from ray.data import ExecutionOptions
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from gap3d import storage as gap3d_storage
@@ -29,11 +29,15 @@ from gap3d.evaluation import load_eval_set
 from gap3d.features.identity import check_compatible, expected_manifest
 from gap3d.features.store import check_features, count_rows, feature_files
 from ray_jobs.config import add_config_arguments, configure_logging, job_config_from_args
+from ray_jobs.nodes import check_storage_is_shared, remove_stale_staging_everywhere
 from ray_jobs.pipeline import ENCODE_SECTION, EncodeResources, stream_features
 from ray_jobs.resume import data_identity, plan_resume
+from ray_jobs.run_checkpoints import RunStorage
 from ray_jobs.train_worker import WorkerJob, train_worker
 
 logger = logging.getLogger("gap3d.train")
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it registered for a run
 
 
 @dataclass
@@ -112,16 +116,22 @@ def run_training(
     in_process: bool = False,
     encode: EncodeResources | None = None,
 ) -> ray.train.Result:
-    """Train with TorchTrainer; rerunning with the same storage and name resumes from the newest checkpoint."""
+    """Train with TorchTrainer; rerunning with the same storage and name resumes from the newest valid checkpoint."""
     manifest = check_start(config, scaling, features, stream)
+    if not in_process:
+        check_storage_is_shared(storage, "--storage")
     data = data_identity(features, stream)
-    plan = plan_resume(gap3d_storage.join(storage, name), config, scaling, data)
+    storage_fs, storage_path = gap3d_storage.arrow_filesystem(storage)
+    run = RunStorage(storage_fs, gap3d_storage.join(storage_path, name), gap3d_storage.join(storage, name))
+    plan = plan_resume(run, config, scaling, data)
+    forget_ray_registrations(run)
+    remove_stale_staging_everywhere()
     eval_set = load_eval_set(eval_features, config, config.train.eval_samples, train_features=features) if eval_features else None
     dataset = build_dataset(scaling, features) if features else stream_features(config, encode or ENCODE_SECTION["encode"][1][config.preset], stream)
-    storage_fs, storage_path = gap3d_storage.arrow_filesystem(storage)
+    resume_step = plan.step if plan.checkpoint is not None else None
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"job": WorkerJob(config, scaling, manifest, eval_set, in_process, data, plan.lr_continuation)},
+        train_loop_config={"job": WorkerJob(config, scaling, manifest, eval_set, in_process, data, plan.lr_continuation, run, resume_step)},
         scaling_config=ScalingConfig(
             num_workers=0 if in_process else scaling.num_workers,
             use_gpu=scaling.use_gpu,
@@ -131,13 +141,21 @@ def run_training(
             name=name,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=max_failures),  # retention is the workers' (train.keep_checkpoints)
         ),
         datasets={"train": dataset},
         dataset_config=data_config(features),
     )
     return trainer.fit()
+
+
+def forget_ray_registrations(run: RunStorage) -> None:
+    """Start Ray Train's bookkeeping of the run afresh. On a rerun Ray Train would hand the workers the newest
+    checkpoint it registered, whether or not it still matches its record, and refuse the run once one it listed has
+    been set aside; the driver has chosen the checkpoint (plan_resume), so only restarts within this fit use Ray's."""
+    snapshot = gap3d_storage.join(run.path, RAY_SNAPSHOT)
+    if run.fs.exists(snapshot):
+        run.fs.rm_file(snapshot)
 
 
 def result_summary(result: ray.train.Result, storage: str) -> dict:

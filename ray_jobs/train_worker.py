@@ -1,6 +1,6 @@
 """The train function every Ray Train worker runs: DeepSpeed engine, resume, steps, periodic eval, checkpoints.
 
-Checkpoint layout (one directory, every rank writing its own files, merged by Ray Train):
+Checkpoint layout (one directory, every rank uploading its own files; ray_jobs/run_checkpoints.py):
     deepspeed/            engine.save_checkpoint: model and per-rank ZeRO optimiser shards (rank-specific names)
     rng_rank<r>.pt        each rank's noise generator
     ema.safetensors       EMA of every trainable parameter (rank 0)
@@ -9,14 +9,13 @@ Checkpoint layout (one directory, every rank writing its own files, merged by Ra
     progress.json         step, epoch and data position, the metrics of that step, the data fingerprint and
                           the LR continuation (ray_jobs/resume.py)
     evals.json            every periodic held-out evaluation so far: the learning curve (rank 0)
+    complete.json         the completion record, written by rank 0 once every rank's files are in storage
 """
 
 import dataclasses
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,10 @@ import ray
 import ray.train
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.train import CheckpointUploadMode
 from safetensors.torch import load_file, save_file
 
+from gap3d import storage
 from gap3d.build import build_aligner
 from gap3d.config import Gap3DConfig, save_config
 from gap3d.evaluation import EvalSet, evaluate_alignment, evaluation_condition
@@ -36,7 +37,7 @@ from gap3d.features.identity import soft_token_mode
 from gap3d.prompt_encoder import PromptEncoder
 from gap3d.training import EMA, AlignerTrainModule, LRContinuation, trainable_parameters, with_soft_tokens
 from ray_jobs.parallelize import build_engine, global_grad_norm, init_single_process_group, load_engine_state, update_ema
-from ray_jobs.resume import checkpoint_dir_name
+from ray_jobs.run_checkpoints import RunStorage, checkpoint_dir_name
 
 logger = logging.getLogger("gap3d.train")
 
@@ -57,6 +58,8 @@ class WorkerJob:
     in_process: bool  # ScalingConfig(num_workers=0): one process, no Ray workers
     data: str  # fingerprint of the training data (ray_jobs/resume.py), saved with each checkpoint
     lr_continuation: LRContinuation | None  # the LR curve after a resume that changed the schedule
+    run: RunStorage  # where checkpoints go
+    resume_step: int | None  # the checkpoint the driver chose and verified to start from (None: a new run)
 
 
 def train_worker(loop_config: dict) -> None:
@@ -99,7 +102,7 @@ def _train(job: WorkerJob) -> None:
     generator = torch.Generator(device=device).manual_seed(train.seed * 1000 + rank)
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples": 0}
     evals: list[dict] = []  # the learning curve, kept by rank 0
-    resumed_from = _restore(engine, scheduler, ema, generator, rank)
+    resumed_from = _restore(engine, scheduler, ema, generator, rank, job)
     if resumed_from is not None:
         progress, evals = resumed_from
         logger.info("resumed from step %d (epoch %d, %d batches in)", progress["step"], progress["epoch"], progress["batches_in_epoch"])
@@ -108,7 +111,7 @@ def _train(job: WorkerJob) -> None:
 
     cache_dtype = prompt_encoder.embed_tokens.weight.dtype if prompt_encoder is not None else None
     shard = ray.train.get_dataset_shard("train")
-    collator = _Collator(RowCollator(job.manifest))
+    collator = FeatureCollator(RowCollator(job.manifest))
     window = _Window()
     while progress["step"] < train.max_steps:
         batches = shard.iter_torch_batches(
@@ -156,7 +159,7 @@ def _train(job: WorkerJob) -> None:
             progress.update(epoch=progress["epoch"] + 1, batches_in_epoch=0)
 
 
-class _Collator(NumpyBatchCollateFn):
+class FeatureCollator(NumpyBatchCollateFn):
     """Ray Data collate_fn: numpy column batch -> FeatureBatch (gap3d.features.format.batch_from_rows)."""
 
     def __init__(self, collate: RowCollator):
@@ -230,27 +233,39 @@ def _evaluate(config: Gap3DConfig, ema: EMA, prompt_encoder: PromptEncoder | Non
 
 
 def _save_and_report(engine, ema: EMA, generator: torch.Generator, progress: dict, metrics: dict, evals: list[dict], job: WorkerJob, rank: int) -> None:
-    """Every rank writes its DeepSpeed shard (and RNG) into a local dir; Ray Train merges and uploads them."""
-    directory = Path(tempfile.mkdtemp(prefix=f"gap3d-ckpt-{progress['step']}-"))
-    engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, client_state={"progress": dict(progress)})
-    torch.save({"generator": generator.get_state()}, directory / f"rng_rank{rank}.pt")
+    """Every rank writes its DeepSpeed shard (and RNG) into a local staging dir and uploads it into the checkpoint;
+    rank 0 then writes the completion record, and only after it does any rank report the checkpoint to Ray Train."""
+    step = progress["step"]
     if rank == 0:
-        save_file({name: value.cpu() for name, value in ema.state_dict().items()}, directory / EMA_NAME)
-        save_export(directory / EXPORT_DIR, ema.split("aligner"), ema.shadow.get("soft_tokens"), job.config, progress["step"])
-        save_config(job.config, directory / "config.yaml", {"scaling": job.scaling})
-        continuation = dataclasses.asdict(job.lr_continuation) if job.lr_continuation else None
-        record = {**progress, "metrics": metrics, "data": job.data, "lr_continuation": continuation}
-        (directory / PROGRESS_NAME).write_text(json.dumps(record, indent=2, sort_keys=True))
-        (directory / EVALS_NAME).write_text(json.dumps(evals, indent=1))
-    checkpoint = ray.train.Checkpoint.from_directory(str(directory))
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(progress["step"]))
-    if not job.in_process:
-        shutil.rmtree(directory, ignore_errors=True)
+        job.run.discard_record(step)  # a group restarted within the fit redoes a step whose checkpoint may be complete
+    torch.distributed.barrier()
+    with storage.staging_dir(f"gap3d-ckpt-{step}-") as directory:
+        engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, client_state={"progress": dict(progress)})
+        torch.save({"generator": generator.get_state()}, directory / f"rng_rank{rank}.pt")
+        if rank == 0:
+            save_file({name: value.cpu() for name, value in ema.state_dict().items()}, directory / EMA_NAME)
+            save_export(directory / EXPORT_DIR, ema.split("aligner"), ema.shadow.get("soft_tokens"), job.config, step)
+            save_config(job.config, directory / "config.yaml", {"scaling": job.scaling})
+            continuation = dataclasses.asdict(job.lr_continuation) if job.lr_continuation else None
+            record = {**progress, "metrics": metrics, "data": job.data, "lr_continuation": continuation}
+            (directory / PROGRESS_NAME).write_text(json.dumps(record, indent=2, sort_keys=True))
+            (directory / EVALS_NAME).write_text(json.dumps(evals, indent=1))
+        files = job.run.upload(directory, step)
+    writers = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(writers, {"rank": rank, "node": ray.get_runtime_context().get_node_id(), "files": files})
+    if rank == 0:
+        job.run.write_record(step, writers)
+        job.run.prune(step, job.config.train.keep_checkpoints)
+    checkpoint = ray.train.Checkpoint(job.run.checkpoint_path(step), filesystem=job.run.arrow_fs)
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(step), checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 
-def _restore(engine, scheduler, ema: EMA, generator: torch.Generator, rank: int) -> tuple[dict, list[dict]] | None:
-    """Load the newest reported checkpoint, if any -> (its progress, the evaluations so far), or None."""
+def _restore(engine, scheduler, ema: EMA, generator: torch.Generator, rank: int, job: WorkerJob) -> tuple[dict, list[dict]] | None:
+    """Load the checkpoint to start from -> (its progress, the evaluations so far), or None for a new run: the newest
+    this fit reported when Ray Train restarted the group, else the one the driver chose."""
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and job.resume_step is not None:
+        checkpoint = ray.train.Checkpoint(job.run.checkpoint_path(job.resume_step), filesystem=job.run.arrow_fs)
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:

@@ -23,6 +23,7 @@ from gap3d.data.synth import render_scene, sample_scene
 from gap3d.features.format import feature_schema
 from gap3d.features.identity import encoder_identity, soft_token_mode
 from gap3d.features.store import chunk_file_name, write_feature_file, write_manifest, write_shard_record
+from ray_jobs.run_checkpoints import RunStorage
 from ray_jobs.train import TRAIN_SECTIONS
 
 # Smaller than the tiny preset so multi-process training runs in seconds on 2 cores: an 8x8 grid (69 tokens).
@@ -85,6 +86,21 @@ def upload_features(local: Path, uri: str) -> str:
     """Copy a feature directory to object storage; returns `uri`."""
     storage.upload_dir(local, uri)
     return uri
+
+
+def write_complete_checkpoint(run_uri: str, step: int, ranks: dict[int, dict[str, bytes]]) -> str:
+    """Checkpoint `step` of a run written as training workers write one (ray_jobs/run_checkpoints.py): every rank's
+    files {name: content} uploaded from a local directory, then rank 0's completion record; returns its URI."""
+    run = RunStorage.at(run_uri)
+    writers = []
+    for rank, files in ranks.items():
+        with tempfile.TemporaryDirectory() as directory:
+            for name, content in files.items():
+                (Path(directory) / name).parent.mkdir(parents=True, exist_ok=True)
+                (Path(directory) / name).write_bytes(content)
+            writers.append({"rank": rank, "node": f"node-{rank}", "files": run.upload(Path(directory), step)})
+    run.write_record(step, writers)
+    return run.checkpoint_uri(step)
 
 
 def train_worker_pids() -> list[int]:

@@ -2,42 +2,44 @@
 
 import json
 import logging
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from gap3d.config import save_config
 from gap3d.training import LRContinuation, lr_multiplier
-from ray_jobs.resume import ResumePlan, newest_checkpoint, plan_resume
-from tests.support import small_job
+from ray_jobs.resume import ResumePlan, plan_resume
+from ray_jobs.run_checkpoints import RunStorage
+from tests.support import small_job, write_complete_checkpoint
 
 STEP = 40
 DATA = "features:0123456789abcdef"
 
 
 def write_checkpoint(run, step, *overrides, lr_continuation=None, data=DATA):
-    """A checkpoint directory as rank 0 leaves it, as far as the driver reads it: config.yaml and progress.json."""
+    """A complete checkpoint with what the driver reads of it (config.yaml and progress.json)."""
     config, sections = small_job("train.max_steps=100", *overrides)
-    directory = run / f"checkpoint_{step:08d}"
-    directory.mkdir(parents=True)
-    save_config(config, directory / "config.yaml", {"scaling": sections["scaling"]})
-    (directory / "progress.json").write_text(json.dumps({"step": step, "epoch": 0, "batches_in_epoch": step, "data": data, "lr_continuation": lr_continuation}))
-    return directory
+    with tempfile.TemporaryDirectory() as directory:
+        save_config(config, Path(directory) / "config.yaml", {"scaling": sections["scaling"]})
+        files = {"config.yaml": (Path(directory) / "config.yaml").read_bytes()}
+    files["progress.json"] = json.dumps({"step": step, "epoch": 0, "batches_in_epoch": step, "data": data, "lr_continuation": lr_continuation}).encode()
+    return write_complete_checkpoint(str(run), step, {0: files})
 
 
 def plan(run, *overrides, data=DATA) -> ResumePlan:
     config, sections = small_job("train.max_steps=100", *overrides)
-    return plan_resume(str(run), config, sections["scaling"], data)
+    return plan_resume(RunStorage.at(str(run)), config, sections["scaling"], data)
 
 
 def test_a_run_without_checkpoints_starts_fresh(tmp_path):
     assert plan(tmp_path / "new-run") == ResumePlan(None, 0, None)
 
 
-def test_the_newest_checkpoint_with_a_progress_record_is_resumed(tmp_path):
+def test_the_newest_complete_checkpoint_is_resumed(tmp_path):
     write_checkpoint(tmp_path, 20)
     write_checkpoint(tmp_path, STEP)
     (tmp_path / "checkpoint_00000060").mkdir()  # an upload that never finished
-    assert newest_checkpoint(str(tmp_path)) == str(tmp_path / f"checkpoint_{STEP:08d}")
     assert plan(tmp_path) == ResumePlan(str(tmp_path / f"checkpoint_{STEP:08d}"), STEP, None)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import s3fs
 
-from gap3d.storage import STAGING_DIR, is_remote, local_dir, remove_partial_files, remove_stale_staging, temp_file_for, upload_dir
+from gap3d.storage import STAGING_DIR, is_remote, local_dir, remove_partial_files, remove_stale_staging, staging_dir, temp_file_for, upload_dir
 
 
 def test_remote_schemes_are_recognised():
@@ -101,6 +101,14 @@ def test_files_bound_for_object_storage_are_staged_in_this_processes_own_directo
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     path = temp_file_for("s3://bucket/features/a.00000.parquet")
     assert Path(path).parent == tmp_path / STAGING_DIR / str(os.getpid())
+
+
+def test_a_staging_directory_lives_in_this_processes_staging_and_is_removed_on_exit(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with staging_dir("gap3d-ckpt-10-") as directory:
+        (directory / "rng_rank0.pt").write_bytes(b"state")
+        assert directory.parent == tmp_path / STAGING_DIR / str(os.getpid())
+    assert not directory.exists()
 
 
 def test_staging_of_writers_that_are_gone_is_removed_and_of_live_ones_kept(tmp_path, monkeypatch):

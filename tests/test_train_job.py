@@ -1,7 +1,9 @@
 """ray_jobs/train.py on Ray Train + DeepSpeed: multi-worker ZeRO runs, S3 checkpoints, resume, fault recovery."""
 
 import json
+import logging
 import secrets
+import shutil
 
 import boto3
 import pytest
@@ -186,6 +188,64 @@ def test_only_the_newest_checkpoints_are_kept(straight_and_killed_runs):
     assert kept == [f"checkpoint_{ZERO2_STEPS - 10:08d}", f"checkpoint_{ZERO2_STEPS:08d}"]
 
 
+class _Messages(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+TRUNCATED = "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+
+
+@pytest.fixture(scope="module")
+def rerun_past_bad_checkpoints(ray_cluster, straight_and_killed_runs, many_file_features):
+    """A copy of the killed run whose newest checkpoint has a truncated rank-1 optimiser file, beside a newer one
+    that a save cut short left (its files, no record), rerun to the same step with no restarts allowed."""
+    storage, _, _ = straight_and_killed_runs
+    run = storage / "bad"
+    shutil.copytree(storage / "killed", run)
+    last, cut_short = (run / f"checkpoint_{step:08d}" for step in (ZERO2_STEPS, ZERO2_STEPS + 10))
+    shutil.copytree(last, cut_short)
+    (cut_short / "complete.json").unlink()
+    with open(last / TRUNCATED, "r+b") as handle:
+        handle.truncate(1000)
+    messages = _Messages()
+    logging.getLogger("gap3d.train").addHandler(messages)
+    try:
+        config, sections = zero2_job(ZERO2_STEPS)
+        result = run_training(config, sections["scaling"], str(storage), features=str(many_file_features), name="bad")
+    finally:
+        logging.getLogger("gap3d.train").removeHandler(messages)
+    return run, result, "\n".join(messages.lines)
+
+
+def test_a_rerun_past_bad_checkpoints_resumes_the_newest_good_one_and_ends_as_the_straight_run(rerun_past_bad_checkpoints, straight_and_killed_runs):
+    run, result, _ = rerun_past_bad_checkpoints
+    storage, straight, _ = straight_and_killed_runs
+    assert (result.metrics["resumed_from_step"], result.metrics["step"]) == (ZERO2_STEPS - 10, ZERO2_STEPS)
+    assert result.metrics["loss"] == straight.metrics["loss"]
+    last = f"checkpoint_{ZERO2_STEPS:08d}/ema.safetensors"  # the killed run's equals the straight run's (tested above)
+    rerun, reference = load_file(run / last), load_file(storage / "killed" / last)
+    for key in reference:
+        torch.testing.assert_close(rerun[key], reference[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_rerun_logs_each_checkpoint_it_skips_naming_the_bad_file(rerun_past_bad_checkpoints):
+    run, _, messages = rerun_past_bad_checkpoints
+    assert f"{run / f'checkpoint_{ZERO2_STEPS + 10:08d}'} has no complete.json: its save never finished" in messages
+    assert f"{run / f'checkpoint_{ZERO2_STEPS:08d}' / TRUNCATED} has 1000 bytes" in messages
+
+
+def test_skipped_checkpoints_are_moved_out_of_the_run_with_their_reasons(rerun_past_bad_checkpoints):
+    run, _, _ = rerun_past_bad_checkpoints
+    assert sorted(path.name for path in run.glob("checkpoint_0*")) == [f"checkpoint_{ZERO2_STEPS - 10:08d}", f"checkpoint_{ZERO2_STEPS:08d}"]
+    reasons = sorted(path.read_text() for path in run.glob("invalid/*/INVALID.txt"))
+    assert len(reasons) == 2 and "has 1000 bytes" in reasons[0] and "has no complete.json" in reasons[1]
+
+
 @pytest.fixture(scope="module")
 def raw_shards(tmp_path_factory):
     raw = tmp_path_factory.mktemp("raw")
@@ -214,6 +274,16 @@ def test_stream_mode_trains_on_raw_shards_encoded_on_the_fly(ray_cluster, raw_sh
     assert result.metrics["step"] == 3 and result.metrics["samples"] == 3 * config.train.global_batch_size
 
 
+def test_stream_mode_skips_corrupt_shards_instead_of_failing(ray_cluster, raw_shards, tmp_path):
+    shutil.copytree(raw_shards, tmp_path / "raw")
+    cut = min((tmp_path / "raw").glob("*.tar"))
+    cut.write_bytes(cut.read_bytes()[:3000])
+    (tmp_path / "raw" / "garbage.parquet").write_bytes(b"not a parquet file")
+    config, sections = small_job("train.max_steps=3", "scaling.zero_stage=1", "train.log_every=1")
+    result = run_training(config, sections["scaling"], str(tmp_path / "runs"), stream=str(tmp_path / "raw"), in_process=True, encode=sections["encode"])
+    assert result.metrics["step"] == 3
+
+
 @pytest.mark.parametrize("materialize", [True, False])
 def test_feature_rows_stay_in_the_object_store_across_epochs_only_when_configured(ray_cluster, materialize):
     config, sections = small_job(f"scaling.materialize_features={str(materialize).lower()}")
@@ -226,6 +296,15 @@ def test_feature_rows_stay_in_the_object_store_across_epochs_only_when_configure
 def test_missing_features_fail_at_start_naming_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"no feature manifest at {tmp_path / 'none'}"):
         main(["--features", str(tmp_path / "none"), "--storage", str(tmp_path)])
+
+
+def test_a_truncated_feature_file_fails_at_start_naming_it(tmp_path):
+    train, _ = synthetic_features(small_config(), NUM_SCENES)
+    shutil.copytree(train, tmp_path / "features")
+    truncated = max((tmp_path / "features").glob("*.parquet"))
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=f"feature file {truncated} has 5000 bytes, its shard record"):
+        main(["--features", str(tmp_path / "features"), "--storage", str(tmp_path / "runs")])
 
 
 def test_features_from_another_encoder_fail_at_start(tmp_path):

@@ -65,12 +65,22 @@ def write_manifest(output_uri: str, manifest: FeatureManifest) -> None:
 
 
 def feature_files(uri: str) -> list[str]:
-    """URIs of the feature files of a directory or file-name glob that its manifest lists (complete shards only), sorted."""
+    """URIs of the feature files of a directory or file-name glob that its manifest lists (complete shards only), sorted.
+
+    A listed file whose size is not the one its shard record gives (truncated, or rewritten since) fails, naming it.
+    """
     directory, pattern = split_pattern(uri)
-    listed = {name for entry in read_manifest(directory).shards.values() for name in entry.get("files", [])}
+    listed = {name: size for entry in read_manifest(directory).shards.values() for name, size in entry.get("files", {}).items()}
     fs, root = storage.filesystem(directory)
-    found = fs.glob(storage.join(root, pattern))
+    found = fs.glob(storage.join(root, pattern), detail=True)
     files = sorted(path for path in found if posixpath.relpath(path, root) in listed)
+    for path in files:
+        recorded = listed[posixpath.relpath(path, root)]
+        if found[path]["size"] != recorded:
+            raise ValueError(
+                f"feature file {storage.with_scheme(uri, path)} has {found[path]['size']} bytes, its shard record {recorded}: it was cut short "
+                "or changed after preprocessing; rerun ray_jobs/preprocess.py with the same --input and --output to encode its shard again"
+            )
     if not files:
         raise FileNotFoundError(f"no *.parquet feature shards of complete input shards at {uri}; run ray_jobs/preprocess.py to write them")
     return [storage.with_scheme(uri, path) for path in files]
