@@ -6,7 +6,8 @@ shipped config on a free 127.0.0.1 port, then:
      count (1: Ray gives fractional-CPU replicas OMP_NUM_THREADS=1) and at this process's: medians, the ratio,
      and where the difference goes (each stage as the Gateway saw it, and the rest: proxy, ingress, transfers);
   2. /v1/generate at each --concurrency: p50/p95 of the 200s, throughput, share of 503s, client time-outs and
-     other errors (the last two must be 0), and the running replicas at the end;
+     other errors (the last two must be 0), requests admitted but cancelled at the deadline (wasted work), and the
+     running replicas at the end;
   3. /v1/embed throughput at concurrency 8 over 1: the Aligner's batching gain.
 Every request loop is bounded in count and time. One JSON line per figure.
 """
@@ -126,6 +127,13 @@ def load_phase(base: str, route: str, concurrency: int, requests: int, time_limi
     }
 
 
+def cancelled_by_deadline(base: str) -> float:
+    """The Gateway's count of stage calls abandoned at the deadline (work admitted, then wasted)."""
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    prefix = 'gap3d_requests_cancelled_total{reason="deadline"} '
+    return sum(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
+
+
 def running_replicas() -> dict[str, int]:
     from ray import serve
 
@@ -165,7 +173,9 @@ def main() -> None:
         client_timeout_s = app_args["limits"]["deadline_s"] + 30
         for concurrency in (int(c) for c in args.concurrency.split(",")):
             requests = args.requests_per_level or max(24, 3 * concurrency)
+            before = cancelled_by_deadline(base)
             figures = load_phase(base, "/v1/generate", concurrency, requests, args.time_limit_s, client_timeout_s)
+            figures["cancelled_at_deadline"] = int(cancelled_by_deadline(base) - before)
             emit("generate_load", figures, "mixed", concurrency=concurrency, mode=mode, deadline_s=app_args["limits"]["deadline_s"],
                  replicas_after=running_replicas())
         embeds = {c: load_phase(base, "/v1/embed", c, args.embed_requests, args.time_limit_s, client_timeout_s) for c in (1, 8)}
