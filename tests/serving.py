@@ -41,20 +41,32 @@ def post(base: str, route: str, body: dict, headers: dict | None = None, timeout
     return httpx.post(f"{base}{route}", json=body, headers=AUTH if headers is None else headers, timeout=timeout)
 
 
-def replicas(deployment: str) -> list:
-    """Actor handles of the running replicas of `deployment`."""
+def replicas(deployment: str) -> dict:
+    """{actor name: actor handle} of the replicas of `deployment`."""
     import ray
 
-    return [ray.get_actor(actor["name"], namespace="serve") for actor in ray.util.list_named_actors(all_namespaces=True)
-            if actor["namespace"] == "serve" and f"#{deployment}#" in actor["name"]]
+    return {actor["name"]: ray.get_actor(actor["name"], namespace="serve") for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["namespace"] == "serve" and f"#{deployment}#" in actor["name"]}
 
 
-def kill(actors: list) -> None:
+def kill(actors: dict) -> None:
     """Kill replica actors outright (as a node loss would); Serve starts new ones."""
     import ray
 
-    for actor in actors:
+    for actor in actors.values():
         ray.kill(actor, no_restart=True)
+
+
+def wait_for_replacement(base: str, deployment: str, killed: dict, timeout_s: float) -> None:
+    """Wait until a replica of `deployment` not among `killed` exists and a /readyz snapshot taken after that is ready."""
+    wait_for(lambda: set(replicas(deployment)) - set(killed), timeout_s, interval_s=0.5, what=f"a new {deployment} replica")
+    started = time.time()
+
+    def ready_since_started():
+        response = httpx.get(f"{base}/readyz", timeout=10)
+        return response.status_code == 200 and response.json()["checked_at"] > started
+
+    wait_for(ready_since_started, timeout_s, interval_s=0.5, what=f"the new {deployment} replica running")
 
 
 def waiting_on(base: str, stage: str) -> float:

@@ -4,8 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from serve.launch import wait_until_ready
-from tests.serving import DEADLINE_S, kill, post, replicas, wait_for, waiting_on
+from tests.serving import DEADLINE_S, kill, post, replicas, wait_for, wait_for_replacement, waiting_on
 
 CLIENT_TIMEOUT_S = DEADLINE_S + 20  # a client that waits a little longer than the service's deadline
 
@@ -33,6 +32,6 @@ def test_a_decoder_replica_killed_mid_request_costs_that_request_only(service):
         kill(decoders)
         lost = in_flight.result()
     assert lost.status_code == 503 and lost.headers["retry-after"], lost.text
-    wait_until_ready(service, timeout_s=120)
+    wait_for_replacement(service, "Decoder", decoders, timeout_s=120)
     after = post(service, "/v1/generate", {"prompt": "a blue cube", "seed": 3}, timeout=CLIENT_TIMEOUT_S)
     assert after.status_code == 200, after.text
