@@ -120,8 +120,8 @@ class KillTrainWorkerWhen:
     A real process kill, as a crashed node or OOM killer would do it: nothing in the training code knows.
     """
 
-    def __init__(self, ready, timeout_s: float = 300.0):
-        self.ready, self.timeout_s = ready, timeout_s
+    def __init__(self, ready, timeout_s: float = 300.0, poll_s: float = 0.05):
+        self.ready, self.timeout_s, self.poll_s = ready, timeout_s, poll_s
         self.killed: int | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._stop = threading.Event()
@@ -143,7 +143,18 @@ class KillTrainWorkerWhen:
                     os.kill(pids[0], signal.SIGKILL)
                     self.killed = pids[0]
                     return
-            time.sleep(0.05)
+            time.sleep(self.poll_s)
+
+
+def checkpoint_being_saved(step: int):
+    """A `ready()` for KillTrainWorkerWhen: a rank is inside its save of checkpoint `step` (its local staging
+    directory exists: it is writing its DeepSpeed shard or uploading it, and no completion record is written yet)."""
+    root = Path(tempfile.gettempdir()) / storage.STAGING_DIR
+
+    def ready() -> bool:
+        return any(root.glob(f"*/gap3d-ckpt-{step}-*"))
+
+    return ready
 
 
 def checkpoint_registered(run_uri: str, step: int):

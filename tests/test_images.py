@@ -396,3 +396,37 @@ def test_portrait_resize_and_crop_match_pil_by_hand():
 def test_image_already_at_the_target_size_is_unchanged():
     image = random_image(518, 518)
     np.testing.assert_array_equal(resize_and_center_crop(image), np.asarray(image))
+
+
+def _photo_jpeg(width: int = 640, height: int = 480, **params) -> bytes:
+    from gap3d.data.img2dataset import photo_like_jpeg
+
+    data = photo_like_jpeg(_rng(), width, height)
+    return data if not params else _encode(Image.open(io.BytesIO(data)), "JPEG", **params)
+
+
+def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_keeps_the_short_side():
+    assert decode_image(_photo_jpeg(), min_short_side=112).size == (160, 120)  # 1/4: 1/8 would give 60 < 112
+    assert decode_image(_photo_jpeg(), min_short_side=200).size == (320, 240)
+
+
+def test_reduced_jpeg_decoding_changes_the_resized_pixels_by_about_a_level():
+    data = _photo_jpeg()
+    full = resize_and_center_crop(decode_image(data), 112).astype(np.int16)
+    reduced = resize_and_center_crop(decode_image(data, min_short_side=112), 112).astype(np.int16)
+    difference = np.abs(full - reduced)
+    assert difference.mean() < 1.5 and np.percentile(difference, 99) < 12
+
+
+@pytest.mark.parametrize("size, format", [((200, 150), "JPEG"), ((640, 480), "PNG")])
+def test_small_jpegs_and_other_formats_are_decoded_whole(size, format):
+    data = _encode(Image.fromarray(_rng().integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)), format)
+    assert decode_image(data, min_short_side=112).size == size
+
+
+def test_reduced_jpeg_decoding_still_applies_the_exif_orientation():
+    image = Image.open(io.BytesIO(_photo_jpeg()))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = _encode(image, "JPEG", exif=exif.tobytes(), quality=95)
+    assert decode_image(data, min_short_side=112).size == (120, 160)

@@ -62,7 +62,7 @@ def direct_encoding(config, input_uri: str) -> dict[str, dict]:
     expected = {}
     for shard in list_shards(input_uri):
         for record in iter_shard_records(shard):
-            sample = decode_record(record, min_side=config.data.min_image_side)
+            sample = decode_record(record, min_side=config.data.min_image_side, image_size=config.dino.image_size)
             if not isinstance(sample, Sample):
                 continue
             image = resize_and_center_crop(sample.image, config.dino.image_size)

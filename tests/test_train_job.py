@@ -22,7 +22,7 @@ from gap3d.training import AlignerTrainModule, LRContinuation, lr_multiplier
 from ray_jobs.evaluate import evaluate
 from ray_jobs.preprocess import run_preprocess
 from ray_jobs.train import build_dataset, main, result_summary, run_training
-from tests.support import KillTrainWorkerWhen, checkpoint_registered, small_config, small_job, synthetic_features, upload_features
+from tests.support import KillTrainWorkerWhen, checkpoint_being_saved, checkpoint_registered, small_config, small_job, synthetic_features, upload_features
 
 NUM_SCENES = 400
 STEPS = 120
@@ -76,11 +76,11 @@ def many_file_features():
 
 @pytest.fixture(scope="module")
 def straight_and_killed_runs(ray_cluster, many_file_features, tmp_path_factory):
-    """The same ZeRO-2 run twice: straight through, and with a worker killed once checkpoint 10 is written."""
+    """The same ZeRO-2 run twice: straight through, and with a worker killed while the ranks save checkpoint 20."""
     storage = tmp_path_factory.mktemp("zero2")
     config, sections = zero2_job(ZERO2_STEPS)
     straight = run_training(config, sections["scaling"], str(storage), features=str(many_file_features), name="straight")
-    with KillTrainWorkerWhen(checkpoint_registered(str(storage / "killed"), 10)) as killer:
+    with KillTrainWorkerWhen(checkpoint_being_saved(20), poll_s=0.005) as killer:
         killed = run_training(config, sections["scaling"], str(storage), features=str(many_file_features), name="killed", max_failures=1)
     assert killer.killed is not None, "no training worker was killed"
     return storage, straight, killed

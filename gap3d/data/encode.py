@@ -62,7 +62,7 @@ def _record_chunks(records: Iterator[RawRecord], chunk_size: int) -> Iterator[tu
 def _decode_chunk(index: int, last: bool, records: list[RawRecord], image_size: int, min_side: int, claim: ClaimKeys | None) -> DecodedChunk:
     samples, skipped = [], Counter()
     for record in records:
-        result = decode_record(record, min_side=min_side)
+        result = decode_record(record, min_side=min_side, image_size=image_size)
         if isinstance(result, Sample):
             samples.append(result)
         else:

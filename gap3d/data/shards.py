@@ -382,8 +382,9 @@ def iter_shard_records(shard: Shard) -> Iterator[RawRecord]:
             yield from iter_parquet_records(handle, where=shard.uri)
 
 
-def decode_record(record: RawRecord, min_side: int = 64) -> Sample | Skipped:
-    """Decode and validate one record; never raises for bad data."""
+def decode_record(record: RawRecord, min_side: int = 64, image_size: int | None = None) -> Sample | Skipped:
+    """Decode and validate one record; never raises for bad data. With `image_size` (the side the image will be
+    resized to), a large JPEG is decoded at a reduced scale, never below that side (gap3d.data.images)."""
     if record.skip_reason is not None:
         return Skipped(record.key, record.skip_reason)
     if record.image is None:
@@ -394,7 +395,7 @@ def decode_record(record: RawRecord, min_side: int = 64) -> Sample | Skipped:
     if not caption:
         return Skipped(record.key, "empty_caption")
     try:
-        image = decode_image(record.image)
+        image = decode_image(record.image, image_size)
     except ValueError:
         return Skipped(record.key, "undecodable_image")
     if min(image.size) < min_side:
