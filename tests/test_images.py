@@ -9,6 +9,7 @@ import pytest
 from PIL import Image, ImageCms
 
 from gap3d.data.images import composite_on_black, decode_image, resize_and_center_crop
+from gap3d.data.img2dataset import photo_like_jpeg
 
 RNG_SEED = 7
 
@@ -398,11 +399,8 @@ def test_image_already_at_the_target_size_is_unchanged():
     np.testing.assert_array_equal(resize_and_center_crop(image), np.asarray(image))
 
 
-def _photo_jpeg(width: int = 640, height: int = 480, **params) -> bytes:
-    from gap3d.data.img2dataset import photo_like_jpeg
-
-    data = photo_like_jpeg(_rng(), width, height)
-    return data if not params else _encode(Image.open(io.BytesIO(data)), "JPEG", **params)
+def _photo_jpeg() -> bytes:
+    return photo_like_jpeg(_rng(), 640, 480)
 
 
 def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_keeps_the_short_side():
