@@ -5,12 +5,16 @@ gap3d.features.store's atomic shard writer and manifest), only without Ray, so t
 the preprocessing job and cannot drift from the format it writes.
 """
 
+import ctypes
 import json
 import os
+import select
 import signal
+import struct
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -120,8 +124,8 @@ class KillTrainWorkerWhen:
     A real process kill, as a crashed node or OOM killer would do it: nothing in the training code knows.
     """
 
-    def __init__(self, ready, timeout_s: float = 300.0, poll_s: float = 0.05):
-        self.ready, self.timeout_s, self.poll_s = ready, timeout_s, poll_s
+    def __init__(self, ready):
+        self.ready = ready
         self.killed: int | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._stop = threading.Event()
@@ -135,26 +139,84 @@ class KillTrainWorkerWhen:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        deadline = time.monotonic() + self.timeout_s
-        while not self._stop.is_set() and time.monotonic() < deadline:
+        while not self._stop.is_set():
             if self.ready():
                 pids = train_worker_pids()
                 if pids:
                     os.kill(pids[0], signal.SIGKILL)
                     self.killed = pids[0]
                     return
-            time.sleep(self.poll_s)
+            time.sleep(0.05)
 
 
-def checkpoint_being_saved(step: int):
-    """A `ready()` for KillTrainWorkerWhen: a rank is inside its save of checkpoint `step` (its local staging
-    directory exists: it is writing its DeepSpeed shard or uploading it, and no completion record is written yet)."""
-    root = Path(tempfile.gettempdir()) / storage.STAGING_DIR
+class KillTrainWorkerInSave:
+    """In the background, SIGKILL the Ray Train worker that starts saving checkpoint `step`, once.
 
-    def ready() -> bool:
-        return any(root.glob(f"*/gap3d-ckpt-{step}-*"))
+    The worker's staging directory for that checkpoint lives for tens of milliseconds, which polling misses on a
+    loaded machine; inotify reports its creation as it happens, and its parent directory is named by the saving
+    process's PID (gap3d.storage.staging_dir), so the kill needs no process lookup and lands inside the save.
+    """
 
-    return ready
+    def __init__(self, step: int):
+        self.prefix = f"gap3d-ckpt-{step}-"
+        self.root = Path(tempfile.gettempdir()) / storage.STAGING_DIR
+        self.killed: int | None = None
+        self._watches: dict[int, Path] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "KillTrainWorkerInSave":
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._fd = _LIBC.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self._fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        self._watch(self.root)
+        for directory in self.root.iterdir():
+            self._watch_if_ours(directory)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        os.close(self._fd)
+
+    def _watch(self, directory: Path) -> None:
+        descriptor = _LIBC.inotify_add_watch(self._fd, str(directory).encode(), _IN_CREATE)
+        if descriptor >= 0:  # a directory removed meanwhile is no one's save
+            self._watches[descriptor] = directory
+
+    def _watch_if_ours(self, directory: Path) -> None:
+        if directory.name.isdigit() and int(directory.name) in train_worker_pids():
+            self._watch(directory)
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and self.killed is None:
+            if select.select([self._fd], [], [], 0.1)[0]:
+                for descriptor, name in _inotify_events(os.read(self._fd, 65536)):
+                    self._created(self._watches.get(descriptor), name)
+
+    def _created(self, parent: Path | None, name: str) -> None:
+        if parent == self.root:
+            self._watch_if_ours(parent / name)
+        elif parent is not None and name.startswith(self.prefix) and self.killed is None:
+            os.kill(int(parent.name), signal.SIGKILL)
+            self.killed = int(parent.name)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_IN_CREATE = 0x100
+_EVENT_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len, then a NUL-padded name
+
+
+def _inotify_events(data: bytes) -> Iterator[tuple[int, str]]:
+    """(watch descriptor, created name) for each event in one read of an inotify descriptor."""
+    offset = 0
+    while offset < len(data):
+        descriptor, _, _, length = _EVENT_HEADER.unpack_from(data, offset)
+        offset += _EVENT_HEADER.size
+        yield descriptor, data[offset:offset + length].rstrip(b"\0").decode()
+        offset += length
 
 
 def checkpoint_registered(run_uri: str, step: int):

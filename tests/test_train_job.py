@@ -22,7 +22,7 @@ from gap3d.training import AlignerTrainModule, LRContinuation, lr_multiplier
 from ray_jobs.evaluate import evaluate
 from ray_jobs.preprocess import run_preprocess
 from ray_jobs.train import build_dataset, main, result_summary, run_training
-from tests.support import KillTrainWorkerWhen, checkpoint_being_saved, checkpoint_registered, small_config, small_job, synthetic_features, upload_features
+from tests.support import KillTrainWorkerInSave, KillTrainWorkerWhen, checkpoint_registered, small_config, small_job, synthetic_features, upload_features
 
 NUM_SCENES = 400
 STEPS = 120
@@ -80,7 +80,7 @@ def straight_and_killed_runs(ray_cluster, many_file_features, tmp_path_factory):
     storage = tmp_path_factory.mktemp("zero2")
     config, sections = zero2_job(ZERO2_STEPS)
     straight = run_training(config, sections["scaling"], str(storage), features=str(many_file_features), name="straight")
-    with KillTrainWorkerWhen(checkpoint_being_saved(20), poll_s=0.005) as killer:
+    with KillTrainWorkerInSave(20) as killer:
         killed = run_training(config, sections["scaling"], str(storage), features=str(many_file_features), name="killed", max_failures=1)
     assert killer.killed is not None, "no training worker was killed"
     return storage, straight, killed
