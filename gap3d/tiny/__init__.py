@@ -27,10 +27,8 @@ _COMPLETE = ".complete"
 
 def tiny_checkpoint(name: str) -> Path:
     """The directory of tiny checkpoint `name` ("vlm", "dino" or "trellis"), built on first use."""
-    if name not in BUILDERS:
-        raise ValueError(f"unknown tiny checkpoint tiny://{name}; there are {', '.join(f'tiny://{n}' for n in BUILDERS)}")
-    builder, version = BUILDERS[name]
-    target = storage.cache_root() / "tiny" / f"{name}-v{version}"
+    target = _cache_dir(name)
+    builder = BUILDERS[name][0]
     with storage.cache_lock(target):
         if not (target / _COMPLETE).is_file():
             logger.info("building tiny checkpoint tiny://%s in %s", name, target)
@@ -43,3 +41,15 @@ def tiny_checkpoint(name: str) -> Path:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def cached_tiny_checkpoint(name: str) -> Path | None:
+    """The directory of tiny checkpoint `name` if this machine's cache already holds it complete, else None (never builds)."""
+    target = _cache_dir(name)
+    return target if (target / _COMPLETE).is_file() else None
+
+
+def _cache_dir(name: str) -> Path:
+    if name not in BUILDERS:
+        raise ValueError(f"unknown tiny checkpoint tiny://{name}; there are {', '.join(f'tiny://{n}' for n in BUILDERS)}")
+    return storage.cache_root() / "tiny" / f"{name}-v{BUILDERS[name][1]}"
