@@ -1,7 +1,7 @@
 """Training throughput: samples/s with 1 and 2 Ray Train workers, where the time of a step goes, DeepSpeed against
 plain DDP; one JSON line per figure.
 
-    python benchmarks/train.py [--preset tiny] [--steps 12] [--warmup 3] [key=value ...]
+    python benchmarks/train.py [--preset tiny] [--steps 40] [--warmup 3] [key=value ...]
 
 Every worker runs the real training step (soft tokens through the frozen VLM on prompt caches, flow-matching loss,
 backward, optimiser step) on feature rows the real encoders wrote, read as training reads them (a Ray Dataset
@@ -32,7 +32,7 @@ from gap3d.config import Gap3DConfig, load_config
 from gap3d.data.encode import FeatureEncoder
 from gap3d.features.format import RowCollator
 from gap3d.prompt_encoder import PromptEncoder
-from gap3d.training import AlignerTrainModule, trainable_parameters
+from gap3d.training import AlignerTrainModule, build_optimizer, trainable_parameters
 from ray_jobs.config import add_config_arguments, job_config_from_args
 from ray_jobs.train import TRAIN_SECTIONS
 from ray_jobs.train_worker import FeatureCollator
@@ -95,7 +95,7 @@ def benchmark_worker(loop_config: dict) -> None:
         forward, backward, step = (lambda batch: engine(batch, generator)["loss"]), engine.backward, engine.step
     else:
         model = ray.train.torch.prepare_model(module, move_to_device=False)
-        optimizer = torch.optim.AdamW(trainable_parameters(module).values(), lr=config.train.lr)
+        optimizer = build_optimizer(module, config.train)
 
         def forward(batch):
             optimizer.zero_grad()
@@ -187,7 +187,7 @@ def gpu_figures(peak_tflops: float, steps: int, warmup: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=12, help="timed optimiser steps per configuration")
+    parser.add_argument("--steps", type=int, default=40, help="timed optimiser steps per configuration")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the GPU (H100 SXM: 989)")
     add_config_arguments(parser)

@@ -24,8 +24,8 @@ from gap3d.prompt_encoder import PromptEncoder
 from gap3d.training import (
     EMA,
     AlignerTrainModule,
+    build_optimizer,
     lr_schedule,
-    optimizer_groups,
     trainable_parameters,
     with_soft_tokens,
 )
@@ -111,7 +111,7 @@ def train_in_process(config: Gap3DConfig, split: Split, steps: int, oracle: bool
     prompt_encoder = None if oracle or not config.vlm.trainable else FeatureEncoder(config).prompt_encoder
     module = AlignerTrainModule(build_aligner(config, seed=config.train.seed), config.flow, prompt_encoder)
     ema = EMA(trainable_parameters(module), config.train.ema_decay)
-    optimizer = torch.optim.AdamW(optimizer_groups(module, config.train), lr=config.train.lr, weight_decay=config.train.weight_decay)
+    optimizer = build_optimizer(module, config.train)
     scheduler = lr_schedule(optimizer, config.train)
     generator = torch.Generator().manual_seed(config.train.seed)
     latents = oracle_condition(split.labels, config) if oracle else split.batch.latents

@@ -142,6 +142,15 @@ def optimizer_groups(module: nn.Module, config: TrainConfig) -> list[dict]:
     return groups + ([{"params": soft, "lr": config.lr * config.soft_token_lr_scale}] if soft else [])
 
 
+def build_optimizer(module: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """The recipe's AdamW over optimizer_groups.
+
+    Fused (one kernel over all tensors, on the CPU as on CUDA): the unfused loop launches a dozen ops per tensor,
+    a fixed cost per step that at the tiny preset is 3-4 ms of a 70 ms step and does not shrink with more workers.
+    """
+    return torch.optim.AdamW(optimizer_groups(module, config), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999), fused=True)
+
+
 class EMA:
     """Exponential moving average of named parameters in fp32: shadow = decay * shadow + (1 - decay) * param.
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gap3d.config import Gap3DConfig
-from gap3d.training import EMA, AlignerTrainModule, LRContinuation, lr_schedule, optimizer_groups, trainable_parameters
+from gap3d.training import EMA, AlignerTrainModule, LRContinuation, build_optimizer, lr_schedule, trainable_parameters
 
 
 def apply_activation_checkpointing(aligner: nn.Module) -> None:
@@ -35,7 +35,7 @@ def build_engine(module: AlignerTrainModule, config: Gap3DConfig, scaling, micro
     train = config.train
     if scaling.gradient_checkpointing:
         apply_activation_checkpointing(module.aligner)
-    optimizer = torch.optim.AdamW(optimizer_groups(module, train), lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.999))
+    optimizer = build_optimizer(module, train)
     engine, _, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, train, continuation),
         config=deepspeed_config(config, scaling.zero_stage, micro_batch), dist_init_required=False,
@@ -72,7 +72,7 @@ def deepspeed_config(config: Gap3DConfig, zero_stage: int, micro_batch: int) -> 
         "gradient_clipping": train.grad_clip,
         "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": train.precision == "bf16"},
-        "zero_allow_untested_optimizer": True,  # torch AdamW: no extra C++ op to build on CPU
+        "zero_allow_untested_optimizer": True,  # torch AdamW (fused): no extra C++ op to build on CPU
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

@@ -16,6 +16,7 @@ from gap3d.training import (
     AlignerTrainModule,
     LRContinuation,
     batch_condition,
+    build_optimizer,
     lr_multiplier,
     lr_schedule,
     optimizer_groups,
@@ -198,3 +199,17 @@ def test_soft_tokens_step_at_the_learning_rate_times_their_scale(config):
     assert [group["lr"] for group in soft] == [pytest.approx(1e-4)]
     assert sum(len(group["params"]) for group in groups) == len(trainable_parameters(module))
     assert [group["lr"] for group in groups if group not in soft] == [1e-3]
+
+
+def test_the_recipes_fused_optimizer_steps_like_the_reference_adamw(config, batch):
+    train = load_config("tiny", overrides=["train.lr=1e-2", "train.weight_decay=0.5"]).train
+    fused_module, reference_module = make_module(config), make_module(config)
+    fused = build_optimizer(fused_module, train)
+    reference = torch.optim.AdamW(optimizer_groups(reference_module, train), lr=train.lr, weight_decay=train.weight_decay, foreach=False)
+    for module, optimizer in ((fused_module, fused), (reference_module, reference)):
+        for step in range(3):
+            module(batch, torch.Generator().manual_seed(step))["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for name, value in trainable_parameters(fused_module).items():
+        torch.testing.assert_close(value, trainable_parameters(reference_module)[name], msg=name)
