@@ -69,8 +69,8 @@ def start_service(workdir: Path, port: int, broker: str) -> str:
     return serve_run(config, workdir / "serve_config.yaml", ray.get_runtime_context().gcs_address)
 
 
-def generate_as_job(base: str, body: dict, timeout_s: float = 600) -> httpx.Response:
-    """The async route: POST /v1/jobs, poll until the job ends, then fetch its result."""
+def generate_as_job(base: str, body: dict, timeout_s: float = 600) -> tuple[httpx.Response, dict[str, float]]:
+    """The async route: POST /v1/jobs, poll until the job ends, then fetch its result -> (result, seconds per stage)."""
     job_id = httpx.post(f"{base}/v1/jobs", json=body, timeout=60).raise_for_status().json()["id"]
     deadline = time.monotonic() + timeout_s
     while (state := httpx.get(f"{base}/v1/jobs/{job_id}", timeout=60).json())["status"] in ("queued", "running"):
@@ -79,7 +79,15 @@ def generate_as_job(base: str, body: dict, timeout_s: float = 600) -> httpx.Resp
         time.sleep(0.5)
     if state["status"] != "succeeded":
         raise RuntimeError(f"job {job_id} {state['status']}: {state['error']}")
-    return httpx.get(f"{base}/v1/jobs/{job_id}/result", timeout=60).raise_for_status()
+    return httpx.get(f"{base}/v1/jobs/{job_id}/result", timeout=60).raise_for_status(), state["timings"]
+
+
+def generate_now(base: str, body: dict) -> tuple[httpx.Response, dict[str, float]]:
+    """The synchronous route: POST /v1/generate -> (asset, seconds per stage from its X-Timing-<stage>-ms headers)."""
+    response = httpx.post(f"{base}/v1/generate", json=body, timeout=600).raise_for_status()
+    prefix, suffix = "x-timing-", "-ms"
+    return response, {name[len(prefix) : -len(suffix)].replace("-", "_"): float(value) / 1000
+                      for name, value in response.headers.items() if name.startswith(prefix) and name.endswith(suffix)}
 
 
 def run_demo(args: argparse.Namespace) -> dict:
@@ -124,13 +132,13 @@ def run_demo(args: argparse.Namespace) -> dict:
             for index, prompt in enumerate(EXAMPLE_PROMPTS):
                 body = {"prompt": prompt, "seed": index}
                 # The last prompt goes through the async job route (JobRunner, Redis, job store), the others synchronously.
-                response = generate_as_job(base, body) if index == len(EXAMPLE_PROMPTS) - 1 else \
-                    httpx.post(f"{base}/v1/generate", json=body, timeout=600).raise_for_status()
+                as_job = index == len(EXAMPLE_PROMPTS) - 1
+                response, seconds = generate_as_job(base, body) if as_job else generate_now(base, body)
                 path = workdir / "assets" / f"{index}_{prompt.replace(' ', '_')}.glb"
                 path.parent.mkdir(exist_ok=True)
                 path.write_bytes(response.content)
-                assets.append({"prompt": prompt, "path": str(path), "bytes": len(response.content),
-                               "timings_ms": {k: v for k, v in response.headers.items() if k.startswith("x-timing")}})
+                assets.append({"prompt": prompt, "route": "/v1/jobs" if as_job else "/v1/generate", "path": str(path), "bytes": len(response.content),
+                               "stage_ms": {stage: round(value * 1000, 1) for stage, value in seconds.items()}})
                 logger.info("wrote %s (%d bytes)", path, len(response.content))
             pictures["assets"] = str(draw_assets(config, assets, evaluation.eval_set.keys, args.seed, workdir / "assets.png"))
     finally:
