@@ -11,7 +11,11 @@ medians over the timed steps: samples/s of the whole step (all workers' samples)
 batch takes fetched with no step beside it (the CPU the data path costs, otherwise spent by Ray Data's prefetch
 thread next to the step). Beside them: one worker at half the global batch (one of 2 workers' share of the work,
 so the per-step costs that do not shrink with the batch show), and a gloo all-reduce of the trainable parameters'
-size on its own. Ratios come from the same run. With a GPU, it also times the paper-preset aligner step in bf16
+size on its own. Ratios come from the same run. As a reference without Ray, the same step also runs in plain
+processes (torch.multiprocessing, gloo DDP, batches held in memory): 1 process at the global batch and at half of it,
+and 2 processes, which separates what the model and the machine allow from what Ray costs; the ceiling figure is
+what 2 workers could reach with no contention at all, one process's step at the global batch over (its step at half
+the batch plus the all-reduce). With a GPU, it also times the paper-preset aligner step in bf16
 and reports achieved TFLOP/s against the bf16 peak given by --peak-tflops.
 """
 
@@ -42,14 +46,12 @@ PHASES = ("data", "forward", "backward", "optimizer_step")
 ALLREDUCE_REPEATS = 20
 
 
-def feature_dataset(config: Gap3DConfig, rows: int):
-    """A Ray Dataset of `rows` feature rows encoded by the real encoders from random images, and their manifest."""
-    import ray.data
-
+def feature_rows(config: Gap3DConfig, rows: int):
+    """`rows` feature rows (an Arrow table) encoded by the real encoders from random images, and their manifest."""
     encoder = FeatureEncoder(config)
     images = np.random.default_rng(0).integers(0, 256, (rows, config.dino.image_size, config.dino.image_size, 3), dtype=np.uint8)
     table = encoder.encode([f"{i:06d}" for i in range(rows)], [CAPTIONS[i % len(CAPTIONS)] for i in range(rows)], images)
-    return ray.data.from_arrow(table).materialize(), encoder.manifest
+    return table, encoder.manifest
 
 
 def _batches(shard, micro_batch: int, collate, shuffle_rows: int):
@@ -154,6 +156,59 @@ def measure(config: Gap3DConfig, scaling, dataset, manifest, backend: str, worke
     return json.loads(trainer.fit().metrics["figures"])
 
 
+def plain_worker(rank: int, world: int, config: Gap3DConfig, table, manifest, steps: int, warmup: int, port: int, queue) -> None:
+    """One process of the no-Ray reference: DDP over gloo on batches held in memory; rank 0 puts its median step."""
+    import os
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    micro_batch = config.train.global_batch_size // world
+    module = AlignerTrainModule(build_aligner(config, seed=0), config.flow, PromptEncoder.from_pretrained(config.vlm))
+    model = torch.nn.parallel.DistributedDataParallel(module) if world > 1 else module
+    optimizer = build_optimizer(module, config.train)
+    generator = torch.Generator().manual_seed(rank)
+    collate = FeatureCollator(RowCollator(manifest))
+    columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    starts = range(rank * micro_batch, table.num_rows - micro_batch + 1, world * micro_batch)
+    batches = [collate({name: values[start:start + micro_batch] for name, values in columns.items()}) for start in starts]
+    times = []
+    for index in range(warmup + steps):
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        model(batches[index % len(batches)], generator)["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), config.train.grad_clip)
+        optimizer.step()
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    if rank == 0:
+        queue.put(statistics.median(times))
+    torch.distributed.destroy_process_group()
+
+
+def plain_step_seconds(config: Gap3DConfig, table, manifest, world: int, steps: int, warmup: int) -> float:
+    """Median step seconds of `world` plain processes (no Ray) at the config's global batch."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    processes = [context.Process(target=plain_worker, args=(rank, world, config, table, manifest, steps, warmup, port, queue)) for rank in range(world)]
+    for process in processes:
+        process.start()
+    try:
+        return queue.get(timeout=600)
+    finally:
+        for process in processes:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+
+
 def gpu_figures(peak_tflops: float, steps: int, warmup: int) -> list[dict]:
     """Paper-preset aligner forward+backward+AdamW in bf16 on one GPU: samples/s and achieved TFLOP/s."""
     config = load_config("paper")
@@ -196,10 +251,16 @@ def main() -> None:
     config, sections = job_config_from_args(args, TRAIN_SECTIONS)
     scaling = sections["scaling"]
     half = dataclasses.replace(config, train=dataclasses.replace(config.train, global_batch_size=config.train.global_batch_size // 2))
+    table, manifest = feature_rows(config, 8 * config.train.global_batch_size)
+    plain = {  # measured before Ray starts, so nothing of Ray's runs beside them
+        (world, sized.train.global_batch_size): plain_step_seconds(sized, table, manifest, world, args.steps, args.warmup)
+        for world, sized in ((1, config), (1, half), (2, config))
+    }
     import ray
+    import ray.data
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    dataset, manifest = feature_dataset(config, 8 * config.train.global_batch_size)
+    dataset = ray.data.from_arrow(table).materialize()
     runs = {  # (backend, workers, global batch) -> figures
         ("deepspeed", 1, config.train.global_batch_size): measure(config, scaling, dataset, manifest, "deepspeed", 1, args.steps, args.warmup),
         ("deepspeed", 1, half.train.global_batch_size): measure(half, scaling, dataset, manifest, "deepspeed", 1, args.steps, args.warmup),
@@ -223,6 +284,12 @@ def main() -> None:
     # half batch, against half the full-batch step), then communication and sharing the machine (2 workers against that).
     print(json.dumps({"figure": "step_s_lost_to_per_step_costs", "value": round(step_s["one_half"] - step_s["one"] / 2, 5), **batch}))
     print(json.dumps({"figure": "step_s_lost_to_two_workers", "value": round(step_s["two"] - step_s["one_half"], 5), **batch}))
+    full, half_batch = config.train.global_batch_size, half.train.global_batch_size
+    for (world, global_batch), seconds in plain.items():
+        print(json.dumps({"figure": "plain_processes_samples_per_s", "value": round(global_batch / seconds, 2), "workers": world, "global_batch": global_batch, **common}))
+    print(json.dumps({"figure": "scaling_2_vs_1_plain_processes", "value": round(plain[(1, full)] / plain[(2, full)], 3), **batch}))
+    ceiling = plain[(1, full)] / (plain[(1, half_batch)] + two["allreduce_s"])
+    print(json.dumps({"figure": "scaling_2_vs_1_ceiling", "value": round(ceiling, 3), **batch}))
     print(json.dumps({"figure": "deepspeed_vs_ddp_throughput_ratio", "value": round(two["samples_per_s"] / runs[("ddp", 2, config.train.global_batch_size)]["samples_per_s"], 3), **batch}))
     if torch.cuda.is_available():
         for figure in gpu_figures(args.peak_tflops, args.steps, args.warmup):
