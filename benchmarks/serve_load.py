@@ -30,6 +30,7 @@ from gap3d.export import save_export
 from gap3d.generation import TextTo3D, align
 from gap3d.tiny.trellis import write_tiny_trellis
 from gap3d.trellis import export_mesh
+from serve.api import stage_timings
 from serve.launch import free_port, local_config, serve_run
 
 PROMPT = {"prompt": "a small red cone", "seed": 3}
@@ -78,7 +79,7 @@ def http_seconds(base: str) -> dict:
     response = httpx.post(f"{base}/v1/generate", json=PROMPT, timeout=120)
     total = time.perf_counter() - start
     response.raise_for_status()
-    stages = {name: float(response.headers[f"x-timing-{name.replace('_', '-')}-ms"]) / 1000 for name in ("prompt_encoder", "aligner", "decoder")}
+    stages = stage_timings(response.headers)
     return {**stages, "total": total, "rest": total - sum(stages.values())}
 
 

@@ -38,6 +38,7 @@ from ray_jobs.evaluate import Evaluation, run_evaluation
 from ray_jobs.preprocess import run_preprocess
 from ray_jobs.train import TRAIN_SECTIONS, run_training
 from ray_jobs.train_worker import EVALS_NAME
+from serve.api import stage_timings
 from serve.launch import free_port, local_config, serve_run
 
 logger = logging.getLogger("gap3d.demo")
@@ -85,9 +86,7 @@ def generate_as_job(base: str, body: dict, timeout_s: float = 600) -> tuple[http
 def generate_now(base: str, body: dict) -> tuple[httpx.Response, dict[str, float]]:
     """The synchronous route: POST /v1/generate -> (asset, seconds per stage from its X-Timing-<stage>-ms headers)."""
     response = httpx.post(f"{base}/v1/generate", json=body, timeout=600).raise_for_status()
-    prefix, suffix = "x-timing-", "-ms"
-    return response, {name[len(prefix) : -len(suffix)].replace("-", "_"): float(value) / 1000
-                      for name, value in response.headers.items() if name.startswith(prefix) and name.endswith(suffix)}
+    return response, stage_timings(response.headers)
 
 
 def run_demo(args: argparse.Namespace) -> dict:

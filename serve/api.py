@@ -22,6 +22,21 @@ from gap3d.generation import decode_prompt_image
 logger = logging.getLogger(__name__)
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
+TIMING_PREFIX, TIMING_SUFFIX = "x-timing-", "-ms"  # per-stage milliseconds on every generation response
+
+
+def stage_timing_headers(timings: dict[str, float]) -> dict[str, str]:
+    """Seconds per stage -> X-Timing-<stage>-ms headers (underscores in stage names become hyphens)."""
+    return {f"{TIMING_PREFIX}{stage.replace('_', '-')}{TIMING_SUFFIX}": f"{seconds * 1000:.1f}" for stage, seconds in timings.items()}
+
+
+def stage_timings(headers) -> dict[str, float]:
+    """A response's X-Timing-<stage>-ms headers -> seconds per stage (the inverse of stage_timing_headers)."""
+    lowered = {name.lower(): value for name, value in headers.items()}
+    return {name[len(TIMING_PREFIX) : -len(TIMING_SUFFIX)].replace("-", "_"): float(value) / 1000
+            for name, value in lowered.items() if name.startswith(TIMING_PREFIX) and name.endswith(TIMING_SUFFIX)}
+
+
 # Probes must work without a key (a kubelet has none); every other route, the docs included, needs one when auth is on.
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 

@@ -25,7 +25,9 @@ from gap3d.cancellation import CancelToken
 from gap3d.trellis import MEDIA_TYPES
 from serve import hunyuan
 from serve.admission import Admission
-from serve.api import ApiError, GenerateRequest, ServeLimits, authorized, generation_inputs, load_api_keys, parse_body, read_body
+from serve.api import (
+    ApiError, GenerateRequest, ServeLimits, authorized, generation_inputs, load_api_keys, parse_body, read_body, stage_timing_headers,
+)
 from serve.job_runner import GENERATE_TASK, task_processor_config
 from serve.jobs import JobConflict, JobsConfig, JobStore
 from serve.metrics import ServiceMetrics
@@ -41,8 +43,7 @@ ASSET_RESPONSES = {200: {"content": {"model/gltf-binary": {}, "model/obj": {}, "
 
 
 def timing_headers(result: GenerationResult) -> dict:
-    headers = {f"X-Timing-{stage.replace('_', '-')}-ms": f"{seconds * 1000:.1f}" for stage, seconds in result.timings.items()}
-    return {**headers, "X-Aligner-Batch-Size": str(result.batch_size)}
+    return {**stage_timing_headers(result.timings), "X-Aligner-Batch-Size": str(result.batch_size)}
 
 
 @serve.deployment
