@@ -49,6 +49,19 @@ def replicas(deployment: str) -> dict:
             if actor["namespace"] == "serve" and f"#{deployment}#" in actor["name"]}
 
 
+def ongoing_on(actors: dict) -> int:
+    """Requests the replica actors have accepted and not finished (Serve's own count; a dead replica counts 0)."""
+    import ray
+
+    counts = []
+    for actor in actors.values():
+        try:
+            counts.append(ray.get(actor.get_num_ongoing_requests.remote(), timeout=10))
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            counts.append(0)
+    return sum(counts)
+
+
 def kill(actors: dict) -> None:
     """Kill replica actors outright (as a node loss would); Serve starts new ones."""
     import ray
@@ -67,13 +80,6 @@ def wait_for_replacement(base: str, deployment: str, killed: dict, timeout_s: fl
         return response.status_code == 200 and response.json()["checked_at"] > started
 
     wait_for(ready_since_started, timeout_s, interval_s=0.5, what=f"the new {deployment} replica running")
-
-
-def waiting_on(base: str, stage: str) -> float:
-    """The Gateway's gap3d_stage_requests_waiting for `stage`, read from /metrics."""
-    text = httpx.get(f"{base}/metrics", headers=AUTH, timeout=10).text
-    prefix = f'gap3d_stage_requests_waiting{{stage="{stage}"}} '
-    return float(next(line for line in text.splitlines() if line.startswith(prefix))[len(prefix):])
 
 
 def wait_for(condition, timeout_s: float, interval_s: float = 0.05, what: str = "condition"):

@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from tests.serving import DEADLINE_S, kill, post, replicas, wait_for, wait_for_replacement, waiting_on
+from tests.serving import DEADLINE_S, kill, ongoing_on, post, replicas, wait_for, wait_for_replacement
 
 CLIENT_TIMEOUT_S = DEADLINE_S + 20  # a client that waits a little longer than the service's deadline
 
@@ -28,7 +28,9 @@ def test_a_decoder_replica_killed_mid_request_costs_that_request_only(service):
     decoders = replicas("Decoder")  # with one request in flight, only one of them can be serving it
     with ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(post, service, "/v1/generate", {"prompt": "a blue cube", "seed": 3}, timeout=CLIENT_TIMEOUT_S)
-        wait_for(lambda: waiting_on(service, "decoder") >= 1, timeout_s=30, interval_s=0.01, what="the request reaching the decoder")
+        # Accepted by a replica, not only sent by the Gateway: before acceptance Serve's router may still place the
+        # request on the replacement, and the kill would then cost nothing to test.
+        wait_for(lambda: ongoing_on(decoders) >= 1, timeout_s=30, interval_s=0.01, what="a Decoder replica running the request")
         kill(decoders)
         lost = in_flight.result()
     assert lost.status_code == 503 and lost.headers["retry-after"], lost.text
