@@ -7,13 +7,16 @@
 import argparse
 import json
 import statistics
+import tempfile
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from gap3d.aligner import AlignerDiT
+from gap3d.build import derive_shapes
 from gap3d.config import load_config
+from miniature.checkpoints.paper_widths import paper_config_without_weights
 from gap3d.flow import flow_matching_loss, sample
 
 # Dense bf16 tensor-core peaks (no sparsity), by substring of torch.cuda.get_device_name().
@@ -47,7 +50,8 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=None, help="default: the preset's flow.sample_steps")
     args = parser.parse_args()
 
-    config = load_config(args.preset)
+    workdir = tempfile.mkdtemp(prefix="gap3d-aligner-bench-")
+    config = paper_config_without_weights(workdir) if args.preset == "paper" else derive_shapes(load_config(args.preset))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     batch = args.batch_size or (16 if device.type == "cuda" else 8)

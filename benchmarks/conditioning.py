@@ -6,7 +6,7 @@ of its attribute combination: the best a generator that reads only the caption c
 
     python benchmarks/conditioning.py [--steps 600] [--num 800] [--variants aligner,oracle,...] [key.sub=value ...]
 
-Every variant trains in this process (gap3d.miniature) on features encoded once by the production
+Every variant trains in this process (miniature.experiment) on features encoded once by the production
 FeatureEncoder, and is scored on the held-out shape x colour pairs. Variants change one thing of the tiny
 preset: `aligner` (as configured), `oracle` (the attributes one-hot as the condition, no VLM), `gate_closed`
 (cross-attention gates start at 0, as the authors'), `rope_only` (no absolute position embedding, as the
@@ -23,8 +23,9 @@ import sys
 
 import numpy as np
 
+from gap3d.build import derive_shapes
 from gap3d.config import Gap3DConfig, load_config
-from gap3d.miniature import (
+from miniature.experiment import (
     World,
     caption_ceiling,
     encode_world,
@@ -50,11 +51,11 @@ def variant_config(config: Gap3DConfig, name: str) -> Gap3DConfig:
         "no_pool": {"aligner": {"pooled_condition": False}},
         "lr_low": {"train": {"lr": config.train.lr / 3, "min_lr": config.train.min_lr / 3}},
         "lr_high": {"train": {"lr": config.train.lr * 3, "min_lr": config.train.min_lr * 3}},
-        "soft_16": {"vlm": {"num_soft_tokens": 16}, "aligner": {"num_cond_tokens": 16}},
+        "soft_16": {"vlm": {"num_soft_tokens": 16}, "aligner": {"num_cond_tokens": None}},
         "frozen_soft": {"vlm": {"trainable": False}},
         "soft_lr_full": {"train": {"soft_token_lr_scale": 1.0}},
     }.get(name, {})
-    return replace(config, **{section: replace(getattr(config, section), **fields) for section, fields in changes.items()})
+    return derive_shapes(replace(config, **{section: replace(getattr(config, section), **fields) for section, fields in changes.items()}))
 
 
 def variance_explained(world: World) -> dict:
@@ -79,7 +80,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants to run")
     parser.add_argument("overrides", nargs="*", default=[], help="config overrides such as train.lr=1e-3")
     args = parser.parse_args()
-    config = load_config("tiny", overrides=[f"train.max_steps={args.steps}", *args.overrides])  # the LR schedule spans the run
+    config = derive_shapes(load_config("tiny", overrides=[f"train.max_steps={args.steps}", *args.overrides]))  # the LR schedule spans the run
     world = encode_world(config, args.num, args.seed)
     rows = len(world.eval)
     common = {"steps": args.steps, "train_rows": len(world.train), "eval_rows": rows, "recall@5_chance": round(min(1.0, 5 / rows), 4)}

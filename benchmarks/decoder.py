@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from gap3d.tiny.trellis import write_tiny_trellis
+from miniature.checkpoints.trellis import write_tiny_trellis
 from gap3d.trellis.config import (
     OFFICIAL_SLAT_FLOW_ARGS,
     OFFICIAL_SLAT_MESH_DECODER_ARGS,

@@ -3,7 +3,7 @@
     python benchmarks/preprocess.py [--num 12288] [--shard-size 256] [--repeats 3] [--preset tiny] [key.sub=value ...]
 
 Both sides decode and encode the same input with the same gap3d.data.encode code: img2dataset-layout shards
-(gap3d.data.img2dataset) of 640x480 photo-like JPEGs, which every sample decodes and resizes as a real crawl's
+(miniature.img2dataset) of 640x480 photo-like JPEGs, which every sample decodes and resizes as a real crawl's
 would. The Ray side runs streaming mode (no writes) and the full preprocessing job (writes Parquet to a local
 directory). Ray's end-to-end times include starting the encoder actors, as a job's would, and are set against a
 plain loop that loads its encoders each run. Ray's steady state is timed from the arrival of a quarter of the
@@ -26,7 +26,7 @@ import ray
 import torch
 
 from gap3d.data.encode import FeatureEncoder, decode_chunks
-from gap3d.data.img2dataset import Download, photo_like_jpeg, write_img2dataset_shard
+from miniature.img2dataset import Download, photo_like_jpeg, write_img2dataset_shard
 from gap3d.data.shards import list_shards
 from ray_jobs.config import add_config_arguments, job_config_from_args
 from ray_jobs.pipeline import ENCODE_SECTION, stream_features

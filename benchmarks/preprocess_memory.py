@@ -3,9 +3,9 @@
     python benchmarks/preprocess_memory.py [--sizes 500,2000,10000] [--tar-glob] [--timeout 1800] [key.sub=value ...]
 
 Per size N, writes one img2dataset-layout shard of N samples (640x480 JPEGs of about 45 KB, reused from a pool of
-32 under distinct keys and captions; gap3d.data.img2dataset) and runs the job exactly as users do, as a subprocess:
+32 under distinct keys and captions; miniature.img2dataset) and runs the job exactly as users do, as a subprocess:
 
-    python -m ray_jobs.preprocess --input DIR --output DIR --preset tiny dino.image_size=518 aligner.grid_size=37 [overrides]
+    python ray_jobs/preprocess.py --input DIR --output DIR --preset tiny dino.image_size=518 [overrides]
 
 The job starts its own local Ray cluster, so its GCS, raylet and workers are descendants of the job process. A
 thread sums the RSS of the job process and all its descendants every 0.1 s and keeps the peak. RSS counts every
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from gap3d.data.img2dataset import Download, photo_like_jpeg, write_img2dataset_shard
+from miniature.img2dataset import Download, photo_like_jpeg, write_img2dataset_shard
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 518  # the paper's DINOv2 input side

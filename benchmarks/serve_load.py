@@ -24,11 +24,11 @@ from pathlib import Path
 import httpx
 import torch
 
-from gap3d.build import build_aligner
+from gap3d.build import build_aligner, derive_shapes
 from gap3d.config import load_config
 from gap3d.export import save_export
 from gap3d.generation import TextTo3D, align
-from gap3d.tiny.trellis import write_tiny_trellis
+from miniature.checkpoints.trellis import write_tiny_trellis
 from gap3d.trellis import export_mesh
 from serve.api import stage_timings
 from serve.launch import free_port, local_config, serve_run
@@ -41,7 +41,7 @@ def emit(figure: str, value, unit: str, **extra) -> None:
 
 
 def tiny_artifacts(root: Path) -> dict:
-    config = load_config("tiny")
+    config = derive_shapes(load_config("tiny"))
     aligner = build_aligner(config, seed=0)
     torch.nn.init.normal_(aligner.final_layer.linear.weight, std=0.05)  # a non-trivial velocity field, as in the tests
     save_export(root / "export", aligner.state_dict(), None, config, step=0)

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gap3d.build import build_aligner
-from gap3d.config import Gap3DConfig, load_config
+from gap3d.build import build_aligner, derive_shapes
+from gap3d.config import Gap3DConfig
 from gap3d.data.encode import FeatureEncoder
 from gap3d.features.format import RowCollator
 from gap3d.prompt_encoder import PromptEncoder
@@ -40,6 +40,7 @@ from gap3d.training import AlignerTrainModule, build_optimizer, trainable_parame
 from ray_jobs.config import add_config_arguments, job_config_from_args
 from ray_jobs.train import TRAIN_SECTIONS
 from ray_jobs.train_worker import FeatureCollator
+from miniature.checkpoints.paper_widths import paper_config_without_weights
 
 CAPTIONS = ("a small red cone on the left", "a large blue cube in the center", "a medium green sphere on the right", "a white torus in the middle")
 PHASES = ("data", "forward", "backward", "optimizer_step")
@@ -211,7 +212,7 @@ def plain_step_seconds(config: Gap3DConfig, table, manifest, world: int, steps: 
 
 def gpu_figures(peak_tflops: float, steps: int, warmup: int) -> list[dict]:
     """Paper-preset aligner forward+backward+AdamW in bf16 on one GPU: samples/s and achieved TFLOP/s."""
-    config = load_config("paper")
+    config = paper_config_without_weights(tempfile.mkdtemp(prefix="gap3d-train-bench-"))
     aligner = build_aligner(config, seed=0).cuda().to(torch.bfloat16)
     optimizer = torch.optim.AdamW(aligner.parameters(), lr=1e-4)
     batch = 8
@@ -249,6 +250,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     config, sections = job_config_from_args(args, TRAIN_SECTIONS)
+    config = derive_shapes(config)
     scaling = sections["scaling"]
     half = dataclasses.replace(config, train=dataclasses.replace(config.train, global_batch_size=config.train.global_batch_size // 2))
     table, manifest = feature_rows(config, 8 * config.train.global_batch_size)

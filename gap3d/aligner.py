@@ -6,54 +6,16 @@ column); the special tokens get learned role embeddings and identity rotation. T
 projected to the hidden size and read through tanh-gated cross-attention in every block; their mean joins
 the timestep embedding that drives the adaLN modulation (scale and gate, Lumina-Next style), zero-initialised
 so every block starts as the identity. Time t is in [0, 1] (see gap3d/flow.py); the embedder scales it by
-1000 internally.
+1000 internally. The config (gap3d.config.AlignerConfig) gets its token and condition shapes from the encoders.
 """
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class AlignerConfig:
-    token_dim: int = 1024  # D: feature size of the DINOv2 tokens being generated
-    grid_size: int = 37  # patch grid side (518 px / patch 14)
-    num_special_tokens: int = 5  # CLS + 4 registers, placed before the patches
-    cond_dim: int = 2048  # d_vlm: hidden size of the VLM latents
-    num_cond_tokens: int = 64  # s: number of soft-token latents per prompt
-    hidden_size: int = 1792  # transformer width
-    depth: int = 24  # number of blocks
-    num_heads: int = 28  # attention heads (head dim = hidden_size / num_heads, must be divisible by 4 for 2-D RoPE)
-    mlp_ratio: float = 4.0  # SwiGLU hidden = 2/3 * mlp_ratio * hidden_size, rounded up to a multiple of 64
-    qk_norm: bool = True  # RMS-normalise queries and keys (stabilises bf16 training)
-    null_condition: str = "zeros"  # CFG null condition: "zeros" (authors) or "learned"
-    rope_theta: float = 10000.0  # base of the rotary frequencies
-    # Starting value of the cross-attention gates. 0 (closed, Lumina-Next) is the authors' value; it gives the
-    # condition no gradient until the gates open, which at tiny scale costs most of a CPU run, so `tiny` starts at 1.
-    cross_gate_init: float = 0.0
-    pooled_condition: bool = True  # add the condition's mean to the timestep embedding that drives adaLN
-    # Also add DiT's fixed 2-D sin-cos embedding to the patch tokens. Not in the authors' DiT (RoPE only), so off
-    # for `paper`; `tiny` turns it on: RoPE sees only relative offsets, so placing a silhouette in the frame has
-    # to be inferred from the content around it (see benchmarks/conditioning.py, variant rope_only).
-    absolute_positions: bool = False
-
-    def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"aligner.hidden_size {self.hidden_size} is not divisible by aligner.num_heads {self.num_heads}")
-        if (self.hidden_size // self.num_heads) % 4:
-            raise ValueError(f"aligner head dim {self.hidden_size // self.num_heads} must be divisible by 4 for 2-D RoPE")
-        if self.null_condition not in ("zeros", "learned"):
-            raise ValueError(f"aligner.null_condition must be 'zeros' or 'learned', got {self.null_condition!r}")
-        for name in ("token_dim", "grid_size", "cond_dim", "num_cond_tokens", "depth"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"aligner.{name} must be >= 1, got {getattr(self, name)}")
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_special_tokens + self.grid_size**2
+from gap3d.config import AlignerConfig
 
 
 class RMSNorm(nn.Module):
@@ -195,6 +157,8 @@ class AlignerDiT(nn.Module):
 
     def __init__(self, config: AlignerConfig):
         super().__init__()
+        if not config.shapes_derived:
+            raise ValueError("the aligner's token and condition shapes are unset: derive them from the encoders with gap3d.build.derive_shapes(config)")
         self.config = config
         hidden = config.hidden_size
         self.x_embedder = nn.Linear(config.token_dim, hidden)

@@ -1,25 +1,42 @@
 """Where model checkpoints come from, and checks that fail with a message naming what is missing.
 
 A checkpoint is named by a local directory, an object-storage URI (downloaded once into the cache, see
-gap3d.storage.local_dir), or `tiny://NAME`: a tiny random checkpoint built with the real transformers
-classes on first use (gap3d.tiny), which is what the tiny preset and the tests load.
+gap3d.storage.local_dir), or a URI of a scheme another package registers under the entry-point group
+`gap3d.checkpoint_schemes` (`NAME -> module:function`, the function mapping the rest of the URI to a local
+directory), as fsspec finds its filesystems: the miniature package registers `tiny://`, the checkpoints of the
+tiny preset. The library itself imports no such package.
 """
 
+import functools
 import hashlib
+import importlib.metadata
 import json
 from pathlib import Path
 
 from gap3d import storage
 
-TINY_SCHEME = "tiny://"
+SCHEME_GROUP = "gap3d.checkpoint_schemes"
+
+
+@functools.cache
+def registered_schemes() -> dict[str, importlib.metadata.EntryPoint]:
+    """Scheme name -> the entry point that resolves it, from every installed distribution."""
+    return {entry.name: entry for entry in importlib.metadata.entry_points(group=SCHEME_GROUP)}
+
+
+def _registered(uri: str) -> tuple[importlib.metadata.EntryPoint, str] | None:
+    scheme, separator, rest = str(uri).partition("://")
+    entry = registered_schemes().get(scheme) if separator else None
+    return None if entry is None else (entry, rest)
 
 
 def resolve(uri: str) -> Path:
-    """A local directory holding the checkpoint named by `uri` (downloaded or built once per machine)."""
-    if str(uri).startswith(TINY_SCHEME):
-        from gap3d.tiny import tiny_checkpoint  # builds with transformers: imported only when asked for
-
-        return tiny_checkpoint(str(uri)[len(TINY_SCHEME) :])
+    """A local directory holding the checkpoint named by `uri` (downloaded once per machine, or given by the
+    package that registered its scheme)."""
+    registered = _registered(uri)
+    if registered is not None:
+        entry, rest = registered
+        return Path(entry.load()(rest))
     return storage.local_dir(uri)
 
 
@@ -32,7 +49,7 @@ def require_files(directory: Path, names: list[str], what: str) -> None:
 
 def read_text(uri: str, name: str) -> str:
     """The text file `name` of a checkpoint, read without downloading the rest of a remote one."""
-    if str(uri).startswith(TINY_SCHEME) or not storage.is_remote(uri):
+    if _registered(uri) is not None or not storage.is_remote(uri):
         path = resolve(uri) / name
         if not path.is_file():
             raise FileNotFoundError(f"no {name} in checkpoint {uri}")

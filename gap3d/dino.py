@@ -6,7 +6,6 @@ weights. Getting this norm wrong silently breaks TRELLIS, so it lives in exactly
 """
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,22 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from gap3d.checkpoints import require_files, resolve
+from gap3d.config import DinoConfig
 
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class DinoConfig:
-    path: str = ""  # local dir or s3:// URI of a Dinov2WithRegistersModel checkpoint (save_pretrained layout)
-    image_size: int = 518  # square input side in pixels; tokens = (image_size / patch)^2 + 1 + registers
-    dtype: str = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16 / float16
-
-    def __post_init__(self):
-        if self.image_size <= 0:
-            raise ValueError(f"dino.image_size must be positive, got {self.image_size}")
 
 
 def dino_targets(last_hidden_state: torch.Tensor) -> torch.Tensor:

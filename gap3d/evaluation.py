@@ -1,18 +1,23 @@
 """Held-out evaluation of an aligner, the same for the training job's periodic evals, ray_jobs/evaluate.py and
 the demo: sample tokens from each row's condition and score them against the row's true DINOv2 tokens
-(gap3d.metrics), with attribute accuracy where the captions name their attributes (the synthetic world).
+(gap3d.metrics), with attribute accuracy where the captions name attributes of a given vocabulary (such as
+the synthetic world's shapes and colours, which its shards list in synth.json).
 """
 
+import json
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from gap3d import storage
 from gap3d.aligner import AlignerDiT
 from gap3d.config import Gap3DConfig
-from gap3d.data.synth import attribute_labels
 from gap3d.features.format import FeatureBatch
 from gap3d.features.store import load_rows
-from gap3d.flow import FlowConfig, sample
+from gap3d.config import FlowConfig
+from gap3d.flow import sample
 from gap3d.metrics import AttributeProbe, alignment_metrics
 from gap3d.prompt_encoder import PromptEncoder
 from gap3d.training import batch_condition
@@ -31,14 +36,48 @@ class EvalSet:
     probe: AttributeProbe | None  # linear classifier per attribute, fit on true training targets
 
 
-def load_eval_set(eval_features: str, config: Gap3DConfig, limit: int | None = None, train_features: str | None = None) -> EvalSet:
-    """Up to `limit` held-out rows of `eval_features`; with `train_features` (same encoders), an attribute probe."""
+Vocabulary = Mapping[str, Sequence[str]]  # attribute -> its values, each a word a caption may name
+
+
+def caption_labels(captions: Sequence[str], vocabulary: Vocabulary) -> dict[str, list[str]] | None:
+    """{attribute: value per caption} when every caption names exactly one value of every attribute (as whole
+    words, case-insensitive), else None."""
+    words = {value.lower(): name for name, values in vocabulary.items() for value in values}
+    labels: dict[str, list[str]] = {name: [] for name in vocabulary}
+    for caption in captions:
+        found: dict[str, set[str]] = {name: set() for name in vocabulary}
+        for word in re.findall(r"[a-z]+", caption.lower()):
+            if word in words:
+                found[words[word]].add(word)
+        if any(len(values) != 1 for values in found.values()):
+            return None
+        for name, values in found.items():
+            labels[name].append(values.pop())
+    return labels
+
+
+def read_vocabulary(uri: str) -> dict[str, list[str]]:
+    """The `attributes` mapping ({attribute: [values]}) of a JSON file such as the synthetic world's synth.json."""
+    fs, path = storage.filesystem(uri)
+    if not fs.isfile(path):
+        raise FileNotFoundError(f"no attribute vocabulary at {uri}: give a JSON file with an `attributes` mapping (the synthetic world's synth.json)")
+    vocabulary = json.loads(fs.cat_file(path)).get("attributes")
+    if not isinstance(vocabulary, dict) or not all(isinstance(values, list) and values for values in vocabulary.values()):
+        raise ValueError(f"{uri} needs `attributes`: a mapping of each attribute to a non-empty list of its values")
+    return vocabulary
+
+
+def load_eval_set(
+    eval_features: str, config: Gap3DConfig, limit: int | None = None, train_features: str | None = None, vocabulary: Vocabulary | None = None
+) -> EvalSet:
+    """Up to `limit` held-out rows of `eval_features`; with `train_features` (same encoders) and a `vocabulary` the
+    captions name, an attribute probe fit on the training targets."""
     batch, captions, keys = load_rows(eval_features, config, limit=limit)
-    labels = attribute_labels(captions)
+    labels = caption_labels(captions, vocabulary) if vocabulary else None
     probe = None
     if labels is not None and train_features is not None:
         train_batch, train_captions, _ = load_rows(train_features, config, limit=PROBE_ROWS)
-        train_labels = attribute_labels(train_captions)
+        train_labels = caption_labels(train_captions, vocabulary)
         probe = AttributeProbe(train_batch.dino, train_labels) if train_labels is not None else None
     return EvalSet(batch, captions, keys, labels, probe)
 

@@ -1,42 +1,17 @@
 """Rectified-flow matching for the aligner: training loss and samplers.
 
-Time convention (the project's, DESIGN.md): t = 0 is data, t = 1 is noise.
+Time convention (the project's): t = 0 is data, t = 1 is noise.
     x_t = (1 - t) * x0 + t * noise,        velocity target v = dx_t/dt = noise - x0.
 Sampling integrates dx/dt = v from t = 1 (pure noise) down to t = 0 with Euler or Heun steps, and
 classifier-free guidance v = v_null + scale * (v_cond - v_null). TRELLIS's samplers also put data at
 t = 0 but feed their models 1000 * t; that conversion lives in gap3d/trellis, not here.
 """
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
 from gap3d.cancellation import raise_if_cancelled
-
-
-@dataclass
-class FlowConfig:
-    time_schedule: str = "uniform"  # training t distribution: "uniform" (authors) or "logit_normal"
-    logit_normal_mean: float = 0.0  # mean of the normal before the sigmoid (logit_normal only)
-    logit_normal_std: float = 1.0  # std of the normal before the sigmoid (logit_normal only)
-    cond_dropout: float = 0.1  # probability of replacing the condition by the null condition (CFG training)
-    loss_weights: dict[str, float] = field(default_factory=lambda: {"patches": 0.4, "cls": 0.3, "registers": 0.3})  # per-group MSE weights
-    solver: str = "euler"  # sampler: "euler" or "heun"
-    sample_steps: int = 30  # integration steps from t=1 to t=0
-    cfg_scale: float = 3.0  # classifier-free guidance scale (1.0 = no guidance)
-
-    def __post_init__(self):
-        if self.time_schedule not in ("uniform", "logit_normal"):
-            raise ValueError(f"flow.time_schedule must be 'uniform' or 'logit_normal', got {self.time_schedule!r}")
-        if self.solver not in ("euler", "heun"):
-            raise ValueError(f"flow.solver must be 'euler' or 'heun', got {self.solver!r}")
-        if not 0.0 <= self.cond_dropout < 1.0:
-            raise ValueError(f"flow.cond_dropout must be in [0, 1), got {self.cond_dropout}")
-        if self.sample_steps < 1:
-            raise ValueError(f"flow.sample_steps must be >= 1, got {self.sample_steps}")
-        if set(self.loss_weights) != {"patches", "cls", "registers"}:
-            raise ValueError(f"flow.loss_weights needs exactly the keys patches, cls, registers; got {sorted(self.loss_weights)}")
+from gap3d.config import FlowConfig
 
 
 def sample_t(batch_size: int, config: FlowConfig, generator: torch.Generator | None = None, device=None) -> torch.Tensor:

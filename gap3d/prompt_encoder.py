@@ -19,31 +19,10 @@ import torch
 from torch import nn
 
 from gap3d.checkpoints import require_files, resolve
+from gap3d.config import PromptEncoderConfig
 from gap3d.dino import resolve_dtype
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PromptEncoderConfig:
-    path: str = ""  # local dir or s3:// URI of a transformers VLM checkpoint (save_pretrained layout)
-    prompt_template: str = "Please generate image based on the following caption: {caption}"  # authors' wording
-    num_soft_tokens: int = 64  # s: learnable query tokens appended after the prompt
-    trainable: bool = True  # train the soft tokens (through the frozen VLM) or keep them fixed
-    max_prompt_tokens: int = 256  # longer prompts are rejected with an error rather than silently cut
-    init_seed: int = 0  # seeds the soft tokens' initial values, so frozen soft tokens are reproducible
-    init_scale: float = 1.0  # spread of the initial soft tokens around the mean embedding, in vocabulary stds
-    dtype: str = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU
-
-    def __post_init__(self):
-        if self.num_soft_tokens < 1:
-            raise ValueError(f"vlm.num_soft_tokens must be >= 1, got {self.num_soft_tokens}")
-        if "{caption}" not in self.prompt_template:
-            raise ValueError(f"vlm.prompt_template must contain '{{caption}}', got {self.prompt_template!r}")
-        if self.max_prompt_tokens < 1:
-            raise ValueError(f"vlm.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
-        if self.init_scale < 0:
-            raise ValueError(f"vlm.init_scale must be >= 0, got {self.init_scale}")
 
 
 class PromptTooLongError(ValueError):

@@ -14,47 +14,12 @@ import torch
 from torch import nn
 
 from gap3d.aligner import AlignerDiT
+from gap3d.config import FlowConfig, TrainConfig
 from gap3d.features.format import FeatureBatch
-from gap3d.flow import FlowConfig, flow_matching_loss
+from gap3d.flow import flow_matching_loss
 from gap3d.prompt_encoder import PromptEncoder
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """The optimisation recipe (authors' values); how many workers run it is the training job's business."""
-
-    global_batch_size: int = 128  # samples per optimiser step across all workers (authors: 16 per GPU x 8)
-    grad_accum_steps: int = 1  # micro-batches per optimiser step on each worker
-    lr: float = 2.8e-4  # peak AdamW learning rate
-    soft_token_lr_scale: float = 1.0  # the soft tokens' learning rate as a multiple of train.lr (authors: one lr for all)
-    min_lr: float = 1e-5  # end of the cosine decay
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_ratio: float = 0.003  # fraction of max_steps spent in linear warmup
-    max_steps: int = 100_000  # optimiser steps
-    grad_clip: float = 1.0  # max global grad norm (0 disables)
-    ema_decay: float = 0.9999  # EMA of aligner weights, used for evaluation and export
-    precision: str = "bf16"  # "bf16" or "fp32"
-    checkpoint_every: int = 1000  # steps between checkpoints
-    keep_checkpoints: int = 3  # newest checkpoints kept in storage
-    eval_every: int = 5000  # steps between held-out evaluations
-    eval_samples: int = 128  # held-out rows evaluated every eval_every steps
-    log_every: int = 50  # steps between progress lines / metric reports
-    seed: int = 0  # seeds data order, noise and dropout
-
-    def __post_init__(self):
-        if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"train.precision must be 'bf16' or 'fp32', got {self.precision!r}")
-        for name in ("global_batch_size", "grad_accum_steps", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.soft_token_lr_scale < 0:
-            raise ValueError(f"train.soft_token_lr_scale must be >= 0, got {self.soft_token_lr_scale}")
-        if not 0.0 < self.min_lr <= self.lr:
-            raise ValueError(f"need 0 < train.min_lr <= train.lr, got {self.min_lr} and {self.lr}")
 
 
 class AlignerTrainModule(nn.Module):

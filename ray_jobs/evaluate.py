@@ -1,15 +1,15 @@
 """Held-out alignment of a trained aligner against an untrained one; prints one JSON object.
 
-    python -m ray_jobs.evaluate --checkpoint s3://bucket/runs/gap3d-train/checkpoint_00000300 --features s3://bucket/features/eval \
-        [--train-features s3://bucket/features/train]
+    python ray_jobs/evaluate.py --checkpoint s3://bucket/runs/gap3d-train --features s3://bucket/features/eval \
+        [--train-features s3://bucket/features/train --attributes s3://bucket/raw/synth.json]
 
 --checkpoint is a training checkpoint (its `export/` is used), a run directory (its newest checkpoint is used) or an
 export directory. Both aligners sample from the same noise; the untrained one is freshly initialised with
 train.seed and the initial soft tokens.
 `mean_target` scores the mean of the evaluated targets given for every prompt: a prompt-blind reference
 whose cosine is high wherever targets share much (backgrounds), whose prompt-specific cosine is 0 and whose
-recall@k is chance. With --train-features and captions that name their attributes (the synthetic world),
-attribute accuracy of a linear probe fit on the true training targets is reported too, and `table` lists each
+recall@k is chance. With --train-features and --attributes (a vocabulary of attributes the captions name, such as
+the synthetic world's synth.json), attribute accuracy of a linear probe fit on the true training targets is reported too, and `table` lists each
 held-out caption with the caption retrieved by its generated tokens and the attributes the probe reads from them.
 With --trellis (a TRELLIS release) and --shards (the held-out raw shards, which carry each object's occupancy grid,
 as the synthetic world's do), `structure` reports stage-1 occupancy IoU against the ground truth and shape accuracy
@@ -29,7 +29,7 @@ import torch
 
 from gap3d.build import build_aligner
 from gap3d.data.occupancy import downsample, read_occupancy
-from gap3d.evaluation import EvalSet, evaluate_alignment, evaluation_condition, generate_tokens, load_eval_set
+from gap3d.evaluation import EvalSet, evaluate_alignment, evaluation_condition, generate_tokens, load_eval_set, read_vocabulary
 from gap3d.export import apply_soft_tokens, load_export
 from gap3d.features.identity import soft_token_mode
 from gap3d.metrics import alignment_metrics, nearest_targets
@@ -54,15 +54,15 @@ class Evaluation:
 
 def evaluate(
     checkpoint: str, features: str, limit: int | None = None, device: str = "cpu", seed: int = 0, train_features: str | None = None,
-    trellis: str | None = None, shards: str | None = None,
+    trellis: str | None = None, shards: str | None = None, attributes: str | None = None,
 ) -> dict:
     """{"trained", "untrained", "mean_target": metrics, "table", "samples", "step", ["structure"]} on up to `limit` rows of `features`."""
-    return run_evaluation(checkpoint, features, limit, device, seed, train_features, trellis, shards).report
+    return run_evaluation(checkpoint, features, limit, device, seed, train_features, trellis, shards, attributes).report
 
 
 def run_evaluation(
     checkpoint: str, features: str, limit: int | None = None, device: str = "cpu", seed: int = 0, train_features: str | None = None,
-    trellis: str | None = None, shards: str | None = None,
+    trellis: str | None = None, shards: str | None = None, attributes: str | None = None,
 ) -> Evaluation:
     """`evaluate`, keeping the held-out rows and the generated tokens (for pictures)."""
     if (trellis is None) != (shards is None):
@@ -72,7 +72,7 @@ def run_evaluation(
     checkpoint = newest_valid_checkpoint(checkpoint) or checkpoint  # a run directory stands for its newest valid checkpoint
     export = load_export(checkpoint, device)
     config = export.config
-    eval_set = load_eval_set(features, config, limit, train_features)
+    eval_set = load_eval_set(features, config, limit, train_features, read_vocabulary(attributes) if attributes else None)
     batch = eval_set.batch
     prompt_encoder = PromptEncoder.from_pretrained(config.vlm, device) if soft_token_mode(config) == "prompt_cache" else None
     untrained_cond = evaluation_condition(batch, prompt_encoder, device)
@@ -143,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="training checkpoint, run directory (its newest checkpoint) or export directory (local or s3://)")
     parser.add_argument("--features", required=True, help="held-out feature directory (local or s3://)")
     parser.add_argument("--train-features", default=None, help="training features: fit the attribute probe on their targets")
+    parser.add_argument("--attributes", default=None, help="JSON whose `attributes` maps each attribute the captions name to its values "
+                        "(the synthetic world's synth.json): report attribute accuracy and the per-row table")
     parser.add_argument("--trellis", default=None, help="TRELLIS release: also score stage-1 structures (needs --shards)")
     parser.add_argument("--shards", default=None, help="raw held-out shards with <key>.occupancy.npy (the synthetic world's)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate at most this many rows")
@@ -154,7 +156,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging()
-    sys.stdout.write(json.dumps(evaluate(args.checkpoint, args.features, args.limit, args.device, args.seed, args.train_features, args.trellis, args.shards)) + "\n")
+    report = evaluate(args.checkpoint, args.features, args.limit, args.device, args.seed, args.train_features, args.trellis, args.shards, args.attributes)
+    sys.stdout.write(json.dumps(report) + "\n")
     return 0
 
 

@@ -4,7 +4,6 @@ The model code (gap3d/) knows nothing of either; ray_jobs/train.py calls these o
 """
 
 import functools
-import socket
 
 import torch
 from torch import nn
@@ -76,20 +75,6 @@ def deepspeed_config(config: Gap3DConfig, zero_stage: int, micro_batch: int) -> 
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-
-
-def init_single_process_group() -> None:
-    """In-process runs have no Ray-made process group; make a one-rank gloo group for DeepSpeed.
-
-    Tear it down with deepspeed.comm.destroy_process_group(), which also drops DeepSpeed's cached groups,
-    so a later in-process run in the same interpreter starts clean.
-    """
-    if torch.distributed.is_initialized():
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def global_grad_norm(engine) -> float:

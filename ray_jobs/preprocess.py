@@ -1,6 +1,6 @@
 """Preprocess raw image-caption shards into feature files for training.
 
-    python -m ray_jobs.preprocess --input URI --output URI [--preset tiny|paper] [--config YAML] [key.sub=value ...]
+    python ray_jobs/preprocess.py --input URI --output URI [--preset tiny|paper] [--config YAML] [key.sub=value ...]
     ray job submit --working-dir . -- python ray_jobs/preprocess.py --input s3://... --output s3://...
 
 Reads a directory, prefix, glob or file of WebDataset tars (.tar, .tar.gz, .tgz; img2dataset's output as is) or

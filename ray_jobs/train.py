@@ -1,6 +1,6 @@
 """Train the aligner (and soft tokens) with Ray Train + DeepSpeed.
 
-    python -m ray_jobs.train --features s3://bucket/features/train --storage s3://bucket/runs [--preset tiny] [key=value ...]
+    python ray_jobs/train.py --features s3://bucket/features/train --storage s3://bucket/runs [--preset tiny] [key=value ...]
     ray job submit --working-dir . -- python ray_jobs/train.py ...
 
 Each Ray Train worker wraps the trainable parts in DeepSpeed (ZeRO stage scaling.zero_stage), reads its shard
@@ -9,23 +9,31 @@ every rank saves its DeepSpeed state and uploads it into `<storage>/<name>/check
 EMA weights, an inference export (`export/`), the resolved config and the data position (ray_jobs/train_worker.py),
 and last the completion record that makes the checkpoint count (ray_jobs/run_checkpoints.py). Rerunning the same
 command resumes from the newest checkpoint that matches its record, chosen and verified here before any worker starts.
+
+Ray Train sees only its public interface: each submission is a fit of its own (`<storage>/<name>/ray_train/<fit>`),
+which gets the chosen checkpoint through its train_loop_config, as Ray's V2 guide for resuming from a checkpoint of
+one's own choosing says; within the fit, workers report a pointer to each verified checkpoint, which
+`ray.train.get_checkpoint()` hands back when Ray restarts the worker group (ray_jobs/train_worker.py).
 """
 
 import argparse
 import json
 import logging
+import secrets
 import sys
+import time
 from dataclasses import dataclass
 
 import ray
 import ray.train
 from ray.data import ExecutionOptions
-from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from gap3d import storage as gap3d_storage
+from gap3d.build import derive_shapes
 from gap3d.config import Gap3DConfig
-from gap3d.evaluation import load_eval_set
+from gap3d.evaluation import load_eval_set, read_vocabulary
 from gap3d.features.identity import check_compatible, expected_manifest
 from gap3d.features.store import check_features, count_rows, feature_files
 from ray_jobs.config import add_config_arguments, configure_logging, job_config_from_args
@@ -33,11 +41,11 @@ from ray_jobs.nodes import check_storage_is_shared, remove_stale_staging_everywh
 from ray_jobs.pipeline import ENCODE_SECTION, EncodeResources, stream_features
 from ray_jobs.resume import data_identity, plan_resume
 from ray_jobs.run_checkpoints import RunStorage
-from ray_jobs.train_worker import WorkerJob, train_worker
+from ray_jobs.train_worker import WorkerJob, reported_checkpoint, train_worker
 
 logger = logging.getLogger("gap3d.train")
 
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it registered for a run
+RAY_TRAIN_DIR = "ray_train"  # under the run directory: one Ray Train run per submission (its own bookkeeping)
 
 
 @dataclass
@@ -113,35 +121,37 @@ def run_training(
     eval_features: str | None = None,
     name: str = "gap3d-train",
     max_failures: int = 0,
-    in_process: bool = False,
     encode: EncodeResources | None = None,
+    attributes: str | None = None,
 ) -> ray.train.Result:
     """Train with TorchTrainer; rerunning with the same storage and name resumes from the newest valid checkpoint."""
+    config = derive_shapes(config)
     manifest = check_start(config, scaling, features, stream)
-    if not in_process:
-        check_storage_is_shared(storage, "--storage")
+    check_storage_is_shared(storage, "--storage")
     data = data_identity(features, stream)
     storage_fs, storage_path = gap3d_storage.arrow_filesystem(storage)
     run = RunStorage(storage_fs, gap3d_storage.join(storage_path, name), gap3d_storage.join(storage, name))
     plan = plan_resume(run, config, scaling, data)
-    forget_ray_registrations(run)
     remove_stale_staging_everywhere()
-    eval_set = load_eval_set(eval_features, config, config.train.eval_samples, train_features=features) if eval_features else None
+    vocabulary = read_vocabulary(attributes) if attributes else None
+    eval_set = load_eval_set(eval_features, config, config.train.eval_samples, features, vocabulary) if eval_features else None
     dataset = build_dataset(scaling, features) if features else stream_features(config, encode or ENCODE_SECTION["encode"][1][config.preset], stream)
     resume_step = plan.step if plan.checkpoint is not None else None
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"job": WorkerJob(config, scaling, manifest, eval_set, in_process, data, plan.lr_continuation, run, resume_step)},
+        train_loop_config={"job": WorkerJob(config, scaling, manifest, eval_set, data, plan.lr_continuation, run, resume_step)},
         scaling_config=ScalingConfig(
-            num_workers=0 if in_process else scaling.num_workers,
+            num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
             resources_per_worker={"CPU": scaling.worker_cpus, **({"GPU": 1} if scaling.use_gpu else {})},
         ),
         run_config=RunConfig(
-            name=name,
-            storage_path=storage_path,
+            name=fit_name(),
+            storage_path=gap3d_storage.join(run.path, RAY_TRAIN_DIR),
             storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=max_failures),  # retention is the workers' (train.keep_checkpoints)
+            failure_config=FailureConfig(max_failures=max_failures),
+            # Ray keeps only pointers to our checkpoints (retention of those is train.keep_checkpoints).
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
         datasets={"train": dataset},
         dataset_config=data_config(features),
@@ -149,19 +159,20 @@ def run_training(
     return trainer.fit()
 
 
-def forget_ray_registrations(run: RunStorage) -> None:
-    """Start Ray Train's bookkeeping of the run afresh. On a rerun Ray Train would hand the workers the newest
-    checkpoint it registered, whether or not it still matches its record, and refuse the run once one it listed has
-    been set aside; the driver has chosen the checkpoint (plan_resume), so only restarts within this fit use Ray's."""
-    snapshot = gap3d_storage.join(run.path, RAY_SNAPSHOT)
-    if run.fs.exists(snapshot):
-        run.fs.rm_file(snapshot)
+def fit_name() -> str:
+    """A new Ray Train run name for each submission, so no Ray bookkeeping of an earlier one is restored."""
+    return f"fit-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def trained_checkpoint(result: ray.train.Result, storage: str) -> str | None:
+    """URI, with --storage's scheme, of the newest checkpoint the fit wrote (what evaluate.py takes)."""
+    uri = reported_checkpoint(result.checkpoint)
+    return None if uri is None else gap3d_storage.with_scheme(storage, uri)
 
 
 def result_summary(result: ray.train.Result, storage: str) -> dict:
-    """The job's JSON result: the newest checkpoint as a URI of --storage's scheme (what evaluate.py takes) and its metrics."""
-    checkpoint = gap3d_storage.with_scheme(storage, result.checkpoint.path) if result.checkpoint is not None else None
-    return {"checkpoint": checkpoint, "metrics": result.metrics}
+    """The job's JSON result: the newest checkpoint and its metrics."""
+    return {"checkpoint": trained_checkpoint(result, storage), "metrics": result.metrics}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -173,7 +184,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default="gap3d-train", help="run name under --storage; rerun with the same name to resume")
     parser.add_argument("--eval-features", default=None, help="held-out feature directory evaluated every train.eval_every steps")
     parser.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint before giving up")
-    parser.add_argument("--in-process", action="store_true", help="run the train function in this process (ScalingConfig(num_workers=0))")
+    parser.add_argument("--attributes", default=None, help="JSON file whose `attributes` maps each attribute the captions name to its values "
+                        "(the synthetic world's synth.json): periodic evals then report attribute accuracy")
     add_config_arguments(parser)
     return parser.parse_args(argv)
 
@@ -184,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     config, sections = job_config_from_args(args, TRAIN_SECTIONS)
     result = run_training(
         config, sections["scaling"], args.storage, features=args.features, stream=args.stream, eval_features=args.eval_features,
-        name=args.name, max_failures=args.max_failures, in_process=args.in_process, encode=sections["encode"],
+        name=args.name, max_failures=args.max_failures, encode=sections["encode"], attributes=args.attributes,
     )
     sys.stdout.write(json.dumps(result_summary(result, args.storage), default=str) + "\n")
     return 0

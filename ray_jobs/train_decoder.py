@@ -1,6 +1,6 @@
 """Train TRELLIS stage 1 (sparse-structure VAE, then flow) with Ray Train and write a TRELLIS release.
 
-    python -m ray_jobs train-decoder --features DIR/train-*.parquet --shards RAW/train-*.tar --storage DIR [stage1.key=value ...]
+    python ray_jobs/train_decoder.py --features DIR/train-*.parquet --shards RAW/train-*.tar --storage DIR [stage1.key=value ...]
 
 The condition of each object is its render's DINOv2 tokens, read from the feature files the aligner trains on
 (the `dino` column); its 3D ground truth is the `<key>.occupancy.npy` the raw shards carry (the synthetic world's,

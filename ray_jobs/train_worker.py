@@ -10,12 +10,17 @@ Checkpoint layout (one directory, every rank uploading its own files; ray_jobs/r
                           the LR continuation (ray_jobs/resume.py)
     evals.json            every periodic held-out evaluation so far: the learning curve (rank 0)
     complete.json         the completion record, written by rank 0 once every rank's files are in storage
+
+Ray Train is told of each checkpoint once its record is written, through a pointer (`pointer.json`: the
+checkpoint's step and URI) that rank 0 reports; after Ray restarts the worker group, `ray.train.get_checkpoint()`
+returns the newest pointer (before any was reported, the workers start from the checkpoint the driver chose,
+WorkerJob.resume_step), and a newer checkpoint whose record matches is taken over it.
 """
 
 import dataclasses
 import json
 import logging
-import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +29,6 @@ import ray
 import ray.train
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
-from ray.train import CheckpointUploadMode
 from safetensors.torch import load_file, save_file
 
 from gap3d import storage
@@ -36,7 +40,7 @@ from gap3d.features.format import FeatureBatch, FeatureManifest, RowCollator
 from gap3d.features.identity import soft_token_mode
 from gap3d.prompt_encoder import PromptEncoder
 from gap3d.training import EMA, AlignerTrainModule, LRContinuation, trainable_parameters, with_soft_tokens
-from ray_jobs.parallelize import build_engine, global_grad_norm, init_single_process_group, load_engine_state, update_ema
+from ray_jobs.parallelize import build_engine, global_grad_norm, load_engine_state, update_ema
 from ray_jobs.run_checkpoints import RunStorage, checkpoint_dir_name
 
 logger = logging.getLogger("gap3d.train")
@@ -45,6 +49,7 @@ DEEPSPEED_TAG = "deepspeed"
 PROGRESS_NAME = "progress.json"
 EMA_NAME = "ema.safetensors"
 EVALS_NAME = "evals.json"
+POINTER_NAME = "pointer.json"  # what workers report to Ray Train: {"step", "uri"} of a verified checkpoint
 
 
 @dataclass
@@ -55,7 +60,6 @@ class WorkerJob:
     scaling: object  # ray_jobs.train.TrainScaling
     manifest: FeatureManifest  # shapes of the training features
     eval_set: EvalSet | None  # held-out rows (and attribute probe) for periodic evaluation on rank 0, loaded by the driver
-    in_process: bool  # ScalingConfig(num_workers=0): one process, no Ray workers
     data: str  # fingerprint of the training data (ray_jobs/resume.py), saved with each checkpoint
     lr_continuation: LRContinuation | None  # the LR curve after a resume that changed the schedule
     run: RunStorage  # where checkpoints go
@@ -65,32 +69,10 @@ class WorkerJob:
 def train_worker(loop_config: dict) -> None:
     """Ray Train's train_loop_per_worker: DeepSpeed engine, resume, train to train.max_steps, checkpoint, report."""
     job: WorkerJob = loop_config["job"]
-    if not job.in_process:
-        return _train(job)
-    # DeepSpeed reads these; they are removed again so Ray's local mode never mistakes this process for torchrun.
-    rank_env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
-    saved = {key: os.environ.get(key) for key in rank_env}
-    os.environ.update(rank_env)
-    init_single_process_group()
-    try:
-        return _train(job)
-    finally:
-        import deepspeed.comm
-
-        deepspeed.comm.destroy_process_group()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key)
-            else:
-                os.environ[key] = value
-
-
-def _train(job: WorkerJob) -> None:
     config, train, scaling = job.config, job.config.train, job.scaling
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    if not job.in_process:
-        _configure_worker_logging(rank)
+    _configure_worker_logging(rank)
     device = torch.device("cuda", torch.cuda.current_device()) if scaling.use_gpu else torch.device("cpu")
     dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
     micro_batch = train.global_batch_size // (world * train.grad_accum_steps)
@@ -107,7 +89,7 @@ def _train(job: WorkerJob) -> None:
         progress, evals = resumed_from
         logger.info("resumed from step %d (epoch %d, %d batches in)", progress["step"], progress["epoch"], progress["batches_in_epoch"])
     resume_info = {"resumed_from_step": progress["step"]}
-    metrics_sink = _PrometheusMetrics(context.get_experiment_name()) if not job.in_process else None
+    metrics_sink = _PrometheusMetrics(context.get_experiment_name())
 
     cache_dtype = prompt_encoder.embed_tokens.weight.dtype if prompt_encoder is not None else None
     shard = ray.train.get_dataset_shard("train")
@@ -144,8 +126,7 @@ def _train(job: WorkerJob) -> None:
                 evals.append({"step": step, **{k: v for k, v in metrics.items() if k.startswith("eval_")}})
             if rank == 0:
                 logger.info("step %d/%d %s", step, train.max_steps, json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
-            if metrics_sink is not None:
-                metrics_sink.record(metrics)
+            metrics_sink.record(metrics)
             if _due(step, train.checkpoint_every, train.max_steps):
                 _save_and_report(engine, ema, generator, progress, metrics, evals, job, rank)
             else:
@@ -253,21 +234,47 @@ def _save_and_report(engine, ema: EMA, generator: torch.Generator, progress: dic
         files = job.run.upload(directory, step)
     writers = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(writers, {"rank": rank, "node": ray.get_runtime_context().get_node_id(), "files": files})
+    if rank != 0:
+        torch.distributed.barrier()  # rank 0 writes the record before anyone reports
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=checkpoint_dir_name(step))
+        return
+    job.run.write_record(step, writers)
+    job.run.prune(step, job.config.train.keep_checkpoints)
+    torch.distributed.barrier()
+    with tempfile.TemporaryDirectory(prefix="gap3d-pointer-") as pointer:
+        (Path(pointer) / POINTER_NAME).write_text(json.dumps({"step": step, "uri": job.run.checkpoint_uri(step)}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(pointer), checkpoint_dir_name=checkpoint_dir_name(step))
+
+
+def _newest_recorded(run: RunStorage, known: int | None, rank: int) -> int | None:
+    """The newest checkpoint step that matches its record, looking only above `known` (already verified): checked
+    by rank 0, which reads each candidate once, and sent to every rank."""
+    found = [known]
     if rank == 0:
-        job.run.write_record(step, writers)
-        job.run.prune(step, job.config.train.keep_checkpoints)
-    checkpoint = ray.train.Checkpoint(job.run.checkpoint_path(step), filesystem=job.run.arrow_fs)
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(step), checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+        found[0] = next((step for step in run.steps() if step > (known or 0) and run.problem(step) is None), known)
+    torch.distributed.broadcast_object_list(found, src=0)
+    return found[0]
+
+
+def reported_checkpoint(pointer: ray.train.Checkpoint | None) -> str | None:
+    """The URI of the checkpoint a reported pointer names (None for none)."""
+    return None if pointer is None else _read_pointer(pointer)["uri"]
+
+
+def _read_pointer(pointer: ray.train.Checkpoint) -> dict:
+    with pointer.as_directory() as directory:
+        return json.loads((Path(directory) / POINTER_NAME).read_text())
 
 
 def _restore(engine, scheduler, ema: EMA, generator: torch.Generator, rank: int, job: WorkerJob) -> tuple[dict, list[dict]] | None:
     """Load the checkpoint to start from -> (its progress, the evaluations so far), or None for a new run: the newest
-    this fit reported when Ray Train restarted the group, else the one the driver chose."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and job.resume_step is not None:
-        checkpoint = ray.train.Checkpoint(job.run.checkpoint_path(job.resume_step), filesystem=job.run.arrow_fs)
-    if checkpoint is None:
+    this fit reported when Ray Train restarted the group, else the one the driver chose; or a newer one whose record
+    matches but whose pointer Ray never registered (the group died between the two)."""
+    pointer = ray.train.get_checkpoint()
+    step = _newest_recorded(job.run, _read_pointer(pointer)["step"] if pointer is not None else job.resume_step, rank)
+    if step is None:
         return None
+    checkpoint = ray.train.Checkpoint(job.run.checkpoint_path(step), filesystem=job.run.arrow_fs)
     with checkpoint.as_directory() as directory:
         directory = Path(directory)
         client_state = load_engine_state(engine, scheduler, str(directory), DEEPSPEED_TAG)

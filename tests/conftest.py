@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from ray_jobs.broker import start_redis, wait_for_port
+from cli.broker import start_redis, wait_for_port
 from serve.launch import free_port
 
 
@@ -79,7 +79,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints():
-    """Local directories of the tiny random VLM and DINOv2 (tiny://vlm, tiny://dino): {'vlm': Path, 'dino': Path}."""
+    """Local directories of the tiny VLM and DINOv2 (tiny://vlm, tiny://dino): {'vlm': Path, 'dino': Path}."""
     from gap3d.checkpoints import resolve
 
     return {name: resolve(f"tiny://{name}") for name in ("vlm", "dino")}
@@ -87,10 +87,11 @@ def tiny_checkpoints():
 
 @pytest.fixture(scope="session")
 def tiny_config():
-    """The tiny preset, as every job resolves it by default."""
+    """The tiny preset, as every job resolves it by default, its shapes derived from the tiny encoders."""
+    from gap3d.build import derive_shapes
     from gap3d.config import load_config
 
-    return load_config("tiny")
+    return derive_shapes(load_config("tiny"))
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import torch
 
 from gap3d.build import build_aligner
 from gap3d.export import save_export
-from gap3d.tiny.trellis import write_tiny_trellis
+from miniature.checkpoints.trellis import write_tiny_trellis
 from serve.launch import local_config
 
 API_KEY = "test-key-123"

@@ -21,25 +21,27 @@ import numpy as np
 import psutil
 
 from gap3d import storage
+from gap3d.build import derive_shapes
 from gap3d.config import Gap3DConfig, load_job_config
 from gap3d.data.encode import FeatureEncoder
-from gap3d.data.synth import render_scene, sample_scene
+from miniature.world import render_scene, sample_scene
 from gap3d.features.format import feature_schema
 from gap3d.features.identity import encoder_identity, soft_token_mode
 from gap3d.features.store import chunk_file_name, write_feature_file, write_manifest, write_shard_record
-from ray_jobs.run_checkpoints import RunStorage
+from ray_jobs.run_checkpoints import RECORD_NAME, RunStorage
 from ray_jobs.train import TRAIN_SECTIONS
 
 # Smaller than the tiny preset so multi-process training runs in seconds on 2 cores: an 8x8 grid (69 tokens).
 SMALL_OVERRIDES = (
-    "dino.image_size=112", "aligner.grid_size=8", "aligner.hidden_size=64", "aligner.depth=2", "aligner.num_heads=2",
+    "dino.image_size=112", "aligner.hidden_size=64", "aligner.depth=2", "aligner.num_heads=2",
     "train.log_every=5", "train.checkpoint_every=10", "train.eval_every=1000",
 )
 
 
 def small_job(*overrides: str) -> tuple[Gap3DConfig, dict]:
-    """The tiny preset shrunk for fast training tests, plus `overrides`: (config, {"scaling", "encode"})."""
-    return load_job_config("tiny", overrides=[*SMALL_OVERRIDES, *overrides], sections=TRAIN_SECTIONS)
+    """The tiny preset shrunk for fast training tests, plus `overrides`, its shapes derived: (config, {"scaling", "encode"})."""
+    config, sections = load_job_config("tiny", overrides=[*SMALL_OVERRIDES, *overrides], sections=TRAIN_SECTIONS)
+    return derive_shapes(config), sections
 
 
 def small_config(*overrides: str) -> Gap3DConfig:
@@ -219,16 +221,14 @@ def _inotify_events(data: bytes) -> Iterator[tuple[int, str]]:
         offset += length
 
 
-def checkpoint_registered(run_uri: str, step: int):
-    """A `ready()` for KillTrainWorkerWhen: Ray Train has registered checkpoint `step` of the run at `run_uri`.
+def checkpoint_complete(run_uri: str, step: int):
+    """A `ready()` for KillTrainWorkerWhen: checkpoint `step` of the run at `run_uri` counts (its completion record
+    is written, ray_jobs/run_checkpoints.py). Its directory appearing is not enough: every rank must have uploaded."""
+    run = RunStorage.at(run_uri)
+    record = storage.join(run.checkpoint_path(step), RECORD_NAME)
 
-    Its directory appearing is not enough: every rank must have reported it, and Ray records the registration
-    in checkpoint_manager_snapshot.json under the run.
-    """
     def ready() -> bool:
-        fs, root = storage.filesystem(run_uri)
-        fs.invalidate_cache()
-        path = storage.join(root, "checkpoint_manager_snapshot.json")
-        return fs.exists(path) and f"checkpoint_{step:08d}" in fs.cat_file(path).decode()
+        run.fs.invalidate_cache()
+        return run.fs.exists(record)
 
     return ready

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from gap3d.aligner import AlignerConfig, AlignerDiT, apply_rope, rope_2d
+from gap3d.config import AlignerConfig
+from gap3d.aligner import AlignerDiT, apply_rope, rope_2d
 
-TINY = dict(token_dim=16, grid_size=4, cond_dim=24, num_cond_tokens=3, hidden_size=32, depth=2, num_heads=2)
+TINY = dict(token_dim=16, grid_size=4, num_special_tokens=5, cond_dim=24, num_cond_tokens=3, hidden_size=32, depth=2, num_heads=2)
 
 
 def make(**overrides) -> AlignerDiT:
@@ -23,9 +24,9 @@ def test_output_has_the_shape_of_the_target_tokens():
     assert make()(x, t, cond).shape == (2, 5 + 4 * 4, 16)
 
 
-def test_paper_preset_sequence_is_1374_tokens_of_1024():
-    config = AlignerConfig()
-    assert (config.num_tokens, config.token_dim, config.cond_dim, config.num_cond_tokens) == (1374, 1024, 2048, 64)
+def test_an_aligner_whose_shapes_were_not_derived_refuses_to_build_naming_the_fix():
+    with pytest.raises(ValueError, match="derive_shapes"):
+        AlignerDiT(AlignerConfig(hidden_size=32, depth=2, num_heads=2))
 
 
 def test_freshly_initialised_aligner_predicts_zero_velocity():
@@ -100,6 +101,7 @@ def test_wrong_input_shape_is_rejected_with_the_expected_shape():
         (dict(hidden_size=24, num_heads=4), "divisible by 4"),
         (dict(null_condition="random"), "null_condition"),
         (dict(depth=0), "aligner.depth"),
+        (dict(grid_size=0), "aligner.grid_size"),
     ],
 )
 def test_invalid_config_raises_naming_the_key(overrides, message):

@@ -1,11 +1,11 @@
-"""`python -m ray_jobs COMMAND`: one command line over every job's main(), run as a user runs it."""
+"""`python -m cli COMMAND`: one command line over every job's and tool's main(), run as a user runs it."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-from ray_jobs import cli
+from cli import commands
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,24 +15,25 @@ def run(*args, timeout=300, cwd=REPO):
 
 
 def test_help_lists_every_command():
-    result = run("-m", "ray_jobs", "--help", timeout=120)
+    result = run("-m", "cli", "--help", timeout=120)
     assert result.returncode == 0
-    for command in ("demo", "synth", "preprocess", "train", "evaluate", "smoke", "make-tiny"):
+    for command in ("demo", "synth", "preprocess", "train", "train-decoder", "evaluate", "smoke", "make-tiny", "broker"):
         assert f"  {command} " in result.stdout
 
 
 def test_each_command_is_its_modules_main():
-    from ray_jobs import demo, evaluate, preprocess, train
+    from cli import demo
+    from ray_jobs import evaluate, preprocess, train
 
-    assert {cli.COMMANDS[name].main for name in ("demo", "preprocess", "train", "evaluate")} == {demo.main, preprocess.main, train.main, evaluate.main}
+    assert {commands.COMMANDS[name].main for name in ("demo", "preprocess", "train", "evaluate")} == {demo.main, preprocess.main, train.main, evaluate.main}
 
 
 def test_unknown_command_exits_2_naming_it():
-    assert cli.main(["nope"]) == 2
+    assert commands.main(["nope"]) == 2
 
 
 def test_smoke_generates_aligned_tokens_for_the_tiny_preset():
-    result = run("-m", "ray_jobs", "smoke", "--prompt", "a red cone")
+    result = run("-m", "cli", "smoke", "--prompt", "a red cone")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["condition_shape"] == [1, 8, 64]
@@ -47,6 +48,6 @@ def test_a_job_runs_as_a_script_from_the_checkout():
 
 
 def test_bad_override_exits_nonzero_naming_the_key():
-    result = run("-m", "ray_jobs", "smoke", "train.nope=1", timeout=120)
+    result = run("-m", "cli", "smoke", "train.nope=1", timeout=120)
     assert result.returncode != 0
     assert "train.nope" in result.stderr

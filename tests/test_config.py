@@ -1,26 +1,52 @@
 """Config: presets, YAML round trip, key.sub=value overrides, job sections, validation."""
 
+import subprocess
+import sys
+
 import pytest
 
-from gap3d.config import Gap3DConfig, load_config, load_job_config, save_config
-from gap3d.presets import DEFAULT_PRESET
+from gap3d.build import derive_shapes
+from gap3d.config import DERIVED_SHAPES, Gap3DConfig, load_config, load_job_config, save_config
+from gap3d.presets import DEFAULT_PRESET, PRESETS
 from ray_jobs.train import TRAIN_SECTIONS
 
 
 def test_paper_preset_is_the_authors_recipe():
     config = load_config("paper")
     assert (config.aligner.hidden_size, config.aligner.depth, config.aligner.num_heads) == (1792, 24, 28)
-    assert (config.vlm.num_soft_tokens, config.aligner.cond_dim) == (64, 2048)
+    assert config.vlm.num_soft_tokens == 64
     assert (config.train.lr, config.train.min_lr, config.train.weight_decay) == (2.8e-4, 1e-5, 0.0)
     assert (config.flow.cond_dropout, config.flow.cfg_scale) == (0.1, 3.0)
     assert config.flow.loss_weights == {"patches": 0.4, "cls": 0.3, "registers": 0.3}
     assert config.aligner.null_condition == "zeros"
 
 
-def test_tiny_preset_keeps_token_layout_consistent_with_its_dino_image_size():
-    config = load_config("tiny")
-    assert config.aligner.grid_size == config.dino.image_size // 14
-    assert config.aligner.num_cond_tokens == config.vlm.num_soft_tokens
+def test_no_preset_states_a_shape_the_encoders_determine():
+    for preset in PRESETS:
+        config = load_config(preset)
+        assert all(getattr(config.aligner, name) is None for name in DERIVED_SHAPES), preset
+
+
+def test_the_tiny_aligners_shapes_are_derived_from_its_encoders_and_dino_image_size():
+    aligner = derive_shapes(load_config("tiny")).aligner
+    assert (aligner.token_dim, aligner.grid_size, aligner.num_special_tokens) == (64, 112 // 14, 5)
+    assert (aligner.cond_dim, aligner.num_cond_tokens) == (64, 8)
+
+
+def test_a_shape_that_disagrees_with_the_encoders_fails_naming_the_key():
+    with pytest.raises(ValueError, match=r"aligner.grid_size=7, but the encoders .* give 8; leave it unset"):
+        derive_shapes(load_config("tiny", overrides=["aligner.grid_size=7"]))
+
+
+def test_a_derived_config_round_trips_through_yaml_and_derives_again_unchanged(tmp_path):
+    config = derive_shapes(load_config("tiny"))
+    save_config(config, tmp_path / "config.yaml")
+    assert derive_shapes(load_config(yaml_path=tmp_path / "config.yaml")) == config
+
+
+def test_reading_a_config_imports_no_model_code_torch_or_pyarrow():
+    code = "import sys; from gap3d.config import load_config; load_config('paper'); print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pyarrow', 'transformers') or m in ('gap3d.aligner', 'gap3d.prompt_encoder', 'gap3d.dino')))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 
 def test_yaml_round_trip_gives_an_equal_config(tmp_path):
@@ -59,9 +85,8 @@ def test_unknown_preset_lists_the_choices():
         load_config("huge")
 
 
-def test_soft_token_count_must_match_the_aligner_condition_length():
-    with pytest.raises(ValueError, match="vlm.num_soft_tokens"):
-        load_config("tiny", overrides=["vlm.num_soft_tokens=4"])
+def test_the_aligners_condition_length_follows_the_soft_token_count():
+    assert derive_shapes(load_config("tiny", overrides=["vlm.num_soft_tokens=4"])).aligner.num_cond_tokens == 4
 
 
 def test_one_default_preset_everywhere():

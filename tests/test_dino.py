@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gap3d.dino import DinoConfig, DinoTargetEncoder, normalize_images
+from gap3d.config import DinoConfig
+from gap3d.dino import DinoTargetEncoder, normalize_images
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,7 @@ def test_features_match_the_same_encoder_weights_stored_elsewhere(tmp_path):
 def test_features_for_another_token_grid_are_rejected_naming_the_shape():
     config = load_config("tiny")
     manifest = FeatureManifest(encoders=encoder_identity(config), dino_shape=[261, 64])
-    with pytest.raises(ValueError, match=r"shape \[261, 64\] but the aligner generates \[69, 64\]"):
+    with pytest.raises(ValueError, match=r"shape \[261, 64\] but the configured encoders give \[69, 64\]"):
         check_compatible(manifest, config)
 
 

@@ -4,8 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from gap3d.aligner import AlignerConfig, AlignerDiT
-from gap3d.flow import FlowConfig, flow_matching_loss, guided_velocity, interpolate, sample, sample_t, velocity_target
+from gap3d.config import AlignerConfig
+from gap3d.aligner import AlignerDiT
+from gap3d.config import FlowConfig
+from gap3d.flow import flow_matching_loss, guided_velocity, interpolate, sample, sample_t, velocity_target
 from gap3d.metrics import token_cosine
 
 
@@ -98,7 +100,7 @@ def test_invalid_flow_config_raises_naming_the_key():
 
 def test_overfitting_a_few_pairs_lowers_the_loss_and_the_sampler_reproduces_their_targets():
     torch.manual_seed(0)
-    config = AlignerConfig(token_dim=16, grid_size=4, cond_dim=16, num_cond_tokens=4, hidden_size=64, depth=2,
+    config = AlignerConfig(token_dim=16, grid_size=4, num_special_tokens=5, cond_dim=16, num_cond_tokens=4, hidden_size=64, depth=2,
                            num_heads=4, null_condition="learned")
     model = AlignerDiT(config)
     g = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageCms
 
 from gap3d.data.images import composite_on_black, decode_image, resize_and_center_crop
-from gap3d.data.img2dataset import photo_like_jpeg
+from miniature.img2dataset import photo_like_jpeg
 
 RNG_SEED = 7
 

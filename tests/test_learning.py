@@ -6,8 +6,9 @@ Recall@5 is text->image retrieval on centred embeddings (chance 5 / eval rows); 
 
 import pytest
 
+from gap3d.build import derive_shapes
 from gap3d.config import load_config
-from gap3d.miniature import encode_world, score, train_in_process
+from miniature.experiment import encode_world, score, train_in_process
 
 STEPS = 400
 NUM_SCENES = 600
@@ -15,7 +16,7 @@ NUM_SCENES = 600
 
 @pytest.fixture(scope="module")
 def config():
-    return load_config("tiny", overrides=[f"train.max_steps={STEPS}"])
+    return derive_shapes(load_config("tiny", overrides=[f"train.max_steps={STEPS}"]))
 
 
 @pytest.fixture(scope="module")

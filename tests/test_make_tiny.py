@@ -1,9 +1,9 @@
-"""`python -m ray_jobs make-tiny` writes a TRELLIS checkpoint the Decoder loads."""
+"""`python -m cli make-tiny` writes a TRELLIS checkpoint the Decoder loads."""
 
 import torch
 
 from gap3d.trellis.decoder import Decoder
-from ray_jobs.make_tiny import main
+from cli.make_tiny import main
 
 
 def make_tiny(out, *flags):

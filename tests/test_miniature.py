@@ -1,10 +1,10 @@
-"""gap3d.miniature: the synthetic world in memory, its shuffled control and the caption ceiling."""
+"""miniature.experiment: the synthetic world in memory, its shuffled control and the caption ceiling."""
 
 import pytest
 import torch
 
-from gap3d.data.synth import HELD_OUT
-from gap3d.miniature import caption_ceiling, encode_world, oracle_condition
+from miniature.world import HELD_OUT
+from miniature.experiment import caption_ceiling, encode_world, oracle_condition
 from tests.support import small_config
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gap3d.pictures import alignment_figure, fit_pca, learning_curve_figure, pca_rgb
+from miniature.pictures import alignment_figure, fit_pca, learning_curve_figure, pca_rgb
 
 
 def tokens_along(direction: torch.Tensor, steps: int) -> torch.Tensor:

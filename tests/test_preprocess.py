@@ -23,7 +23,7 @@ from gap3d.build import build_encoders
 from gap3d.config import load_config
 from gap3d.data.images import resize_and_center_crop
 from gap3d.data.shards import Sample, decode_record, iter_shard_records, list_shards
-from gap3d.data.synth import write_synth
+from miniature.shards import write_synth
 from gap3d.features.format import batch_from_rows
 from gap3d.features.identity import check_compatible, expected_manifest
 from gap3d.features.store import read_manifest

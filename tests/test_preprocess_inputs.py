@@ -16,7 +16,7 @@ import pytest
 import ray
 from PIL import Image
 
-from gap3d.data.img2dataset import Download, sample_key, write_img2dataset_shard
+from miniature.img2dataset import Download, sample_key, write_img2dataset_shard
 from gap3d.features.store import feature_files, read_manifest
 from ray_jobs.pipeline import ENCODE_PRESETS, KeyRegistry
 from ray_jobs.preprocess import run_preprocess

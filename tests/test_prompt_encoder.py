@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from gap3d.prompt_encoder import PromptEncoder, PromptEncoderConfig
+from gap3d.config import PromptEncoderConfig
+from gap3d.prompt_encoder import PromptEncoder
 from gap3d.storage import upload_dir
 
 PROMPTS = ["a red cone", "a much longer prompt about a large blue cube standing in the center of the scene"]

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from gap3d import storage
-from gap3d.data.img2dataset import Download, sample_key, write_img2dataset_shard
+from miniature.img2dataset import Download, sample_key, write_img2dataset_shard
 from gap3d.data.shards import (
     SKIP_REASONS,
     Sample,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from gap3d.tiny import cached_tiny_checkpoint, tiny_checkpoint
+from miniature.checkpoints import cached_tiny_checkpoint, tiny_checkpoint
 
 
 def test_a_tiny_checkpoint_counts_as_cached_only_once_built(tmp_path, monkeypatch):

@@ -7,7 +7,8 @@ import torch
 import yaml
 
 from gap3d.data.occupancy import downsample, encode_occupancy
-from gap3d.data.synth import ShardWriter, sample_scene, scene_occupancy
+from miniature.shards import ShardWriter
+from miniature.world import sample_scene, scene_occupancy
 from gap3d.trellis.decoder import Decoder
 from gap3d.trellis.stage1_training import Stage1Config, Stage1Trainer
 from ray_jobs.train_decoder import STATE_NAME, load_inputs, run_decoder_training

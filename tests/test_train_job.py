@@ -12,7 +12,7 @@ from ray.data.dataset import MaterializedDataset
 from safetensors.torch import load_file
 
 from gap3d.build import build_aligner
-from gap3d.data.synth import write_synth
+from miniature.shards import write_synth
 from gap3d.export import load_export
 from gap3d.features.format import MANIFEST_NAME
 from gap3d.features.store import feature_files, load_rows
@@ -21,8 +21,8 @@ from gap3d.storage import filesystem
 from gap3d.training import AlignerTrainModule, LRContinuation, lr_multiplier
 from ray_jobs.evaluate import evaluate
 from ray_jobs.preprocess import run_preprocess
-from ray_jobs.train import build_dataset, main, result_summary, run_training
-from tests.support import KillTrainWorkerInSave, KillTrainWorkerWhen, checkpoint_registered, small_config, small_job, synthetic_features, upload_features
+from ray_jobs.train import build_dataset, main, result_summary, run_training, trained_checkpoint
+from tests.support import KillTrainWorkerInSave, KillTrainWorkerWhen, checkpoint_complete, small_config, small_job, synthetic_features, upload_features
 
 NUM_SCENES = 400
 STEPS = 120
@@ -56,7 +56,7 @@ def zero1_run(ray_cluster, bucket, s3_features):
     checkpoint 30 is in storage, and the group restarts from the newest checkpoint."""
     train, held_out = s3_features
     config, sections = zero1_job()
-    with KillTrainWorkerWhen(checkpoint_registered(f"{bucket}/runs/zero1", 30)) as killer:
+    with KillTrainWorkerWhen(checkpoint_complete(f"{bucket}/runs/zero1", 30)) as killer:
         result = run_training(config, sections["scaling"], f"{bucket}/runs", features=train, eval_features=held_out, name="zero1", max_failures=1)
     assert killer.killed is not None, "no training worker was killed"
     return result
@@ -94,13 +94,12 @@ def untrained_loss(config, features: str) -> float:
 
 
 @pytest.mark.parametrize("zero_stage", [0, 3])
-def test_in_process_run_with_activation_checkpointing_exports_whole_trained_weights(ray_cluster, tmp_path, zero_stage):
-    config, sections = small_job(f"scaling.zero_stage={zero_stage}", "train.max_steps=4", "scaling.gradient_checkpointing=true")
+def test_one_worker_with_activation_checkpointing_exports_whole_trained_weights(ray_cluster, tmp_path, zero_stage):
+    config, sections = small_job(f"scaling.zero_stage={zero_stage}", "train.max_steps=4", "scaling.gradient_checkpointing=true", "scaling.num_workers=1")
     train, _ = synthetic_features(config, NUM_SCENES)
-    result = run_training(config, sections["scaling"], str(tmp_path), features=str(train), in_process=True, name=f"zero{zero_stage}")
+    result = run_training(config, sections["scaling"], str(tmp_path), features=str(train), name=f"zero{zero_stage}")
     assert result.metrics["step"] == 4 and result.metrics["grad_norm"] > 0
-    with result.checkpoint.as_directory() as directory:
-        export = load_export(f"{directory}/export")
+    export = load_export(trained_checkpoint(result, str(tmp_path)))
     assert export.step == 4
     # The output layer starts at zero, so non-zero exported weights are trained ones, gathered whole under ZeRO-3.
     assert export.aligner.final_layer.linear.weight.abs().sum() > 0
@@ -254,22 +253,22 @@ def raw_shards(tmp_path_factory):
 
 
 def test_training_reads_one_split_of_the_preprocessing_jobs_output(ray_cluster, raw_shards, tmp_path):
-    config, sections = small_job("train.max_steps=3", "scaling.zero_stage=1")
+    config, sections = small_job("train.max_steps=3", "scaling.zero_stage=1", "scaling.num_workers=1")
     run_preprocess(config, sections["encode"], str(raw_shards), str(tmp_path / "features"))
     assert {p.name.split("-")[0] for p in (tmp_path / "features").glob("*.parquet")} == {"train", "eval"}
     train = str(tmp_path / "features" / "train-*.parquet")
     assert all("/train-" in path for path in feature_files(train))
-    result = run_training(config, sections["scaling"], str(tmp_path / "runs"), features=train, eval_features=str(tmp_path / "features" / "eval-*.parquet"), in_process=True)
+    result = run_training(config, sections["scaling"], str(tmp_path / "runs"), features=train, eval_features=str(tmp_path / "features" / "eval-*.parquet"))
     assert result.metrics["step"] == 3
     # The periodic evaluation scored the held-out split exactly as the evaluation job scores the exported weights.
-    report = evaluate(result.checkpoint.path, str(tmp_path / "features" / "eval-*.parquet"), limit=config.train.eval_samples)
+    report = evaluate(trained_checkpoint(result, str(tmp_path / "runs")), str(tmp_path / "features" / "eval-*.parquet"), limit=config.train.eval_samples)
     for metric in ("cosine_mean", "mse_mean", "recall@5"):
         assert result.metrics[f"eval_{metric}"] == pytest.approx(report["trained"][metric], rel=1e-4), metric
 
 
 def test_stream_mode_trains_on_raw_shards_encoded_on_the_fly(ray_cluster, raw_shards, tmp_path):
-    config, sections = small_job("train.max_steps=3", "scaling.zero_stage=1", "train.log_every=1")
-    result = run_training(config, sections["scaling"], str(tmp_path / "runs"), stream=str(raw_shards), in_process=True, encode=sections["encode"])
+    config, sections = small_job("train.max_steps=3", "scaling.zero_stage=1", "train.log_every=1", "scaling.num_workers=1")
+    result = run_training(config, sections["scaling"], str(tmp_path / "runs"), stream=str(raw_shards), encode=sections["encode"])
     # Streamed rows are the preprocessing job's rows: 3 steps of 16 samples came out of the 96 raw ones.
     assert result.metrics["step"] == 3 and result.metrics["samples"] == 3 * config.train.global_batch_size
 
@@ -279,8 +278,8 @@ def test_stream_mode_skips_corrupt_shards_instead_of_failing(ray_cluster, raw_sh
     cut = min((tmp_path / "raw").glob("*.tar"))
     cut.write_bytes(cut.read_bytes()[:3000])
     (tmp_path / "raw" / "garbage.parquet").write_bytes(b"not a parquet file")
-    config, sections = small_job("train.max_steps=3", "scaling.zero_stage=1", "train.log_every=1")
-    result = run_training(config, sections["scaling"], str(tmp_path / "runs"), stream=str(tmp_path / "raw"), in_process=True, encode=sections["encode"])
+    config, sections = small_job("train.max_steps=3", "scaling.zero_stage=1", "train.log_every=1", "scaling.num_workers=1")
+    result = run_training(config, sections["scaling"], str(tmp_path / "runs"), stream=str(tmp_path / "raw"), encode=sections["encode"])
     assert result.metrics["step"] == 3
 
 

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from gap3d.build import derive_shapes
 from gap3d.config import load_config
 from gap3d.data.occupancy import downsample
-from gap3d.data.synth import sample_scene
+from miniature.world import sample_scene
 from gap3d.dino import DinoTargetEncoder
-from gap3d.tiny import cached_tiny_checkpoint
-from gap3d.tiny.trained_trellis import TRAINING_RECORD, world_structures, write_trained_tiny_trellis
-from gap3d.tiny.trellis import write_tiny_trellis
+from miniature.checkpoints import cached_tiny_checkpoint
+from miniature.checkpoints.trained_trellis import TRAINING_RECORD, world_structures, write_trained_tiny_trellis
+from miniature.checkpoints.trellis import write_tiny_trellis
 from gap3d.trellis.decoder import Decoder
 from gap3d.trellis.stage1_training import Stage1Config
 from gap3d.trellis.structure_metrics import nearest_labels, occupancy_iou
@@ -60,7 +61,7 @@ def decoded_iou(decoder: Decoder, occupancy: torch.Tensor, tokens: torch.Tensor)
 
 def test_the_trained_decoder_is_a_release_directory_with_its_training_record(release, trained):
     root = release
-    assert (root / "pipeline.json").is_file() and trained.cond_dim == load_config("tiny").aligner.token_dim
+    assert (root / "pipeline.json").is_file() and trained.cond_dim == derive_shapes(load_config("tiny")).aligner.token_dim
     record = json.loads((root / TRAINING_RECORD).read_text())
     assert record["held_out"]["rows"] > 0 and record["held_out"]["from_true_tokens"]["iou"] > 0.25
     flow_losses = [entry["flow"] for entry in record["loss_curve"] if "flow" in entry]  # the VAE's come first, on another scale

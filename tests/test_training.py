@@ -185,9 +185,9 @@ def test_features_from_another_encoder_are_refused_naming_it(config, features):
         check_features(str(features[0]), other)
 
 
-def test_features_of_another_grid_size_are_refused(features):
-    other = small_config("aligner.grid_size=4")
-    with pytest.raises(ValueError, match=r"DINOv2 targets of shape \[69, 64\] but the aligner generates \[21, 64\]"):
+def test_features_of_another_dino_image_size_are_refused_naming_it(features):
+    other = small_config("dino.image_size=56")
+    with pytest.raises(ValueError, match="dino_image_size: features have 112, config has 56"):
         check_features(str(features[0]), other)
 
 
@@ -206,9 +206,13 @@ def test_the_recipes_fused_optimizer_steps_like_the_reference_adamw(config, batc
     fused_module, reference_module = make_module(config), make_module(config)
     fused = build_optimizer(fused_module, train)
     reference = torch.optim.AdamW(optimizer_groups(reference_module, train), lr=train.lr, weight_decay=train.weight_decay, foreach=False)
-    for module, optimizer in ((fused_module, fused), (reference_module, reference)):
-        for step in range(3):
-            module(batch, torch.Generator().manual_seed(step))["loss"].backward()
+    # Both step on the very same gradients (one backward, copied), so only the optimisers' arithmetic can differ:
+    # two backward passes may round differently, and Adam turns a near-zero gradient's rounding into a full lr step.
+    for step in range(3):
+        fused_module(batch, torch.Generator().manual_seed(step))["loss"].backward()
+        for name, param in trainable_parameters(reference_module).items():
+            param.grad = trainable_parameters(fused_module)[name].grad.clone()
+        for optimizer in (fused, reference):
             optimizer.step()
             optimizer.zero_grad()
     for name, value in trainable_parameters(fused_module).items():

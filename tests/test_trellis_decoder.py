@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from gap3d.tiny.trellis import write_tiny_trellis
+from miniature.checkpoints.trellis import write_tiny_trellis
 from gap3d.trellis.decoder import Decoder, EmptyStructureError
 from gap3d.trellis.mesh_export import export_mesh, load_mesh
 

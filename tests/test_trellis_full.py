@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gap3d.tiny.trellis import tiny_stage2_specs, write_tiny_trellis
+from miniature.checkpoints.trellis import tiny_stage2_specs, write_tiny_trellis
 from gap3d.trellis.config import STAGE1_MODELS, STAGE2_MODELS
 from gap3d.trellis.decoder import Decoder, EmptyStructureError, SparseStructure
 from gap3d.trellis.loading import CheckpointMismatchError, load_pipeline

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gap3d import storage
-from gap3d.tiny.trellis import tiny_model_specs, write_tiny_trellis
+from miniature.checkpoints.trellis import tiny_model_specs, write_tiny_trellis
 from gap3d.trellis.config import STAGE1_MODELS, PipelineConfig
 from gap3d.trellis.loading import CheckpointMismatchError, load_model, load_pipeline
 

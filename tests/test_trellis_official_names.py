@@ -23,7 +23,7 @@ released weights were trained with.
 import pytest
 import torch
 
-from gap3d.trellis import sparse as sp
+import gap3d.trellis.sparse as sp
 from gap3d.trellis.config import (
     OFFICIAL_SLAT_FLOW_ARGS,
     OFFICIAL_SLAT_MESH_DECODER_ARGS,

@@ -7,7 +7,7 @@ import pytest
 import torch
 import trimesh
 
-from gap3d.tiny.trellis import TINY_SLAT_FLOW_ARGS, TINY_SLAT_MESH_DECODER_ARGS
+from miniature.checkpoints.trellis import TINY_SLAT_FLOW_ARGS, TINY_SLAT_MESH_DECODER_ARGS
 from gap3d.trellis.config import SamplerConfig
 from gap3d.trellis.loading import build_model
 from gap3d.trellis.mesh_extraction import cube_feature_channels, extract_mesh

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gap3d.trellis import sparse as sp
+import gap3d.trellis.sparse as sp
 
 RES = 8
 

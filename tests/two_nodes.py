@@ -19,7 +19,7 @@ from ray.cluster_utils import Cluster
 from gap3d import storage
 from ray_jobs.run_checkpoints import RECORD_NAME, RunStorage
 from ray_jobs.train import run_training
-from tests.support import checkpoint_registered, small_job
+from tests.support import checkpoint_complete, small_job
 
 NODE_CPUS = 3  # with 2 CPUs per worker, each node holds one worker and Ray Data's read tasks
 KILL_AFTER = 10
@@ -59,7 +59,7 @@ def main() -> None:
 
     with ThreadPoolExecutor(1) as pool:
         training = pool.submit(run_training, config, sections["scaling"], args.storage, features=args.features, name="two-nodes", max_failures=1)
-        registered = checkpoint_registered(storage.join(args.storage, "two-nodes"), KILL_AFTER)
+        registered = checkpoint_complete(storage.join(args.storage, "two-nodes"), KILL_AFTER)
         while not training.done() and not registered():
             time.sleep(0.2)
         if not training.done():

@@ -1,6 +1,6 @@
 """Raw image-caption shards: listing, record iteration, decoding with skip reasons.
 
-Formats (DESIGN.md, "Data"): WebDataset tar, also gzipped (`<key>.jpg|jpeg|png|webp` + `<key>.txt` or
+Formats: WebDataset tar, also gzipped (`<key>.jpg|jpeg|png|webp` + `<key>.txt` or
 `<key>.json` with a "caption" field), and Parquet (`image` encoded bytes, a Hugging Face {bytes, path}
 struct or a base64 string, + `caption`). img2dataset's output reads as a directory: beside each
 `00000.tar` its `00000.parquet` holds metadata, not images, and supplies captions the tar lacks;
@@ -34,15 +34,6 @@ SKIP_REASONS = (
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHARD_SUFFIXES = {".tar.gz": "webdataset", ".tgz": "webdataset", ".tar": "webdataset", ".parquet": "parquet"}
 _PARQUET_BATCH_ROWS = 256
-
-
-@dataclass
-class DataConfig:
-    min_image_side: int = 128  # smaller images are skipped as image_too_small
-
-    def __post_init__(self):
-        if self.min_image_side < 1:
-            raise ValueError(f"data.min_image_side must be >= 1, got {self.min_image_side}")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """What features depend on: the encoders and settings that wrote them, and the shapes that follow from them."""
 
+from gap3d.build import encoder_shapes
 from gap3d.checkpoints import fingerprint, transformers_config
 from gap3d.config import Gap3DConfig
 from gap3d.features.format import FeatureManifest
@@ -32,29 +33,28 @@ def expected_manifest(config: Gap3DConfig) -> FeatureManifest:
 
     Shapes come from the checkpoints' config.json; the identity hashes their files (no weights are loaded).
     """
-    dino = transformers_config(config.dino.path)
-    grid = config.dino.image_size // dino.patch_size
-    manifest = FeatureManifest(encoders=encoder_identity(config), dino_shape=[grid * grid + 1 + dino.num_register_tokens, dino.hidden_size])
-    text = transformers_config(config.vlm.path).get_text_config()
+    shapes = encoder_shapes(config)
+    tokens = shapes["num_special_tokens"] + shapes["grid_size"] ** 2
+    manifest = FeatureManifest(encoders=encoder_identity(config), dino_shape=[tokens, shapes["token_dim"]])
     if soft_token_mode(config) == "prompt_cache":
+        text = transformers_config(config.vlm.path).get_text_config()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         manifest.cache_shape = [text.num_hidden_layers, 2, text.num_key_value_heads, head_dim]
     else:
-        manifest.latents_shape = [config.vlm.num_soft_tokens, text.hidden_size]
+        manifest.latents_shape = [shapes["num_cond_tokens"], shapes["cond_dim"]]
     return manifest
 
 
 def check_compatible(manifest: FeatureManifest, config: Gap3DConfig) -> None:
     """Raise ValueError naming every encoder setting that differs between these features and `config`."""
-    expected = encoder_identity(config)
+    expected = expected_manifest(config)
     paths = {"vlm": config.vlm.path, "dino": config.dino.path}
     differences = [
         f"{key}: features have {manifest.encoders.get(key)!r}, config has {value!r}" + (f" (the checkpoint at {paths[key]})" if key in paths else "")
-        for key, value in expected.items()
+        for key, value in expected.encoders.items()
         if manifest.encoders.get(key) != value
     ]
     if differences:
         raise ValueError("features were written by different encoders than configured; " + "; ".join(differences))
-    wanted = [config.aligner.num_tokens, config.aligner.token_dim]
-    if list(manifest.dino_shape) != wanted:
-        raise ValueError(f"features hold DINOv2 targets of shape {manifest.dino_shape} but the aligner generates {wanted} (aligner.grid_size/token_dim)")
+    if list(manifest.dino_shape) != expected.dino_shape:
+        raise ValueError(f"features hold DINOv2 targets of shape {manifest.dino_shape} but the configured encoders give {expected.dino_shape}")

@@ -2,7 +2,7 @@
 
 Loads the TRELLIS-image-large release layout (pipeline.json + ckpts/) unchanged, from a directory or
 an s3:// URI. `Decoder.generate` runs stage 1 (sparse structure) and, when the checkpoint has them,
-stage 2 (structured latent -> coloured mesh). gap3d.tiny.trellis writes the same architectures at toy sizes.
+stage 2 (structured latent -> coloured mesh). miniature.checkpoints.trellis writes the same architectures at toy sizes.
 """
 
 from gap3d.trellis.decoder import Decoder, EmptyStructureError, SparseStructure

@@ -21,7 +21,7 @@ import trimesh
 from torch import nn
 
 from gap3d.cancellation import raise_if_cancelled
-from gap3d.trellis import sparse as sp
+import gap3d.trellis.sparse as sp
 from gap3d.trellis.config import (
     SLAT_DECODER_MESH,
     SLAT_FLOW,

@@ -13,7 +13,7 @@ import torch
 import trimesh
 from torch import nn
 
-from gap3d.trellis import sparse as sp
+import gap3d.trellis.sparse as sp
 from gap3d.trellis.mesh_extraction import cube_feature_channels, extract_mesh
 from gap3d.trellis.transformer import absolute_position_embedding
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gap3d.trellis import sparse as sp
+import gap3d.trellis.sparse as sp
 from gap3d.trellis.sampler import FlowEulerSampler
 from gap3d.trellis.transformer import LayerNorm32, TimestepEmbedder, absolute_position_embedding
 

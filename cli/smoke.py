@@ -1,6 +1,6 @@
 """Seconds-long check of the prompt path: prompt -> VLM soft-token latents -> (untrained) aligner -> DINOv2-space tokens.
 
-    python -m ray_jobs smoke [--prompt TEXT ...] [--preset tiny] [key.sub=value ...]
+    python -m cli smoke [--prompt TEXT ...] [--preset tiny] [key.sub=value ...]
 
 Prints one JSON line: the condition and token shapes, whether the tokens are finite, and the time taken.
 """
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from gap3d.build import build_aligner, build_encoders
+from gap3d.build import build_aligner, build_encoders, derive_shapes
 from gap3d.flow import sample
 from ray_jobs.config import add_config_arguments, configure_logging, job_config_from_args
 
@@ -25,6 +25,7 @@ DEFAULT_PROMPTS = ("a red cone", "a blue cube")
 def run_smoke(config, prompts: list[str], seed: int) -> dict:
     """Generate aligned tokens for each prompt with an untrained aligner; returns the summary."""
     start = time.perf_counter()
+    config = derive_shapes(config)
     prompt_encoder, _ = build_encoders(config)
     aligner = build_aligner(config, seed=seed).eval()
     with torch.no_grad():

@@ -20,7 +20,7 @@ import torch
 
 from gap3d.config import load_config
 from gap3d.data.occupancy import downsample
-from gap3d.data.synth import render_scene, sample_scene, scene_occupancy
+from miniature.world import render_scene, sample_scene, scene_occupancy
 from gap3d.dino import DinoTargetEncoder
 from gap3d.trellis.stage1_training import Stage1Config, Stage1Trainer
 from gap3d.trellis.structure_metrics import structure_metrics

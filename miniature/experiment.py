@@ -15,7 +15,7 @@ from gap3d.aligner import AlignerDiT
 from gap3d.build import build_aligner
 from gap3d.config import Gap3DConfig
 from gap3d.data.encode import FeatureEncoder
-from gap3d.data.synth import ATTRIBUTES, render_scene, sample_scene
+from miniature.world import ATTRIBUTES, render_scene, sample_scene
 from gap3d.evaluation import EvalSet, evaluate_alignment, evaluation_condition
 from gap3d.features.format import FeatureBatch, batch_from_rows
 from gap3d.flow import FlowConfig

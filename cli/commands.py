@@ -1,12 +1,13 @@
-"""The project's command line: `python -m ray_jobs COMMAND [args]` runs COMMAND's `main(argv)`.
+"""The project's command line: `python -m cli COMMAND [args]` runs COMMAND's `main(argv)`.
 
-Each command is also its own script (`python ray_jobs/<command>.py`, `ray job submit -- python ray_jobs/...`);
-`python -m ray_jobs COMMAND --help` shows its options.
+The Ray jobs are also scripts of their own (`python ray_jobs/<job>.py`, `ray job submit -- python ray_jobs/...`);
+`python -m cli COMMAND --help` shows a command's options.
 """
 
 import sys
 
-from ray_jobs import broker, demo, evaluate, make_tiny, preprocess, smoke, synth, train, train_decoder
+from cli import broker, demo, make_tiny, smoke, synth
+from ray_jobs import evaluate, preprocess, train, train_decoder
 
 COMMANDS = {
     "demo": demo,
@@ -24,7 +25,7 @@ COMMANDS = {
 def usage() -> str:
     """One line per command: its name and the first line of its module's docstring."""
     lines = [f"  {name:<14} {module.__doc__.strip().splitlines()[0]}" for name, module in COMMANDS.items()]
-    return "usage: python -m ray_jobs COMMAND [args]\n\ncommands:\n" + "\n".join(lines) + "\n"
+    return "usage: python -m cli COMMAND [args]\n\ncommands:\n" + "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,13 @@
-"""Tiny random checkpoints for the tests and the embedded default, in the same layouts as the real ones.
+"""The `tiny://` checkpoint scheme: tiny checkpoints for the tests and the embedded default, in the same layouts
+as the real ones.
 
 `tiny://vlm` (a Qwen2.5-VL) and `tiny://dino` (a DINOv2 with registers) are what the tiny preset names; they
 are loaded through exactly the code that loads real checkpoints (`from_pretrained` on a directory), so nothing
 reaches a model hub. `tiny://trellis` is a TRELLIS release whose stage 1 is trained on the synthetic world
-(gap3d.tiny.trained_trellis; minutes on 2 cores). Each is built once per machine under <cache>/tiny/ on first
-use (gap3d.checkpoints.resolve is the one caller); processes that ask at the same time wait for the first.
-`gap3d.tiny.trellis` writes tiny random TRELLIS checkpoints in the release layout, for tests.
+(miniature.checkpoints.trained_trellis; minutes on 2 cores). Each is built once per machine under <cache>/tiny/
+on first use; processes that ask at the same time wait for the first. The scheme reaches gap3d.checkpoints.resolve
+through the entry point this package registers (pyproject.toml), so the library never imports it.
+`miniature.checkpoints.trellis` writes tiny random TRELLIS checkpoints in the release layout, for tests.
 """
 
 import logging
@@ -14,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 from gap3d import storage
-from gap3d.tiny.encoders import write_tiny_dino, write_tiny_vlm
-from gap3d.tiny.trained_trellis import write_trained_tiny_trellis
+from miniature.checkpoints.encoders import write_tiny_dino, write_tiny_vlm
+from miniature.checkpoints.trained_trellis import write_trained_tiny_trellis
 
 logger = logging.getLogger(__name__)
 

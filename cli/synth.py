@@ -1,6 +1,6 @@
 """Render the synthetic image-caption world into WebDataset tar shards (train/eval splits).
 
-    python -m ray_jobs synth --out URI --num N [--seed S] [--shard-size K] [--image-size PX]
+    python -m cli synth --out URI --num N [--seed S] [--shard-size K] [--image-size PX]
 
 Same arguments give the same bytes. Prints the summary (also written as synth.json) as one JSON line.
 """
@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from gap3d.data.synth import write_synth
+from miniature.shards import write_synth
 from ray_jobs.config import configure_logging
 
 

@@ -1,13 +1,13 @@
 """Write a tiny random TRELLIS checkpoint in the release layout (pipeline.json + ckpts/), for serving and tests.
 
-    python -m ray_jobs make-tiny --out DIR [--cond-dim 64] [--steps 4] [--coarse-only]
+    python -m cli make-tiny --out DIR [--cond-dim 64] [--steps 4] [--coarse-only]
 
 The tiny VLM and DINOv2 need no command: the tiny preset names them tiny://vlm and tiny://dino, built on first use.
 """
 
 import argparse
 
-from gap3d.tiny.trellis import write_tiny_trellis
+from miniature.checkpoints.trellis import write_tiny_trellis
 from ray_jobs.config import configure_logging
 
 

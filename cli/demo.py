@@ -6,7 +6,7 @@ the 3D structures the tiny TRELLIS (tiny://trellis, stage 1 trained on the same 
 decodes from true and from generated tokens -> pictures (alignment.png, learning_curve.png) -> `serve run
 serve/config.yaml` (with a Redis broker for async jobs) -> one HTTP generation per example prompt, the last one as
 an async job -> GLB files -> assets.png. Run as
-`python -m ray_jobs demo [--workdir DIR]`. Artifacts land where serve/config.yaml expects them by default
+`python -m cli demo [--workdir DIR]`. Artifacts land where serve/config.yaml expects them by default
 (~/.cache/gap3d/demo), so `serve run serve/config.yaml` works afterwards.
 """
 
@@ -21,22 +21,20 @@ from pathlib import Path
 import httpx
 import ray
 
+from cli.broker import start_redis
 from gap3d import storage
-from gap3d.checkpoints import resolve
-from gap3d.data.synth import ATTRIBUTES, render_in_scene, render_scene, sample_scene, write_synth
+from gap3d.build import derive_shapes
 from gap3d.export import find_export_dir
 from gap3d.features.store import load_rows
-from gap3d.pictures import alignment_figure, assets_figure, fit_pca, learning_curve_figure
 from gap3d.trellis.mesh_export import load_mesh
-from ray_jobs.config import (
-    add_config_arguments,
-    configure_logging,
-    job_config_from_args,
-)
-from ray_jobs.broker import start_redis
+from miniature.checkpoints import tiny_checkpoint
+from miniature.pictures import alignment_figure, assets_figure, fit_pca, learning_curve_figure
+from miniature.shards import write_synth
+from miniature.world import ATTRIBUTES, render_in_scene, render_scene, sample_scene
+from ray_jobs.config import add_config_arguments, configure_logging, job_config_from_args
 from ray_jobs.evaluate import Evaluation, run_evaluation
 from ray_jobs.preprocess import run_preprocess
-from ray_jobs.train import TRAIN_SECTIONS, run_training
+from ray_jobs.train import TRAIN_SECTIONS, run_training, trained_checkpoint
 from ray_jobs.train_worker import EVALS_NAME
 from serve.api import stage_timings
 from serve.launch import free_port, local_config, serve_run
@@ -92,6 +90,7 @@ def generate_now(base: str, body: dict) -> tuple[httpx.Response, dict[str, float
 def run_demo(args: argparse.Namespace) -> dict:
     """Run every stage; returns the final summary."""
     config, sections = job_config_from_args(args, TRAIN_SECTIONS)
+    config = derive_shapes(config)
     workdir = Path(args.workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     raw, features = workdir / "raw", workdir / "features"
@@ -106,16 +105,16 @@ def run_demo(args: argparse.Namespace) -> dict:
             preprocess = run_preprocess(config, sections["encode"], str(raw), str(features))
         with stage("training (Ray Train + DeepSpeed)", timings):
             result = run_training(config, sections["scaling"], str(workdir / "checkpoints"), features=str(features / "train-*.parquet"),
-                                  eval_features=str(features / "eval-*.parquet"), name="demo", max_failures=1)
-            checkpoint = result.checkpoint.path
+                                  eval_features=str(features / "eval-*.parquet"), name="demo", max_failures=1, attributes=str(raw / "synth.json"))
+            checkpoint = trained_checkpoint(result, str(workdir / "checkpoints"))
             shutil.rmtree(workdir / "export", ignore_errors=True)
             shutil.copytree(find_export_dir(checkpoint), workdir / "export")
         with stage("tiny TRELLIS stage 1 (trained once per machine, then cached)", timings):
             shutil.rmtree(workdir / "trellis", ignore_errors=True)
-            shutil.copytree(resolve("tiny://trellis"), workdir / "trellis")
+            shutil.copytree(tiny_checkpoint("trellis"), workdir / "trellis")
         with stage("evaluation on held-out attribute pairs", timings):
             evaluation = run_evaluation(str(workdir / "export"), str(features / "eval-*.parquet"), train_features=str(features / "train-*.parquet"),
-                                        trellis=str(workdir / "trellis"), shards=str(raw / "eval-*.tar"))
+                                        trellis=str(workdir / "trellis"), shards=str(raw / "eval-*.tar"), attributes=str(raw / "synth.json"))
             metrics = evaluation.report
             for name in ("trained", "untrained", "mean_target"):
                 logger.info("%s %s", name, json.dumps({k: round(v, 3) for k, v in metrics[name].items()}))
