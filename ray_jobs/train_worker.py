@@ -68,76 +68,96 @@ class WorkerJob:
 
 def train_worker(loop_config: dict) -> None:
     """Ray Train's train_loop_per_worker: DeepSpeed engine, resume, train to train.max_steps, checkpoint, report."""
-    job: WorkerJob = loop_config["job"]
-    config, train, scaling = job.config, job.config.train, job.scaling
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    _configure_worker_logging(rank)
-    device = torch.device("cuda", torch.cuda.current_device()) if scaling.use_gpu else torch.device("cpu")
-    dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
-    micro_batch = train.global_batch_size // (world * train.grad_accum_steps)
+    run = _WorkerRun(loop_config["job"])
+    while run.progress["step"] < run.train.max_steps:
+        run.train_epoch()
 
-    prompt_encoder = PromptEncoder.from_pretrained(config.vlm, device) if soft_token_mode(config) == "prompt_cache" else None
-    module = AlignerTrainModule(build_aligner(config, seed=train.seed).to(device), config.flow, prompt_encoder)
-    ema = EMA(trainable_parameters(module), train.ema_decay)  # before ZeRO-3 could partition the parameters
-    engine, scheduler = build_engine(module, config, scaling, micro_batch, job.lr_continuation)
-    generator = torch.Generator(device=device).manual_seed(train.seed * 1000 + rank)
-    progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples": 0}
-    evals: list[dict] = []  # the learning curve, kept by rank 0
-    resumed_from = _restore(engine, scheduler, ema, generator, rank, job)
-    if resumed_from is not None:
-        progress, evals = resumed_from
-        logger.info("resumed from step %d (epoch %d, %d batches in)", progress["step"], progress["epoch"], progress["batches_in_epoch"])
-    resume_info = {"resumed_from_step": progress["step"]}
-    metrics_sink = _PrometheusMetrics(context.get_experiment_name())
 
-    cache_dtype = prompt_encoder.embed_tokens.weight.dtype if prompt_encoder is not None else None
-    shard = ray.train.get_dataset_shard("train")
-    collator = FeatureCollator(RowCollator(job.manifest))
-    window = _Window()
-    while progress["step"] < train.max_steps:
-        batches = shard.iter_torch_batches(
-            batch_size=micro_batch, collate_fn=collator, drop_last=True,
-            local_shuffle_buffer_size=scaling.shuffle_buffer_rows or None, local_shuffle_seed=train.seed + progress["epoch"],
+class _WorkerRun:
+    """One worker's training state: the DeepSpeed engine, EMA, noise generator, data position and learning curve."""
+
+    def __init__(self, job: WorkerJob):
+        self.job, self.config, self.train, self.scaling = job, job.config, job.config.train, job.scaling
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        _configure_worker_logging(self.rank)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.scaling.use_gpu else torch.device("cpu")
+        self.dtype = torch.bfloat16 if self.train.precision == "bf16" else torch.float32
+        self.micro_batch = self.train.global_batch_size // (self.world * self.train.grad_accum_steps)
+        config = self.config
+        self.prompt_encoder = PromptEncoder.from_pretrained(config.vlm, self.device) if soft_token_mode(config) == "prompt_cache" else None
+        self.cache_dtype = self.prompt_encoder.embed_tokens.weight.dtype if self.prompt_encoder is not None else None
+        module = AlignerTrainModule(build_aligner(config, seed=self.train.seed).to(self.device), config.flow, self.prompt_encoder)
+        self.ema = EMA(trainable_parameters(module), self.train.ema_decay)  # before ZeRO-3 could partition the parameters
+        self.engine, self.scheduler = build_engine(module, config, self.scaling, self.micro_batch, job.lr_continuation)
+        self.generator = torch.Generator(device=self.device).manual_seed(self.train.seed * 1000 + self.rank)
+        self.progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples": 0}
+        self.evals: list[dict] = []  # the learning curve, kept by rank 0
+        resumed_from = _restore(self.engine, self.scheduler, self.ema, self.generator, self.rank, job)
+        if resumed_from is not None:
+            self.progress, self.evals = resumed_from
+            logger.info("resumed from step %d (epoch %d, %d batches in)", *(self.progress[k] for k in ("step", "epoch", "batches_in_epoch")))
+        self.resume_info = {"resumed_from_step": self.progress["step"]}
+        self.metrics_sink = _PrometheusMetrics(context.get_experiment_name())
+        self.shard = ray.train.get_dataset_shard("train")
+        self.collator = FeatureCollator(RowCollator(job.manifest))
+        self.window = _Window()
+
+    def train_epoch(self) -> None:
+        """Train on this epoch's batches from the data position on, until the epoch or train.max_steps ends."""
+        progress = self.progress
+        batches = self.shard.iter_torch_batches(
+            batch_size=self.micro_batch, collate_fn=self.collator, drop_last=True,
+            local_shuffle_buffer_size=self.scaling.shuffle_buffer_rows or None, local_shuffle_seed=self.train.seed + progress["epoch"],
         )
         seen_in_epoch = 0
         for index, batch in enumerate(batches):
             seen_in_epoch += 1
             if index < progress["batches_in_epoch"]:
                 continue  # already trained on before the checkpoint we resumed from
-            boundary = engine.is_gradient_accumulation_boundary()
-            losses = engine(batch.to(device, dtype, cache_dtype), generator)
-            engine.backward(losses["loss"])
-            grad_norm = global_grad_norm(engine) if boundary and scaling.zero_stage == 0 else None
-            engine.step()
-            progress["batches_in_epoch"] = index + 1
-            progress["samples"] += len(batch) * world
-            window.add(losses["loss"].item(), len(batch) * world)
-            if not boundary:
-                continue
-            progress["step"] += 1
-            update_ema(ema, engine, scaling.zero_stage)
-            step = progress["step"]
-            if not (_due(step, train.log_every, train.max_steps) or _due(step, train.checkpoint_every, train.max_steps)):
-                continue
-            metrics = {**window.flush(engine, scheduler, grad_norm), **progress, **resume_info}
-            if rank == 0 and job.eval_set is not None and _due(step, train.eval_every, train.max_steps):
-                metrics.update({f"eval_{k}": v for k, v in _evaluate(config, ema, prompt_encoder, job.eval_set, device).items()})
-                evals.append({"step": step, **{k: v for k, v in metrics.items() if k.startswith("eval_")}})
-            if rank == 0:
-                logger.info("step %d/%d %s", step, train.max_steps, json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
-            metrics_sink.record(metrics)
-            if _due(step, train.checkpoint_every, train.max_steps):
-                _save_and_report(engine, ema, generator, progress, metrics, evals, job, rank)
-            else:
-                ray.train.report(metrics)
-            window.restart()  # evaluation and checkpointing do not count against throughput
-            if step >= train.max_steps:
+            if self._micro_step(index, batch) and progress["step"] >= self.train.max_steps:
                 break
         if seen_in_epoch == 0:
-            raise RuntimeError(f"worker {rank} got no full micro-batch of {micro_batch} rows; use fewer workers or a smaller train.global_batch_size")
-        if progress["step"] < train.max_steps:
+            raise RuntimeError(f"worker {self.rank} got no full micro-batch of {self.micro_batch} rows; use fewer workers or a smaller train.global_batch_size")
+        if progress["step"] < self.train.max_steps:
             progress.update(epoch=progress["epoch"] + 1, batches_in_epoch=0)
+
+    def _micro_step(self, index: int, batch: FeatureBatch) -> bool:
+        """Forward, backward and (at an accumulation boundary) the optimiser step -> whether an optimiser step ended."""
+        engine, progress = self.engine, self.progress
+        boundary = engine.is_gradient_accumulation_boundary()
+        losses = engine(batch.to(self.device, self.dtype, self.cache_dtype), self.generator)
+        engine.backward(losses["loss"])
+        grad_norm = global_grad_norm(engine) if boundary and self.scaling.zero_stage == 0 else None
+        engine.step()
+        progress["batches_in_epoch"] = index + 1
+        progress["samples"] += len(batch) * self.world
+        self.window.add(losses["loss"].item(), len(batch) * self.world)
+        if boundary:
+            progress["step"] += 1
+            update_ema(self.ema, engine, self.scaling.zero_stage)
+            self._report(grad_norm)
+        return boundary
+
+    def _report(self, grad_norm: float | None) -> None:
+        """Log, evaluate, checkpoint and report at the steps their cadences name."""
+        train, step = self.train, self.progress["step"]
+        checkpoint = _due(step, train.checkpoint_every, train.max_steps)
+        if not (checkpoint or _due(step, train.log_every, train.max_steps)):
+            return
+        metrics = {**self.window.flush(self.engine, self.scheduler, grad_norm), **self.progress, **self.resume_info}
+        if self.rank == 0 and self.job.eval_set is not None and _due(step, train.eval_every, train.max_steps):
+            evaluation = _evaluate(self.config, self.ema, self.prompt_encoder, self.job.eval_set, self.device)
+            metrics.update({f"eval_{k}": v for k, v in evaluation.items()})
+            self.evals.append({"step": step, **{k: v for k, v in metrics.items() if k.startswith("eval_")}})
+        if self.rank == 0:
+            logger.info("step %d/%d %s", step, train.max_steps, json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
+        self.metrics_sink.record(metrics)
+        if checkpoint:
+            _save_and_report(self.engine, self.ema, self.generator, self.progress, metrics, self.evals, self.job, self.rank)
+        else:
+            ray.train.report(metrics)
+        self.window.restart()  # evaluation and checkpointing do not count against throughput
 
 
 class FeatureCollator(NumpyBatchCollateFn):

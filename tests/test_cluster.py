@@ -98,7 +98,7 @@ def test_aws_yaml_installs_torch_before_the_package_and_starts_ray_with_token_au
     config = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
     setup = config["setup_commands"]
     torch_step = next(i for i, command in enumerate(setup) if "install torch==" in command)
-    package_step = next(i for i, command in enumerate(setup) if "pip install ." in command)
+    package_step = next(i for i, command in enumerate(setup) if 'pip install ".[jobs,serve]"' in command)
     assert torch_step < package_step
     assert "~/.ray/auth_token" in config["file_mounts"]
     for command in config["head_start_ray_commands"][1:] + config["worker_start_ray_commands"][1:]:

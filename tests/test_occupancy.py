@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import trimesh
 
-from gap3d.data import synth
+from miniature import world as synth
+from miniature.shards import write_synth
 from gap3d.data.occupancy import decode_occupancy, downsample, encode_occupancy, read_occupancy, surface_voxels
 
 
@@ -61,7 +62,7 @@ def test_a_member_that_is_not_an_occupancy_grid_names_itself():
 
 
 def test_each_synthetic_sample_carries_the_occupancy_of_its_own_mesh(tmp_path):
-    synth.write_synth(str(tmp_path), 6, seed=3, image_size=32)
+    write_synth(str(tmp_path), 6, seed=3, image_size=32)
     grids = read_occupancy(str(tmp_path))
     assert sorted(grids) == [f"{i:08d}" for i in range(6)]
     for key, grid in grids.items():
