@@ -33,7 +33,20 @@ from miniature.experiment import (
     train_in_process,
 )
 
-VARIANTS = ("aligner", "oracle", "gate_closed", "rope_only", "no_pool", "lr_low", "lr_high", "soft_16", "frozen_soft", "soft_lr_full", "cfg_1", "cfg_4")
+VARIANTS = (
+    "aligner",
+    "oracle",
+    "gate_closed",
+    "rope_only",
+    "no_pool",
+    "lr_low",
+    "lr_high",
+    "soft_16",
+    "frozen_soft",
+    "soft_lr_full",
+    "cfg_1",
+    "cfg_4",
+)
 KEEP = ("centred_recall@5", "recall@5", "prompt_cosine_mean", "shape_accuracy", "color_accuracy", "cosine_mean")
 
 
@@ -55,7 +68,9 @@ def variant_config(config: Gap3DConfig, name: str) -> Gap3DConfig:
         "frozen_soft": {"vlm": {"trainable": False}},
         "soft_lr_full": {"train": {"soft_token_lr_scale": 1.0}},
     }.get(name, {})
-    return derive_shapes(replace(config, **{section: replace(getattr(config, section), **fields) for section, fields in changes.items()}))
+    return derive_shapes(
+        replace(config, **{section: replace(getattr(config, section), **fields) for section, fields in changes.items()})
+    )
 
 
 def variance_explained(world: World) -> dict:
@@ -67,7 +82,9 @@ def variance_explained(world: World) -> dict:
     result = {}
     for name, values in keys.items():
         values = np.array(values)
-        between = sum((values == v).sum() * (flat[values == v].mean(0) - flat.mean(0)).pow(2).sum() for v in set(values))
+        between = sum(
+            (values == v).sum() * (flat[values == v].mean(0) - flat.mean(0)).pow(2).sum() for v in set(values)
+        )
         result[name] = round((between / len(values) / total).item(), 3)
     return result
 
@@ -80,10 +97,17 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants to run")
     parser.add_argument("overrides", nargs="*", default=[], help="config overrides such as train.lr=1e-3")
     args = parser.parse_args()
-    config = derive_shapes(load_config("tiny", overrides=[f"train.max_steps={args.steps}", *args.overrides]))  # the LR schedule spans the run
+    config = derive_shapes(
+        load_config("tiny", overrides=[f"train.max_steps={args.steps}", *args.overrides])
+    )  # the LR schedule spans the run
     world = encode_world(config, args.num, args.seed)
     rows = len(world.eval)
-    common = {"steps": args.steps, "train_rows": len(world.train), "eval_rows": rows, "recall@5_chance": round(min(1.0, 5 / rows), 4)}
+    common = {
+        "steps": args.steps,
+        "train_rows": len(world.train),
+        "eval_rows": rows,
+        "recall@5_chance": round(min(1.0, 5 / rows), 4),
+    }
     emit(figure="target_variance_explained_by_caption", **variance_explained(world), **common)
     ceiling = caption_ceiling(world)
     emit(figure="caption_ceiling", **{k: round(ceiling[k], 4) for k in KEEP}, **common)
@@ -93,12 +117,24 @@ def main() -> None:
         if base not in trained:
             variant = variant_config(config, base)
             encoded = world if variant.vlm == config.vlm else encode_world(variant, args.num, args.seed)
-            trained[base] = (variant, encoded, train_in_process(variant, encoded.train, args.steps, oracle=base == "oracle"))
+            trained[base] = (
+                variant,
+                encoded,
+                train_in_process(variant, encoded.train, args.steps, oracle=base == "oracle"),
+            )
         variant, encoded, result = trained[base]
-        flow = dataclasses.replace(variant.flow, cfg_scale={"cfg_1": 1.0, "cfg_4": 4.0}.get(name, variant.flow.cfg_scale))
+        flow = dataclasses.replace(
+            variant.flow, cfg_scale={"cfg_1": 1.0, "cfg_4": 4.0}.get(name, variant.flow.cfg_scale)
+        )
         metrics = score(variant, encoded, result, oracle=base == "oracle", flow=flow)
-        emit(figure="conditioning_variant", variant=name, **{k: round(metrics[k], 4) for k in KEEP},
-             train_seconds=round(result.seconds, 1), cfg_scale=flow.cfg_scale, **common)
+        emit(
+            figure="conditioning_variant",
+            variant=name,
+            **{k: round(metrics[k], 4) for k in KEEP},
+            train_seconds=round(result.seconds, 1),
+            cfg_scale=flow.cfg_scale,
+            **common,
+        )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import time
 import numpy as np
 import torch
 
-from miniature.checkpoints.trellis import write_tiny_trellis
 from gap3d.trellis.config import (
     OFFICIAL_SLAT_FLOW_ARGS,
     OFFICIAL_SLAT_MESH_DECODER_ARGS,
@@ -39,6 +38,7 @@ from gap3d.trellis.loading import build_model
 from gap3d.trellis.mesh_cleanup import remove_hidden_components
 from gap3d.trellis.mesh_export import export_mesh
 from gap3d.trellis.voxel_mesh import occupancy_mesh
+from miniature.checkpoints.trellis import write_tiny_trellis
 
 OFFICIAL_MODELS = {
     SPARSE_STRUCTURE_FLOW: ("SparseStructureFlowModel", OFFICIAL_SPARSE_STRUCTURE_FLOW_ARGS),
@@ -50,7 +50,9 @@ OFFICIAL_MODELS = {
 
 def official_decoder(device: torch.device, dtype: torch.dtype) -> Decoder:
     """The release's sizes, both stages, with random weights."""
-    models = {name: build_model({"name": cls, "args": args}, device=device) for name, (cls, args) in OFFICIAL_MODELS.items()}
+    models = {
+        name: build_model({"name": cls, "args": args}, device=device) for name, (cls, args) in OFFICIAL_MODELS.items()
+    }
     for model in models.values():
         for param in model.parameters():
             param.data.normal_(0, 0.02)
@@ -91,17 +93,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=("tiny", "official"), default="tiny")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="torso dtype of the models")
+    parser.add_argument(
+        "--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="torso dtype of the models"
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=1374, help="condition tokens per sample")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps of both stages (default: pipeline.json's)")
-    parser.add_argument("--shell-radius", type=float, default=0.35, help="official preset: radius of the stage-2 voxel shell")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="sampler steps of both stages (default: pipeline.json's)"
+    )
+    parser.add_argument(
+        "--shell-radius", type=float, default=0.35, help="official preset: radius of the stage-2 voxel shell"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     if args.preset == "tiny":
-        decoder = Decoder.from_pretrained(str(write_tiny_trellis(tempfile.mkdtemp(prefix="trellis-tiny-"))), device=device, dtype=dtype)
+        decoder = Decoder.from_pretrained(
+            str(write_tiny_trellis(tempfile.mkdtemp(prefix="trellis-tiny-"))), device=device, dtype=dtype
+        )
     else:
         decoder = official_decoder(device, dtype)
     cond = torch.randn(args.batch, args.tokens, decoder.cond_dim, device=device)
@@ -110,15 +120,29 @@ def main() -> None:
     seeds = per_sample_seeds(0, args.batch)
     flow, ss_decoder = decoder.flow_model, decoder.models[SPARSE_STRUCTURE_DECODER]
     noise = decoder.noise(seeds)
-    common = {"benchmark": "decoder", "preset": args.preset, "device": str(device), "dtype": args.dtype, "batch": args.batch, "tokens": args.tokens}
+    common = {
+        "benchmark": "decoder",
+        "preset": args.preset,
+        "device": str(device),
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "tokens": args.tokens,
+    }
 
     def emit(stage: str, seconds: float, **extra) -> None:
-        print(json.dumps({**common, "stage": stage, "median_s": round(seconds, 5), "repeats": args.repeats, **extra}), flush=True)
+        print(
+            json.dumps({**common, "stage": stage, "median_s": round(seconds, 5), "repeats": args.repeats, **extra}),
+            flush=True,
+        )
 
     with torch.no_grad():
-        seconds, _ = timed(lambda: flow(noise, torch.full((args.batch,), 500.0, device=device), cond), args.repeats, device)
+        seconds, _ = timed(
+            lambda: flow(noise, torch.full((args.batch,), 500.0, device=device), cond), args.repeats, device
+        )
         emit("ss_flow_forward", seconds)
-        seconds, latent = timed(lambda: decoder.sparse_structure_sampler.sample(flow, noise, cond, steps=steps), args.repeats, device)
+        seconds, latent = timed(
+            lambda: decoder.sparse_structure_sampler.sample(flow, noise, cond, steps=steps), args.repeats, device
+        )
         emit("ss_flow_sampling", seconds, steps=steps)
         seconds, logits = timed(lambda: ss_decoder(latent), args.repeats, device)
         emit("ss_vae_decode", seconds)
@@ -128,7 +152,11 @@ def main() -> None:
     if len(mesh.faces):
         seconds, data = timed(lambda: export_mesh(mesh, "glb"), args.repeats, device)
         emit("coarse_export_glb", seconds, megabytes=round(len(data) / 1e6, 3))
-    occupancies = logits[:, 0] > 0 if args.preset == "tiny" else shell_occupancy(radius=args.shell_radius).expand(args.batch, -1, -1, -1)
+    occupancies = (
+        logits[:, 0] > 0
+        if args.preset == "tiny"
+        else shell_occupancy(radius=args.shell_radius).expand(args.batch, -1, -1, -1)
+    )
     voxels = [torch.argwhere(grid).int().to(device) for grid in occupancies]
     if any(v.shape[0] == 0 for v in voxels):
         raise SystemExit("a stage-1 structure is empty; try another --tokens or --batch")
@@ -140,11 +168,17 @@ def main() -> None:
     with torch.no_grad():
         seconds, cubes = timed(lambda: mesh_decoder(slat), args.repeats, device)
     emit("slat_mesh_decode", seconds, cubes=cubes.feats.shape[0], **counts)
-    seconds, meshes = timed(lambda: [remove_hidden_components(m) for m in mesh_decoder.to_meshes(cubes)], args.repeats, device)
+    seconds, meshes = timed(
+        lambda: [remove_hidden_components(m) for m in mesh_decoder.to_meshes(cubes)], args.repeats, device
+    )
     emit("mesh_extraction", seconds, faces=[len(m.faces) for m in meshes])
     seconds, data = timed(lambda: export_mesh(meshes[0], "glb"), args.repeats, device)
     emit("full_export_glb", seconds, megabytes=round(len(data) / 1e6, 3))
-    seconds, _ = timed(lambda: decoder.generate(cond, seed=seeds, steps=steps, slat_sampler_params=params, allow_empty=True), args.repeats, device)
+    seconds, _ = timed(
+        lambda: decoder.generate(cond, seed=seeds, steps=steps, slat_sampler_params=params, allow_empty=True),
+        args.repeats,
+        device,
+    )
     emit("generate_full_end_to_end", seconds)
 
 

@@ -26,8 +26,8 @@ import ray
 import torch
 
 from gap3d.data.encode import FeatureEncoder, decode_chunks
-from miniature.img2dataset import Download, photo_like_jpeg, write_img2dataset_shard
 from gap3d.data.shards import list_shards
+from miniature.img2dataset import Download, photo_like_jpeg, write_img2dataset_shard
 from ray_jobs.config import add_config_arguments, job_config_from_args
 from ray_jobs.pipeline import ENCODE_SECTION, stream_features
 from ray_jobs.preprocess import run_preprocess
@@ -51,7 +51,12 @@ def write_input(raw: str, num: int, shard_size: int) -> None:
     pool = [photo_like_jpeg(rng) for _ in range(IMAGE_POOL)]
     for shard, start in enumerate(range(0, num, shard_size)):
         downloads = [
-            Download(f"a {COLOURS[i % len(COLOURS)]} {SHAPES[i % len(SHAPES)]} on a table {i}", pool[i % IMAGE_POOL], 640, 480)
+            Download(
+                f"a {COLOURS[i % len(COLOURS)]} {SHAPES[i % len(SHAPES)]} on a table {i}",
+                pool[i % IMAGE_POOL],
+                640,
+                480,
+            )
             for i in range(start, min(start + shard_size, num))
         ]
         write_img2dataset_shard(raw, shard, downloads)
@@ -99,9 +104,21 @@ def stream_figures(config, encode, raw: str, repeats: int, plain: float, plain_s
     end_to_end = statistics.median(r / total for r, total, _, _ in runs)
     steady = statistics.median(rate for _, _, _, rate in runs)
     startup = statistics.median(first_s for _, _, first_s, _ in runs)
-    emit(figure="ray_stream_rows_per_s", value=round(end_to_end, 2), rows=rows, ratio_to_plain_loop=round(end_to_end / plain, 3), **common)
+    emit(
+        figure="ray_stream_rows_per_s",
+        value=round(end_to_end, 2),
+        rows=rows,
+        ratio_to_plain_loop=round(end_to_end / plain, 3),
+        **common,
+    )
     emit(figure="ray_stream_first_batch_s", value=round(startup, 2), **common)
-    emit(figure="ray_stream_steady_rows_per_s", value=round(steady, 2), ratio_to_plain_loop_steady=round(steady / plain_steady, 3), steady_from=STEADY_FROM, **common)
+    emit(
+        figure="ray_stream_steady_rows_per_s",
+        value=round(steady, 2),
+        ratio_to_plain_loop_steady=round(steady / plain_steady, 3),
+        steady_from=STEADY_FROM,
+        **common,
+    )
 
 
 def ray_preprocess(config, encode, raw: str, scratch: Path) -> int:
@@ -134,17 +151,32 @@ def storage_figures(config, encode, raw: str, scratch: Path, prompt_tokens: int)
     for mode, extra in (("prompt_cache", cache), ("soft_latents", latents)):
         total = dino + extra
         emit(
-            figure="paper_bytes_per_sample", mode=mode, prompt_tokens=prompt_tokens, dino_bytes=dino, vlm_bytes=extra,
-            total_bytes=total, tb_per_million_pairs=round(total * 1e6 / 1e12, 2),
+            figure="paper_bytes_per_sample",
+            mode=mode,
+            prompt_tokens=prompt_tokens,
+            dino_bytes=dino,
+            vlm_bytes=extra,
+            total_bytes=total,
+            tb_per_million_pairs=round(total * 1e6 / 1e12, 2),
         )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num", type=int, default=12288, help="input samples (enough that the rows decoded while the actors start are a small share)")
+    parser.add_argument(
+        "--num",
+        type=int,
+        default=12288,
+        help="input samples (enough that the rows decoded while the actors start are a small share)",
+    )
     parser.add_argument("--shard-size", type=int, default=256, help="samples per input shard")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (medians reported)")
-    parser.add_argument("--pools", type=lambda text: [int(v) for v in text.split(",")], default=[1, 2], help="encoder actor counts to stream with")
+    parser.add_argument(
+        "--pools",
+        type=lambda text: [int(v) for v in text.split(",")],
+        default=[1, 2],
+        help="encoder actor counts to stream with",
+    )
     parser.add_argument("--prompt-tokens", type=int, default=60, help="prompt length for the paper cache arithmetic")
     add_config_arguments(parser)
     args = parser.parse_args()
@@ -157,15 +189,34 @@ def main() -> None:
         write_input(raw, args.num, args.shard_size)
         common = {"preset": config.preset, "samples": args.num, "shard_size": args.shard_size}
         plain, rows = timed_rows_per_s(lambda: plain_loop(config, encode, raw), args.repeats)
-        emit(figure="plain_loop_rows_per_s", value=round(plain, 2), rows=rows, torch_threads=torch.get_num_threads(), **common)
+        emit(
+            figure="plain_loop_rows_per_s",
+            value=round(plain, 2),
+            rows=rows,
+            torch_threads=torch.get_num_threads(),
+            **common,
+        )
         encoder = FeatureEncoder(config)
         plain_steady, _ = timed_rows_per_s(lambda: plain_loop(config, encode, raw, encoder), args.repeats)
-        emit(figure="plain_loop_steady_rows_per_s", value=round(plain_steady, 2), rows=rows, torch_threads=torch.get_num_threads(), **common)
+        emit(
+            figure="plain_loop_steady_rows_per_s",
+            value=round(plain_steady, 2),
+            rows=rows,
+            torch_threads=torch.get_num_threads(),
+            **common,
+        )
         for pool in args.pools:
             pooled = dataclasses.replace(encode, pool_min=pool, pool_max=pool)
             stream_figures(config, pooled, raw, args.repeats, plain, plain_steady, {**common, "encoder_actors": pool})
         rate, rows = timed_rows_per_s(lambda: ray_preprocess(config, encode, raw, scratch), args.repeats)
-        emit(figure="ray_preprocess_rows_per_s", value=round(rate, 2), rows=rows, ratio_to_plain_loop=round(rate / plain, 3), encoder_actors=encode.pool_max, **common)
+        emit(
+            figure="ray_preprocess_rows_per_s",
+            value=round(rate, 2),
+            rows=rows,
+            ratio_to_plain_loop=round(rate / plain, 3),
+            encoder_actors=encode.pool_max,
+            **common,
+        )
         storage_figures(config, encode, raw, scratch, args.prompt_tokens)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

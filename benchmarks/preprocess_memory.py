@@ -62,7 +62,12 @@ def note(message: str) -> None:
 def write_shard(directory: Path, samples: int, pool: list[bytes]) -> None:
     """One img2dataset shard of `samples` pool images under distinct keys and captions."""
     downloads = (
-        Download(f"a {COLOURS[i % len(COLOURS)]} {SHAPES[i % len(SHAPES)]} on a table {i}", pool[i % len(pool)], SOURCE_WIDTH, SOURCE_HEIGHT)
+        Download(
+            f"a {COLOURS[i % len(COLOURS)]} {SHAPES[i % len(SHAPES)]} on a table {i}",
+            pool[i % len(pool)],
+            SOURCE_WIDTH,
+            SOURCE_HEIGHT,
+        )
         for i in range(samples)
     )
     write_img2dataset_shard(str(directory), 0, downloads)
@@ -84,7 +89,8 @@ def running(process: psutil.Process) -> bool:
 
 
 class TreeSampler(threading.Thread):
-    """Every SAMPLE_INTERVAL_S, sums the RSS of a process and its descendants; keeps the peaks and every process seen."""
+    """Every SAMPLE_INTERVAL_S, sums the RSS of a process and its descendants; keeps the peaks and every process "
+    "seen."""
 
     def __init__(self, root: psutil.Process):
         super().__init__(daemon=True)
@@ -163,7 +169,19 @@ def summary_line(stdout: Path) -> dict:
 
 def run_job(input_uri: str, output: Path, overrides: list[str], timeout_s: float, logs: Path) -> dict:
     """Run the preprocessing job as a subprocess, measuring its process tree; returns the measurements."""
-    command = [sys.executable, "-m", "ray_jobs.preprocess", "--input", input_uri, "--output", str(output), "--preset", "tiny", *IMAGE_OVERRIDES, *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "ray_jobs.preprocess",
+        "--input",
+        input_uri,
+        "--output",
+        str(output),
+        "--preset",
+        "tiny",
+        *IMAGE_OVERRIDES,
+        *overrides,
+    ]
     stdout, stderr = logs.with_suffix(".stdout"), logs.with_suffix(".stderr")
     start = time.perf_counter()
     with stdout.open("w") as out, stderr.open("w") as err:
@@ -210,10 +228,21 @@ def measure(samples: int, pool: list[bytes], args: argparse.Namespace, scratch: 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=lambda text: [int(v) for v in text.split(",")], default=[500, 2000, 10000], help="samples per input shard, one run each")
-    parser.add_argument("--tar-glob", action="store_true", help="pass the job DIR/*.tar rather than the shard directory")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per job run before its process tree is killed")
-    parser.add_argument("overrides", nargs="*", default=[], help="config overrides passed to the job, e.g. encode.chunk_size=32")
+    parser.add_argument(
+        "--sizes",
+        type=lambda text: [int(v) for v in text.split(",")],
+        default=[500, 2000, 10000],
+        help="samples per input shard, one run each",
+    )
+    parser.add_argument(
+        "--tar-glob", action="store_true", help="pass the job DIR/*.tar rather than the shard directory"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=1800.0, help="seconds per job run before its process tree is killed"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", default=[], help="config overrides passed to the job, e.g. encode.chunk_size=32"
+    )
     return parser.parse_args()
 
 
@@ -230,7 +259,13 @@ def main() -> int:
         peaks = {}
         for samples in args.sizes:
             result = measure(samples, pool, args, scratch)
-            emit(figure="preprocess_peak_rss_mib", samples=samples, image_size=IMAGE_SIZE, overrides=args.overrides, **result)
+            emit(
+                figure="preprocess_peak_rss_mib",
+                samples=samples,
+                image_size=IMAGE_SIZE,
+                overrides=args.overrides,
+                **result,
+            )
             if result["exit_code"] == 0:
                 peaks[samples] = result["value"]
         smallest, largest = min(args.sizes), max(args.sizes)

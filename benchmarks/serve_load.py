@@ -28,8 +28,8 @@ from gap3d.build import build_aligner, derive_shapes
 from gap3d.config import load_config
 from gap3d.export import save_export
 from gap3d.generation import TextTo3D, align
-from miniature.checkpoints.trellis import write_tiny_trellis
 from gap3d.trellis import export_mesh
+from miniature.checkpoints.trellis import write_tiny_trellis
 from serve.api import stage_timings
 from serve.launch import free_port, local_config, serve_run
 
@@ -88,15 +88,25 @@ def compare_with_in_process(base: str, direct: TextTo3D, target_faces: int, repe
     for _ in range(repeats):
         runs["http"].append(http_seconds(base))
         runs["in_process_1_thread"].append(in_process_seconds(direct, target_faces, 1))
-        runs[f"in_process_{torch.get_num_threads()}_threads"].append(in_process_seconds(direct, target_faces, torch.get_num_threads()))
-    medians = {name: {key: round(statistics.median(r[key] for r in rows), 4) for key in rows[0]} for name, rows in runs.items()}
+        runs[f"in_process_{torch.get_num_threads()}_threads"].append(
+            in_process_seconds(direct, target_faces, torch.get_num_threads())
+        )
+    medians = {
+        name: {key: round(statistics.median(r[key] for r in rows), 4) for key in rows[0]} for name, rows in runs.items()
+    }
     for name, values in medians.items():
         emit(f"{name}_latency_median", values["total"], "s", stages=values, repeats=repeats)
-    emit("http_over_in_process_ratio", round(medians["http"]["total"] / medians["in_process_1_thread"]["total"], 3), "x",
-         note="same thread count per stage (1)")
+    emit(
+        "http_over_in_process_ratio",
+        round(medians["http"]["total"] / medians["in_process_1_thread"]["total"], 3),
+        "x",
+        note="same thread count per stage (1)",
+    )
 
 
-def load_phase(base: str, route: str, concurrency: int, requests: int, time_limit_s: float, client_timeout_s: float) -> dict:
+def load_phase(
+    base: str, route: str, concurrency: int, requests: int, time_limit_s: float, client_timeout_s: float
+) -> dict:
     """`requests` requests at `concurrency` (stopping early after `time_limit_s`): latencies and outcomes."""
     stop_at = time.monotonic() + time_limit_s
 
@@ -119,12 +129,21 @@ def load_phase(base: str, route: str, concurrency: int, requests: int, time_limi
     sent = [r for r in results if r[1] != "skipped"]
     ok = [latency for latency, status, _ in sent if status == 200]
     return {
-        "sent": len(sent), "ok": len(ok), "wall_s": round(wall, 2), "p50_s": percentile(ok, 0.5), "p95_s": percentile(ok, 0.95),
+        "sent": len(sent),
+        "ok": len(ok),
+        "wall_s": round(wall, 2),
+        "p50_s": percentile(ok, 0.5),
+        "p95_s": percentile(ok, 0.95),
         "throughput_rps": round(len(ok) / wall, 3),
         "share_503": round(sum(1 for r in sent if r[1] == 503) / max(len(sent), 1), 3),
         "client_timeouts": sum(1 for r in sent if r[1] == "client_timeout"),
         "errors": sum(1 for r in sent if r[1] not in (200, 503, "client_timeout")),
-        "mean_batch": round(statistics.mean(int(b) for _, status, b in sent if status == 200 and b) if ok and route == "/v1/embed" else 0, 2),
+        "mean_batch": round(
+            statistics.mean(int(b) for _, status, b in sent if status == 200 and b)
+            if ok and route == "/v1/embed"
+            else 0,
+            2,
+        ),
     }
 
 
@@ -132,7 +151,7 @@ def cancelled_by_deadline(base: str) -> float:
     """The Gateway's count of stage calls abandoned at the deadline (work admitted, then wasted)."""
     text = httpx.get(f"{base}/metrics", timeout=30).text
     prefix = 'gap3d_requests_cancelled_total{reason="deadline"} '
-    return sum(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
+    return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
 
 
 def running_replicas() -> dict[str, int]:
@@ -145,11 +164,15 @@ def running_replicas() -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", default="1,8,100", help="comma-separated concurrency levels for /v1/generate")
-    parser.add_argument("--requests-per-level", type=int, default=0, help="requests per level (default: max(24, 3 x concurrency))")
+    parser.add_argument(
+        "--requests-per-level", type=int, default=0, help="requests per level (default: max(24, 3 x concurrency))"
+    )
     parser.add_argument("--time-limit-s", type=float, default=300, help="stop sending at a level after this long")
     parser.add_argument("--repeats", type=int, default=7, help="repeats of the HTTP vs in-process comparison")
     parser.add_argument("--embed-requests", type=int, default=96)
-    parser.add_argument("--throughput-optimized", action="store_true", help="start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
+    parser.add_argument(
+        "--throughput-optimized", action="store_true", help="start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1"
+    )
     parser.add_argument("--export", default=None)
     parser.add_argument("--trellis", default=None)
     args = parser.parse_args()
@@ -177,11 +200,29 @@ def main() -> None:
             before = cancelled_by_deadline(base)
             figures = load_phase(base, "/v1/generate", concurrency, requests, args.time_limit_s, client_timeout_s)
             figures["cancelled_at_deadline"] = int(cancelled_by_deadline(base) - before)
-            emit("generate_load", figures, "mixed", concurrency=concurrency, mode=mode, deadline_s=app_args["limits"]["deadline_s"],
-                 replicas_after=running_replicas())
-        embeds = {c: load_phase(base, "/v1/embed", c, args.embed_requests, args.time_limit_s, client_timeout_s) for c in (1, 8)}
-        emit("embed_throughput", {c: embeds[c]["throughput_rps"] for c in embeds}, "requests/s", mean_batch_at_8=embeds[8]["mean_batch"], mode=mode)
-        emit("aligner_batching_gain", round(embeds[8]["throughput_rps"] / embeds[1]["throughput_rps"], 3), "x", mode=mode)
+            emit(
+                "generate_load",
+                figures,
+                "mixed",
+                concurrency=concurrency,
+                mode=mode,
+                deadline_s=app_args["limits"]["deadline_s"],
+                replicas_after=running_replicas(),
+            )
+        embeds = {
+            c: load_phase(base, "/v1/embed", c, args.embed_requests, args.time_limit_s, client_timeout_s)
+            for c in (1, 8)
+        }
+        emit(
+            "embed_throughput",
+            {c: embeds[c]["throughput_rps"] for c in embeds},
+            "requests/s",
+            mean_batch_at_8=embeds[8]["mean_batch"],
+            mode=mode,
+        )
+        emit(
+            "aligner_batching_gain", round(embeds[8]["throughput_rps"] / embeds[1]["throughput_rps"], 3), "x", mode=mode
+        )
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -37,12 +37,17 @@ from gap3d.data.encode import FeatureEncoder
 from gap3d.features.format import RowCollator
 from gap3d.prompt_encoder import PromptEncoder
 from gap3d.training import AlignerTrainModule, build_optimizer, trainable_parameters
+from miniature.checkpoints.paper_widths import paper_config_without_weights
 from ray_jobs.config import add_config_arguments, job_config_from_args
 from ray_jobs.train import TRAIN_SECTIONS
 from ray_jobs.train_worker import FeatureCollator
-from miniature.checkpoints.paper_widths import paper_config_without_weights
 
-CAPTIONS = ("a small red cone on the left", "a large blue cube in the center", "a medium green sphere on the right", "a white torus in the middle")
+CAPTIONS = (
+    "a small red cone on the left",
+    "a large blue cube in the center",
+    "a medium green sphere on the right",
+    "a white torus in the middle",
+)
 PHASES = ("data", "forward", "backward", "optimizer_step")
 ALLREDUCE_REPEATS = 20
 
@@ -50,8 +55,12 @@ ALLREDUCE_REPEATS = 20
 def feature_rows(config: Gap3DConfig, rows: int):
     """`rows` feature rows (an Arrow table) encoded by the real encoders from random images, and their manifest."""
     encoder = FeatureEncoder(config)
-    images = np.random.default_rng(0).integers(0, 256, (rows, config.dino.image_size, config.dino.image_size, 3), dtype=np.uint8)
-    table = encoder.encode([f"{i:06d}" for i in range(rows)], [CAPTIONS[i % len(CAPTIONS)] for i in range(rows)], images)
+    images = np.random.default_rng(0).integers(
+        0, 256, (rows, config.dino.image_size, config.dino.image_size, 3), dtype=np.uint8
+    )
+    table = encoder.encode(
+        [f"{i:06d}" for i in range(rows)], [CAPTIONS[i % len(CAPTIONS)] for i in range(rows)], images
+    )
     return table, encoder.manifest
 
 
@@ -59,8 +68,13 @@ def _batches(shard, micro_batch: int, collate, shuffle_rows: int):
     """Training's batch stream over epochs, without end."""
     epoch = 0
     while True:
-        yield from shard.iter_torch_batches(batch_size=micro_batch, collate_fn=collate, drop_last=True,
-                                            local_shuffle_buffer_size=shuffle_rows or None, local_shuffle_seed=epoch)
+        yield from shard.iter_torch_batches(
+            batch_size=micro_batch,
+            collate_fn=collate,
+            drop_last=True,
+            local_shuffle_buffer_size=shuffle_rows or None,
+            local_shuffle_seed=epoch,
+        )
         epoch += 1
 
 
@@ -134,7 +148,10 @@ def benchmark_worker(loop_config: dict) -> None:
     figures = {
         "samples_per_s": statistics.median(micro_batch * world / total for total in totals),
         "phases": {phase: statistics.median(values) for phase, values in times.items()},
-        "batch_alone_s": statistics.median(fetches), "allreduce_s": _allreduce_seconds(numel), "gradient_bytes": numel * 4, "torch_threads": torch.get_num_threads(),
+        "batch_alone_s": statistics.median(fetches),
+        "allreduce_s": _allreduce_seconds(numel),
+        "gradient_bytes": numel * 4,
+        "torch_threads": torch.get_num_threads(),
     }
     # Ray Train V2 keeps the metrics of checkpointed reports only, so the figures travel with a (tiny) checkpoint.
     directory = tempfile.mkdtemp()
@@ -142,22 +159,35 @@ def benchmark_worker(loop_config: dict) -> None:
     ray.train.report({"figures": json.dumps(figures)}, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def measure(config: Gap3DConfig, scaling, dataset, manifest, backend: str, workers: int, steps: int, warmup: int) -> dict:
+def measure(
+    config: Gap3DConfig, scaling, dataset, manifest, backend: str, workers: int, steps: int, warmup: int
+) -> dict:
     """One configuration's figures (see benchmark_worker)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         benchmark_worker,
-        train_loop_config={"config": config, "scaling": scaling, "manifest": manifest, "backend": backend, "steps": steps, "warmup": warmup},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": scaling.worker_cpus}),
+        train_loop_config={
+            "config": config,
+            "scaling": scaling,
+            "manifest": manifest,
+            "backend": backend,
+            "steps": steps,
+            "warmup": warmup,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=False, resources_per_worker={"CPU": scaling.worker_cpus}
+        ),
         run_config=RunConfig(name=f"bench-{backend}-{workers}-{time.time_ns()}", storage_path="/tmp/gap3d-bench"),
         datasets={"train": dataset},
     )
     return json.loads(trainer.fit().metrics["figures"])
 
 
-def plain_worker(rank: int, world: int, config: Gap3DConfig, table, manifest, steps: int, warmup: int, port: int, queue) -> None:
+def plain_worker(
+    rank: int, world: int, config: Gap3DConfig, table, manifest, steps: int, warmup: int, port: int, queue
+) -> None:
     """One process of the no-Ray reference: DDP over gloo on batches held in memory; rank 0 puts its median step."""
     import os
 
@@ -172,7 +202,9 @@ def plain_worker(rank: int, world: int, config: Gap3DConfig, table, manifest, st
     collate = FeatureCollator(RowCollator(manifest))
     columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
     starts = range(rank * micro_batch, table.num_rows - micro_batch + 1, world * micro_batch)
-    batches = [collate({name: values[start:start + micro_batch] for name, values in columns.items()}) for start in starts]
+    batches = [
+        collate({name: values[start : start + micro_batch] for name, values in columns.items()}) for start in starts
+    ]
     times = []
     for index in range(warmup + steps):
         start = time.perf_counter()
@@ -198,7 +230,10 @@ def plain_step_seconds(config: Gap3DConfig, table, manifest, world: int, steps: 
         port = probe.getsockname()[1]
     context = mp.get_context("spawn")
     queue = context.Queue()
-    processes = [context.Process(target=plain_worker, args=(rank, world, config, table, manifest, steps, warmup, port, queue)) for rank in range(world)]
+    processes = [
+        context.Process(target=plain_worker, args=(rank, world, config, table, manifest, steps, warmup, port, queue))
+        for rank in range(world)
+    ]
     for process in processes:
         process.start()
     try:
@@ -217,10 +252,17 @@ def gpu_figures(peak_tflops: float, steps: int, warmup: int) -> list[dict]:
     optimizer = torch.optim.AdamW(aligner.parameters(), lr=1e-4)
     batch = 8
     x = torch.randn(batch, config.aligner.num_tokens, config.aligner.token_dim, device="cuda", dtype=torch.bfloat16)
-    cond = torch.randn(batch, config.aligner.num_cond_tokens, config.aligner.cond_dim, device="cuda", dtype=torch.bfloat16)
+    cond = torch.randn(
+        batch, config.aligner.num_cond_tokens, config.aligner.cond_dim, device="cuda", dtype=torch.bfloat16
+    )
     t = torch.rand(batch, device="cuda")
     params = sum(p.numel() for p in aligner.parameters())
-    n, s, hidden, depth = config.aligner.num_tokens, config.aligner.num_cond_tokens, config.aligner.hidden_size, config.aligner.depth
+    n, s, hidden, depth = (
+        config.aligner.num_tokens,
+        config.aligner.num_cond_tokens,
+        config.aligner.hidden_size,
+        config.aligner.depth,
+    )
     # 6 FLOPs per parameter per token (forward + backward) plus self- and cross-attention score/value products.
     flops = batch * (6 * params * n + 3 * depth * 4 * hidden * (n * n + n * s))
     times = []
@@ -236,8 +278,18 @@ def gpu_figures(peak_tflops: float, steps: int, warmup: int) -> list[dict]:
     seconds = statistics.median(times)
     achieved = flops / seconds / 1e12
     return [
-        {"figure": "paper_aligner_step_samples_per_s", "device": torch.cuda.get_device_name(), "value": batch / seconds, "batch": batch},
-        {"figure": "paper_aligner_tflops", "value": achieved, "peak_tflops": peak_tflops, "fraction_of_peak": achieved / peak_tflops},
+        {
+            "figure": "paper_aligner_step_samples_per_s",
+            "device": torch.cuda.get_device_name(),
+            "value": batch / seconds,
+            "batch": batch,
+        },
+        {
+            "figure": "paper_aligner_tflops",
+            "value": achieved,
+            "peak_tflops": peak_tflops,
+            "fraction_of_peak": achieved / peak_tflops,
+        },
     ]
 
 
@@ -252,10 +304,14 @@ def main() -> None:
     config, sections = job_config_from_args(args, TRAIN_SECTIONS)
     config = derive_shapes(config)
     scaling = sections["scaling"]
-    half = dataclasses.replace(config, train=dataclasses.replace(config.train, global_batch_size=config.train.global_batch_size // 2))
+    half = dataclasses.replace(
+        config, train=dataclasses.replace(config.train, global_batch_size=config.train.global_batch_size // 2)
+    )
     table, manifest = feature_rows(config, 8 * config.train.global_batch_size)
     plain = {  # measured before Ray starts, so nothing of Ray's runs beside them
-        (world, sized.train.global_batch_size): plain_step_seconds(sized, table, manifest, world, args.steps, args.warmup)
+        (world, sized.train.global_batch_size): plain_step_seconds(
+            sized, table, manifest, world, args.steps, args.warmup
+        )
         for world, sized in ((1, config), (1, half), (2, config))
     }
     import ray
@@ -264,35 +320,119 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     dataset = ray.data.from_arrow(table).materialize()
     runs = {  # (backend, workers, global batch) -> figures
-        ("deepspeed", 1, config.train.global_batch_size): measure(config, scaling, dataset, manifest, "deepspeed", 1, args.steps, args.warmup),
-        ("deepspeed", 1, half.train.global_batch_size): measure(half, scaling, dataset, manifest, "deepspeed", 1, args.steps, args.warmup),
-        ("deepspeed", 2, config.train.global_batch_size): measure(config, scaling, dataset, manifest, "deepspeed", 2, args.steps, args.warmup),
-        ("ddp", 2, config.train.global_batch_size): measure(config, scaling, dataset, manifest, "ddp", 2, args.steps, args.warmup),
+        ("deepspeed", 1, config.train.global_batch_size): measure(
+            config, scaling, dataset, manifest, "deepspeed", 1, args.steps, args.warmup
+        ),
+        ("deepspeed", 1, half.train.global_batch_size): measure(
+            half, scaling, dataset, manifest, "deepspeed", 1, args.steps, args.warmup
+        ),
+        ("deepspeed", 2, config.train.global_batch_size): measure(
+            config, scaling, dataset, manifest, "deepspeed", 2, args.steps, args.warmup
+        ),
+        ("ddp", 2, config.train.global_batch_size): measure(
+            config, scaling, dataset, manifest, "ddp", 2, args.steps, args.warmup
+        ),
     }
     common = {"preset": config.preset, "zero_stage": scaling.zero_stage, "device": "cpu"}
     for (backend, workers, batch), figures in runs.items():
         keys = {"backend": backend, "workers": workers, "global_batch": batch, **common}
-        print(json.dumps({"figure": "train_samples_per_s", "value": round(figures["samples_per_s"], 2), "torch_threads": figures["torch_threads"], **keys}))
+        print(
+            json.dumps(
+                {
+                    "figure": "train_samples_per_s",
+                    "value": round(figures["samples_per_s"], 2),
+                    "torch_threads": figures["torch_threads"],
+                    **keys,
+                }
+            )
+        )
         for phase, seconds in figures["phases"].items():
             print(json.dumps({"figure": "train_step_phase_s", "phase": phase, "value": round(seconds, 5), **keys}))
         print(json.dumps({"figure": "data_batch_alone_s", "value": round(figures["batch_alone_s"], 5), **keys}))
         if figures["allreduce_s"] is not None:
-            print(json.dumps({"figure": "gloo_allreduce_s", "bytes": figures["gradient_bytes"], "value": round(figures["allreduce_s"], 5), **keys}))
-    one, one_half, two = (runs[("deepspeed", w, b)] for w, b in ((1, config.train.global_batch_size), (1, half.train.global_batch_size), (2, config.train.global_batch_size)))
-    step_s = {name: sum(figures["phases"].values()) for name, figures in (("one", one), ("one_half", one_half), ("two", two))}
+            print(
+                json.dumps(
+                    {
+                        "figure": "gloo_allreduce_s",
+                        "bytes": figures["gradient_bytes"],
+                        "value": round(figures["allreduce_s"], 5),
+                        **keys,
+                    }
+                )
+            )
+    one, one_half, two = (
+        runs[("deepspeed", w, b)]
+        for w, b in (
+            (1, config.train.global_batch_size),
+            (1, half.train.global_batch_size),
+            (2, config.train.global_batch_size),
+        )
+    )
+    step_s = {
+        name: sum(figures["phases"].values()) for name, figures in (("one", one), ("one_half", one_half), ("two", two))
+    }
     batch = {"global_batch": config.train.global_batch_size, **common}
-    print(json.dumps({"figure": "scaling_2_vs_1_workers", "value": round(two["samples_per_s"] / one["samples_per_s"], 3), **batch}))
+    print(
+        json.dumps(
+            {
+                "figure": "scaling_2_vs_1_workers",
+                "value": round(two["samples_per_s"] / one["samples_per_s"], 3),
+                **batch,
+            }
+        )
+    )
     # Where the 2-worker step loses against half the 1-worker step: costs that do not shrink with the batch (1 worker,
-    # half batch, against half the full-batch step), then communication and sharing the machine (2 workers against that).
-    print(json.dumps({"figure": "step_s_lost_to_per_step_costs", "value": round(step_s["one_half"] - step_s["one"] / 2, 5), **batch}))
-    print(json.dumps({"figure": "step_s_lost_to_two_workers", "value": round(step_s["two"] - step_s["one_half"], 5), **batch}))
+    # half batch, against half the full-batch step), then communication and sharing the machine (2 workers against
+    # that).
+    print(
+        json.dumps(
+            {
+                "figure": "step_s_lost_to_per_step_costs",
+                "value": round(step_s["one_half"] - step_s["one"] / 2, 5),
+                **batch,
+            }
+        )
+    )
+    print(
+        json.dumps(
+            {"figure": "step_s_lost_to_two_workers", "value": round(step_s["two"] - step_s["one_half"], 5), **batch}
+        )
+    )
     full, half_batch = config.train.global_batch_size, half.train.global_batch_size
     for (world, global_batch), seconds in plain.items():
-        print(json.dumps({"figure": "plain_processes_samples_per_s", "value": round(global_batch / seconds, 2), "workers": world, "global_batch": global_batch, **common}))
-    print(json.dumps({"figure": "scaling_2_vs_1_plain_processes", "value": round(plain[(1, full)] / plain[(2, full)], 3), **batch}))
+        print(
+            json.dumps(
+                {
+                    "figure": "plain_processes_samples_per_s",
+                    "value": round(global_batch / seconds, 2),
+                    "workers": world,
+                    "global_batch": global_batch,
+                    **common,
+                }
+            )
+        )
+    print(
+        json.dumps(
+            {
+                "figure": "scaling_2_vs_1_plain_processes",
+                "value": round(plain[(1, full)] / plain[(2, full)], 3),
+                **batch,
+            }
+        )
+    )
     ceiling = plain[(1, full)] / (plain[(1, half_batch)] + two["allreduce_s"])
     print(json.dumps({"figure": "scaling_2_vs_1_ceiling", "value": round(ceiling, 3), **batch}))
-    print(json.dumps({"figure": "deepspeed_vs_ddp_throughput_ratio", "value": round(two["samples_per_s"] / runs[("ddp", 2, config.train.global_batch_size)]["samples_per_s"], 3), **batch}))
+    print(
+        json.dumps(
+            {
+                "figure": "deepspeed_vs_ddp_throughput_ratio",
+                "value": round(
+                    two["samples_per_s"] / runs[("ddp", 2, config.train.global_batch_size)]["samples_per_s"], 3
+                ),
+                **batch,
+            }
+        )
+    )
     if torch.cuda.is_available():
         for figure in gpu_figures(args.peak_tflops, args.steps, args.warmup):
             print(json.dumps(figure))

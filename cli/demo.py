@@ -62,7 +62,8 @@ def stage(name: str, timings: dict):
 
 
 def start_service(workdir: Path, port: int, broker: str) -> str:
-    """`serve run` the shipped config against this cluster with the demo's artifacts and broker; returns the base URL."""
+    """`serve run` the shipped config against this cluster with the demo's artifacts and broker; returns the base "
+    "URL."""
     artifacts = {"export": str(workdir / "export"), "trellis": str(workdir / "trellis")}
     config = local_config(port, artifacts, jobs={"store": str(workdir / "jobs"), "broker": broker})
     return serve_run(config, workdir / "serve_config.yaml", ray.get_runtime_context().gcs_address)
@@ -99,13 +100,22 @@ def run_demo(args: argparse.Namespace) -> dict:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)  # workers log training progress
     try:
         with stage("synthetic data", timings):
-            # Rendered at the encoder's input size: real shards come larger and get resized, but here that only costs time.
+            # Rendered at the encoder's input size: real shards come larger and get resized, but here that only costs
+            # time.
             synth = write_synth(str(raw), num=args.num_samples, seed=args.seed, image_size=config.dino.image_size)
         with stage("preprocessing (Ray Data)", timings):
             preprocess = run_preprocess(config, sections["encode"], str(raw), str(features))
         with stage("training (Ray Train + DeepSpeed)", timings):
-            result = run_training(config, sections["scaling"], str(workdir / "checkpoints"), features=str(features / "train-*.parquet"),
-                                  eval_features=str(features / "eval-*.parquet"), name="demo", max_failures=1, attributes=str(raw / "synth.json"))
+            result = run_training(
+                config,
+                sections["scaling"],
+                str(workdir / "checkpoints"),
+                features=str(features / "train-*.parquet"),
+                eval_features=str(features / "eval-*.parquet"),
+                name="demo",
+                max_failures=1,
+                attributes=str(raw / "synth.json"),
+            )
             checkpoint = trained_checkpoint(result, str(workdir / "checkpoints"))
             shutil.rmtree(workdir / "export", ignore_errors=True)
             shutil.copytree(find_export_dir(checkpoint), workdir / "export")
@@ -113,15 +123,23 @@ def run_demo(args: argparse.Namespace) -> dict:
             shutil.rmtree(workdir / "trellis", ignore_errors=True)
             shutil.copytree(tiny_checkpoint("trellis"), workdir / "trellis")
         with stage("evaluation on held-out attribute pairs", timings):
-            evaluation = run_evaluation(str(workdir / "export"), str(features / "eval-*.parquet"), train_features=str(features / "train-*.parquet"),
-                                        trellis=str(workdir / "trellis"), shards=str(raw / "eval-*.tar"), attributes=str(raw / "synth.json"))
+            evaluation = run_evaluation(
+                str(workdir / "export"),
+                str(features / "eval-*.parquet"),
+                train_features=str(features / "train-*.parquet"),
+                trellis=str(workdir / "trellis"),
+                shards=str(raw / "eval-*.tar"),
+                attributes=str(raw / "synth.json"),
+            )
             metrics = evaluation.report
             for name in ("trained", "untrained", "mean_target"):
                 logger.info("%s %s", name, json.dumps({k: round(v, 3) for k, v in metrics[name].items()}))
             logger.info("3D structure %s", json.dumps(metrics["structure"]))
             log_table(metrics["table"], evaluation.eval_set.captions, evaluation.eval_set.keys, args.seed)
         with stage("pictures", timings):
-            pictures = draw_pictures(config, evaluation, str(features / "train-*.parquet"), checkpoint, workdir, args.seed)
+            pictures = draw_pictures(
+                config, evaluation, str(features / "train-*.parquet"), checkpoint, workdir, args.seed
+            )
         with stage("serving (Ray Serve) and HTTP generation", timings):
             broker_port = free_port()
             broker = start_redis(broker_port)
@@ -129,16 +147,26 @@ def run_demo(args: argparse.Namespace) -> dict:
             assets = []
             for index, prompt in enumerate(EXAMPLE_PROMPTS):
                 body = {"prompt": prompt, "seed": index}
-                # The last prompt goes through the async job route (JobRunner, Redis, job store), the others synchronously.
+                # The last prompt goes through the async job route (JobRunner, Redis, job store), the others
+                # synchronously.
                 as_job = index == len(EXAMPLE_PROMPTS) - 1
                 response, seconds = generate_as_job(base, body) if as_job else generate_now(base, body)
                 path = workdir / "assets" / f"{index}_{prompt.replace(' ', '_')}.glb"
                 path.parent.mkdir(exist_ok=True)
                 path.write_bytes(response.content)
-                assets.append({"prompt": prompt, "route": "/v1/jobs" if as_job else "/v1/generate", "path": str(path), "bytes": len(response.content),
-                               "stage_ms": {stage: round(value * 1000, 1) for stage, value in seconds.items()}})
+                assets.append(
+                    {
+                        "prompt": prompt,
+                        "route": "/v1/jobs" if as_job else "/v1/generate",
+                        "path": str(path),
+                        "bytes": len(response.content),
+                        "stage_ms": {stage: round(value * 1000, 1) for stage, value in seconds.items()},
+                    }
+                )
                 logger.info("wrote %s (%d bytes)", path, len(response.content))
-            pictures["assets"] = str(draw_assets(config, assets, evaluation.eval_set.keys, args.seed, workdir / "assets.png"))
+            pictures["assets"] = str(
+                draw_assets(config, assets, evaluation.eval_set.keys, args.seed, workdir / "assets.png")
+            )
     finally:
         from ray import serve
 
@@ -162,15 +190,21 @@ def run_demo(args: argparse.Namespace) -> dict:
 
 def chance_levels(rows: int) -> dict[str, float]:
     """What a prompt-blind generator scores on the held-out metrics."""
-    return {"eval_centred_recall@5": min(1.0, 5 / rows), "eval_prompt_cosine_mean": 0.0,
-            **{f"eval_{name}_accuracy": 1 / len(values) for name, values in ATTRIBUTES.items()}}
+    return {
+        "eval_centred_recall@5": min(1.0, 5 / rows),
+        "eval_prompt_cosine_mean": 0.0,
+        **{f"eval_{name}_accuracy": 1 / len(values) for name, values in ATTRIBUTES.items()},
+    }
 
 
 def log_table(table: list[dict], captions: list[str], keys: list[str], seed: int) -> None:
-    """One held-out prompt per shape x colour pair: the caption its tokens retrieve and the attributes the probe reads."""
+    """One held-out prompt per shape x colour pair: the caption its tokens retrieve and the attributes the probe "
+    "reads."""
     logger.info("%-26s %-26s %s", "held-out caption", "retrieved caption", "predicted attributes")
     for row in first_row_per_pair(keys, seed):
-        logger.info("%-26s %-26s %s", captions[row], table[row]["retrieved"], " ".join(table[row]["predicted"].values()))
+        logger.info(
+            "%-26s %-26s %s", captions[row], table[row]["retrieved"], " ".join(table[row]["predicted"].values())
+        )
 
 
 def first_row_per_pair(keys: list[str], seed: int) -> list[int]:
@@ -184,16 +218,22 @@ def first_row_per_pair(keys: list[str], seed: int) -> list[int]:
     return chosen
 
 
-def draw_pictures(config, evaluation: Evaluation, train_features: str, checkpoint: str, workdir: Path, seed: int) -> dict:
+def draw_pictures(
+    config, evaluation: Evaluation, train_features: str, checkpoint: str, workdir: Path, seed: int
+) -> dict:
     """alignment.png (renders, true and generated tokens as PCA-RGB) and learning_curve.png (periodic evals)."""
     eval_set, special = evaluation.eval_set, config.aligner.num_special_tokens
     train_targets = load_rows(train_features, config, limit=256)[0].dino
     basis = fit_pca(train_targets[:, special:].reshape(-1, train_targets.shape[-1]))
     chosen = first_row_per_pair(eval_set.keys, seed)
     rows = [
-        {"caption": eval_set.captions[row], "retrieved": evaluation.report["table"][row]["retrieved"],
-         "image": render_scene(sample_scene(seed, int(eval_set.keys[row])), config.dino.image_size),
-         "target": eval_set.batch.dino[row], "generated": evaluation.generated[row]}
+        {
+            "caption": eval_set.captions[row],
+            "retrieved": evaluation.report["table"][row]["retrieved"],
+            "image": render_scene(sample_scene(seed, int(eval_set.keys[row])), config.dino.image_size),
+            "target": eval_set.batch.dino[row],
+            "generated": evaluation.generated[row],
+        }
         for row in chosen[:PICTURE_ROWS]
     ]
     alignment = alignment_figure(rows, basis, config.aligner.grid_size, special, workdir / "alignment.png")
@@ -213,13 +253,21 @@ def draw_assets(config, assets: list[dict], keys: list[str], seed: int, path: Pa
         scene = next(s for s in scenes if f"{s.color} {s.shape}" in asset["prompt"])
         mesh = load_mesh(Path(asset["path"]).read_bytes())
         image = render_in_scene(mesh.vertices, mesh.faces, scene, 2 * config.dino.image_size, (0.7, 0.7, 0.7))
-        rows.append({"prompt": asset["prompt"], "truth": render_scene(scene, 2 * config.dino.image_size), "asset": image})
+        rows.append(
+            {"prompt": asset["prompt"], "truth": render_scene(scene, 2 * config.dino.image_size), "asset": image}
+        )
     return assets_figure(rows, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default=str(storage.cache_root() / "demo"), help="where data, checkpoints and GLB files go (serve/config.yaml's default)")
+    parser = argparse.ArgumentParser(
+        prog="demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--workdir",
+        default=str(storage.cache_root() / "demo"),
+        help="where data, checkpoints and GLB files go (serve/config.yaml's default)",
+    )
     parser.add_argument("--num-samples", type=int, default=1000, help="synthetic image-caption pairs (train + eval)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port of the demo's Serve proxy on 127.0.0.1")

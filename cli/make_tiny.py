@@ -12,12 +12,20 @@ from ray_jobs.config import configure_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="make-tiny", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="make-tiny", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="directory to write pipeline.json and ckpts/ into")
-    parser.add_argument("--cond-dim", type=int, default=64, help="feature size of the condition tokens (the tiny DINOv2's hidden size)")
+    parser.add_argument(
+        "--cond-dim", type=int, default=64, help="feature size of the condition tokens (the tiny DINOv2's hidden size)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--steps", type=int, default=4, help="sampler steps written to pipeline.json")
-    parser.add_argument("--coarse-only", action="store_true", help="write only the stage-1 models (no structured-latent flow / mesh decoder)")
+    parser.add_argument(
+        "--coarse-only",
+        action="store_true",
+        help="write only the stage-1 models (no structured-latent flow / mesh decoder)",
+    )
     return parser.parse_args(argv)
 
 

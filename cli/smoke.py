@@ -1,4 +1,5 @@
-"""Seconds-long check of the prompt path: prompt -> VLM soft-token latents -> (untrained) aligner -> DINOv2-space tokens.
+"""Seconds-long check of the prompt path: prompt -> VLM soft-token latents -> (untrained) aligner -> DINOv2-space
+tokens.
 
     python -m cli smoke [--prompt TEXT ...] [--preset tiny] [key.sub=value ...]
 
@@ -31,8 +32,13 @@ def run_smoke(config, prompts: list[str], seed: int) -> dict:
     with torch.no_grad():
         cond = prompt_encoder(prompts)  # (B, s, d_vlm)
         tokens = sample(
-            aligner, cond, (config.aligner.num_tokens, config.aligner.token_dim), config.flow.sample_steps,
-            config.flow.cfg_scale, config.flow.solver, torch.Generator().manual_seed(seed),
+            aligner,
+            cond,
+            (config.aligner.num_tokens, config.aligner.token_dim),
+            config.flow.sample_steps,
+            config.flow.cfg_scale,
+            config.flow.solver,
+            torch.Generator().manual_seed(seed),
         )  # (B, N, D)
     return {
         "prompts": prompts,
@@ -45,7 +51,9 @@ def run_smoke(config, prompts: list[str], seed: int) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="smoke", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="smoke", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and sampling noise")
     add_config_arguments(parser)

@@ -14,7 +14,9 @@ from ray_jobs.config import configure_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="synth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="synth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="output directory: local path, file:// or s3:// URI")
     parser.add_argument("--num", type=int, required=True, help="number of samples over both splits")
     parser.add_argument("--seed", type=int, default=0, help="same seed and arguments give the same bytes")

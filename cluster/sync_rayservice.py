@@ -24,8 +24,12 @@ def render(manifest_text: str, serve_config_text: str) -> str:
         raise ValueError(f"{RAYSERVICE} has no line {BLOCK_KEY.strip()!r} at two-space indent under spec")
     before, after = manifest_text.split(BLOCK_KEY, 1)
     lines = after.splitlines(keepends=True)
-    block_end = next((i for i, line in enumerate(lines) if line.strip() and not line.startswith(BLOCK_INDENT)), len(lines))
-    block = "".join(BLOCK_INDENT + line if line.strip() else "\n" for line in serve_config_text.splitlines(keepends=True))
+    block_end = next(
+        (i for i, line in enumerate(lines) if line.strip() and not line.startswith(BLOCK_INDENT)), len(lines)
+    )
+    block = "".join(
+        BLOCK_INDENT + line if line.strip() else "\n" for line in serve_config_text.splitlines(keepends=True)
+    )
     return before + BLOCK_KEY + block + "".join(lines[block_end:])
 
 

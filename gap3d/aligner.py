@@ -29,7 +29,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_2d(grid_size: int, num_special: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (N, head_dim/2): half the frequencies rotate by row, half by column; special tokens don't rotate."""
+    """cos/sin tables (N, head_dim/2): half the frequencies rotate by row, half by column; special tokens don't "
+    "rotate."""
     quarter = head_dim // 4
     freqs = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (head_dim/4,)
     rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
@@ -158,7 +159,10 @@ class AlignerDiT(nn.Module):
     def __init__(self, config: AlignerConfig):
         super().__init__()
         if not config.shapes_derived:
-            raise ValueError("the aligner's token and condition shapes are unset: derive them from the encoders with gap3d.build.derive_shapes(config)")
+            raise ValueError(
+                "the aligner's token and condition shapes are unset: derive them from the encoders with "
+                "gap3d.build.derive_shapes(config)"
+            )
         self.config = config
         hidden = config.hidden_size
         self.x_embedder = nn.Linear(config.token_dim, hidden)
@@ -179,13 +183,19 @@ class AlignerDiT(nn.Module):
         Called again after a meta-device build whose weights were then loaded (gap3d.export.load_export).
         """
         config = self.config
-        cos, sin = rope_2d(config.grid_size, config.num_special_tokens, config.hidden_size // config.num_heads, config.rope_theta)
+        cos, sin = rope_2d(
+            config.grid_size, config.num_special_tokens, config.hidden_size // config.num_heads, config.rope_theta
+        )
         self.register_buffer("rope_cos", cos.to(device), persistent=False)  # (N, head_dim/2)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
         if config.null_condition == "zeros":
-            self.register_buffer("null_cond", torch.zeros(config.num_cond_tokens, config.cond_dim, device=device), persistent=False)
+            self.register_buffer(
+                "null_cond", torch.zeros(config.num_cond_tokens, config.cond_dim, device=device), persistent=False
+            )
         if config.absolute_positions:
-            self.register_buffer("patch_pos", sincos_2d(config.grid_size, config.hidden_size).to(device), persistent=False)  # (grid^2, hidden)
+            self.register_buffer(
+                "patch_pos", sincos_2d(config.grid_size, config.hidden_size).to(device), persistent=False
+            )  # (grid^2, hidden)
 
     def initialize_weights(self) -> None:
         """Xavier linears; adaLN modulation, special/null embeddings and the output layer start at zero."""
@@ -210,12 +220,18 @@ class AlignerDiT(nn.Module):
         for block in self.blocks:
             nn.init.constant_(block.cross_attn.gate, self.config.cross_gate_init)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, drop_cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, drop_cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
         config = self.config
         if x.shape[1:] != (config.num_tokens, config.token_dim):
-            raise ValueError(f"aligner input must be (B, {config.num_tokens}, {config.token_dim}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"aligner input must be (B, {config.num_tokens}, {config.token_dim}), got {tuple(x.shape)}"
+            )
         if cond.shape[1:] != (config.num_cond_tokens, config.cond_dim):
-            raise ValueError(f"aligner condition must be (B, {config.num_cond_tokens}, {config.cond_dim}), got {tuple(cond.shape)}")
+            raise ValueError(
+                f"aligner condition must be (B, {config.num_cond_tokens}, {config.cond_dim}), got {tuple(cond.shape)}"
+            )
         if drop_cond is not None:
             cond = torch.where(drop_cond.view(-1, 1, 1), self.null_cond.to(cond.dtype).expand_as(cond), cond)
         h = self.x_embedder(x)  # (B, N, hidden)

@@ -20,10 +20,14 @@ logger = logging.getLogger(__name__)
 
 
 def encoder_shapes(config: Gap3DConfig) -> dict[str, int]:
-    """The aligner's token and condition shapes as the configured encoders determine them (gap3d.config.DERIVED_SHAPES)."""
+    """The aligner's token and condition shapes as the configured encoders determine them "
+    "(gap3d.config.DERIVED_SHAPES)."""
     dino = transformers_config(config.dino.path)
     if config.dino.image_size % dino.patch_size:
-        raise ValueError(f"dino.image_size {config.dino.image_size} is not a multiple of the patch size {dino.patch_size} of {config.dino.path}")
+        raise ValueError(
+            f"dino.image_size {config.dino.image_size} is not a multiple of the patch size {dino.patch_size} of "
+            f"{config.dino.path}"
+        )
     text = transformers_config(config.vlm.path).get_text_config()
     return {
         "token_dim": dino.hidden_size,
@@ -43,7 +47,8 @@ def derive_shapes(config: Gap3DConfig) -> Gap3DConfig:
         if given is not None and given != shapes[name]:
             raise ValueError(
                 f"aligner.{name}={given}, but the encoders ({config.vlm.path}, {config.dino.path} at dino.image_size="
-                f"{config.dino.image_size}, vlm.num_soft_tokens={config.vlm.num_soft_tokens}) give {shapes[name]}; leave it unset: it is derived"
+                f"{config.dino.image_size}, vlm.num_soft_tokens={config.vlm.num_soft_tokens}) give {shapes[name]}; "
+                "leave it unset: it is derived"
             )
     return dataclasses.replace(config, aligner=dataclasses.replace(config.aligner, **shapes))
 

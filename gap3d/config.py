@@ -87,16 +87,24 @@ class AlignerConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"aligner.hidden_size {self.hidden_size} is not divisible by aligner.num_heads {self.num_heads}")
+            raise ValueError(
+                f"aligner.hidden_size {self.hidden_size} is not divisible by aligner.num_heads {self.num_heads}"
+            )
         if (self.hidden_size // self.num_heads) % 4:
-            raise ValueError(f"aligner head dim {self.hidden_size // self.num_heads} must be divisible by 4 for 2-D RoPE")
+            raise ValueError(
+                f"aligner head dim {self.hidden_size // self.num_heads} must be divisible by 4 for 2-D RoPE"
+            )
         if self.null_condition not in ("zeros", "learned"):
             raise ValueError(f"aligner.null_condition must be 'zeros' or 'learned', got {self.null_condition!r}")
         if self.depth < 1:
             raise ValueError(f"aligner.depth must be >= 1, got {self.depth}")
         for name in DERIVED_SHAPES:
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "num_special_tokens" else 1)):
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (0 if name == "num_special_tokens" else 1)
+            ):
                 raise ValueError(f"aligner.{name} must be a positive integer, got {value!r}")
 
     @property
@@ -117,7 +125,9 @@ class FlowConfig:
     logit_normal_mean: float = 0.0  # mean of the normal before the sigmoid (logit_normal only)
     logit_normal_std: float = 1.0  # std of the normal before the sigmoid (logit_normal only)
     cond_dropout: float = 0.1  # probability of replacing the condition by the null condition (CFG training)
-    loss_weights: dict[str, float] = field(default_factory=lambda: {"patches": 0.4, "cls": 0.3, "registers": 0.3})  # per-group MSE weights
+    loss_weights: dict[str, float] = field(
+        default_factory=lambda: {"patches": 0.4, "cls": 0.3, "registers": 0.3}
+    )  # per-group MSE weights
     solver: str = "euler"  # sampler: "euler" or "heun"
     sample_steps: int = 30  # integration steps from t=1 to t=0
     cfg_scale: float = 3.0  # classifier-free guidance scale (1.0 = no guidance)
@@ -132,7 +142,9 @@ class FlowConfig:
         if self.sample_steps < 1:
             raise ValueError(f"flow.sample_steps must be >= 1, got {self.sample_steps}")
         if set(self.loss_weights) != {"patches", "cls", "registers"}:
-            raise ValueError(f"flow.loss_weights needs exactly the keys patches, cls, registers; got {sorted(self.loss_weights)}")
+            raise ValueError(
+                f"flow.loss_weights needs exactly the keys patches, cls, registers; got {sorted(self.loss_weights)}"
+            )
 
 
 @dataclass
@@ -142,7 +154,9 @@ class TrainConfig:
     global_batch_size: int = 128  # samples per optimiser step across all workers (authors: 16 per GPU x 8)
     grad_accum_steps: int = 1  # micro-batches per optimiser step on each worker
     lr: float = 2.8e-4  # peak AdamW learning rate
-    soft_token_lr_scale: float = 1.0  # the soft tokens' learning rate as a multiple of train.lr (authors: one lr for all)
+    soft_token_lr_scale: float = (
+        1.0  # the soft tokens' learning rate as a multiple of train.lr (authors: one lr for all)
+    )
     min_lr: float = 1e-5  # end of the cosine decay
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_ratio: float = 0.003  # fraction of max_steps spent in linear warmup
@@ -160,7 +174,16 @@ class TrainConfig:
     def __post_init__(self):
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"train.precision must be 'bf16' or 'fp32', got {self.precision!r}")
-        for name in ("global_batch_size", "grad_accum_steps", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_samples"):
+        for name in (
+            "global_batch_size",
+            "grad_accum_steps",
+            "max_steps",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+            "eval_every",
+            "eval_samples",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -203,11 +226,22 @@ def build(cls, values: dict, prefix: str = ""):
     if unknown:
         raise ValueError(f"unknown config key {prefix}{unknown[0]}; valid keys here: {', '.join(sorted(names))}")
     # A section left out takes its dataclass defaults.
-    values = {**{f.name: {} for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name]) and f.name not in values}, **values}
+    values = {
+        **{
+            f.name: {}
+            for f in dataclasses.fields(cls)
+            if dataclasses.is_dataclass(hints[f.name]) and f.name not in values
+        },
+        **values,
+    }
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
-        kwargs[name] = build(hint, value, f"{prefix}{name}.") if dataclasses.is_dataclass(hint) else _coerce(hint, value, prefix + name)
+        kwargs[name] = (
+            build(hint, value, f"{prefix}{name}.")
+            if dataclasses.is_dataclass(hint)
+            else _coerce(hint, value, prefix + name)
+        )
     try:
         return cls(**kwargs)
     except TypeError as error:  # a required field is missing
@@ -237,7 +271,9 @@ def merge(base: dict, update: dict) -> dict:
     """Recursive dict merge; `update` wins."""
     merged = dict(base)
     for key, value in update.items():
-        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 
@@ -264,7 +300,8 @@ def load_job_config(
     overrides: typing.Sequence[str] = (),
     sections: dict[str, tuple[type, dict]] | None = None,
 ) -> tuple[Gap3DConfig, dict[str, typing.Any]]:
-    """Resolve preset -> YAML -> overrides into Gap3DConfig plus the job's own `sections` {name: (dataclass, presets)}."""
+    """Resolve preset -> YAML -> overrides into Gap3DConfig plus the job's own `sections` "
+    "{name: (dataclass, presets)}."""
     sections = sections or {}
     from_file = (yaml.safe_load(Path(yaml_path).read_text()) or {}) if yaml_path else {}
     preset = preset or from_file.get("preset") or DEFAULT_PRESET
@@ -279,7 +316,9 @@ def load_job_config(
     return build(Gap3DConfig, {**values, "preset": preset}), job
 
 
-def load_config(preset: str | None = None, yaml_path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Gap3DConfig:
+def load_config(
+    preset: str | None = None, yaml_path: str | Path | None = None, overrides: typing.Sequence[str] = ()
+) -> Gap3DConfig:
     """Resolve preset -> YAML -> overrides into a validated Gap3DConfig."""
     return load_job_config(preset, yaml_path, overrides)[0]
 

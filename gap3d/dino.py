@@ -39,7 +39,7 @@ def normalize_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto" -> bf16 on CUDA, fp32 elsewhere; otherwise the named torch dtype."""
+    """The dtype a name gives: "auto" -> bf16 on CUDA, fp32 elsewhere; otherwise the named torch dtype."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = getattr(torch, name, None)
@@ -78,7 +78,9 @@ class DinoTargetEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised pixels (B, 3, S, S) -> DINOv2 targets (B, N, D) float32, N = grid^2 + 5."""
         if pixel_values.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"expected images of {self.image_size}x{self.image_size}, got {tuple(pixel_values.shape[-2:])}")
+            raise ValueError(
+                f"expected images of {self.image_size}x{self.image_size}, got {tuple(pixel_values.shape[-2:])}"
+            )
         param = next(self.model.parameters())
         out = self.model(pixel_values=pixel_values.to(param.device, param.dtype), output_hidden_states=True)
         return dino_targets(out.hidden_states[-1])  # (B, 1374, 1024)

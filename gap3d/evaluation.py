@@ -13,10 +13,9 @@ import torch
 
 from gap3d import storage
 from gap3d.aligner import AlignerDiT
-from gap3d.config import Gap3DConfig
+from gap3d.config import FlowConfig, Gap3DConfig
 from gap3d.features.format import FeatureBatch
 from gap3d.features.store import load_rows
-from gap3d.config import FlowConfig
 from gap3d.flow import sample
 from gap3d.metrics import AttributeProbe, alignment_metrics
 from gap3d.prompt_encoder import PromptEncoder
@@ -60,15 +59,24 @@ def read_vocabulary(uri: str) -> dict[str, list[str]]:
     """The `attributes` mapping ({attribute: [values]}) of a JSON file such as the synthetic world's synth.json."""
     fs, path = storage.filesystem(uri)
     if not fs.isfile(path):
-        raise FileNotFoundError(f"no attribute vocabulary at {uri}: give a JSON file with an `attributes` mapping (the synthetic world's synth.json)")
+        raise FileNotFoundError(
+            f"no attribute vocabulary at {uri}: give a JSON file with an `attributes` mapping (the synthetic world's "
+            "synth.json)"
+        )
     vocabulary = json.loads(fs.cat_file(path)).get("attributes")
-    if not isinstance(vocabulary, dict) or not all(isinstance(values, list) and values for values in vocabulary.values()):
+    if not isinstance(vocabulary, dict) or not all(
+        isinstance(values, list) and values for values in vocabulary.values()
+    ):
         raise ValueError(f"{uri} needs `attributes`: a mapping of each attribute to a non-empty list of its values")
     return vocabulary
 
 
 def load_eval_set(
-    eval_features: str, config: Gap3DConfig, limit: int | None = None, train_features: str | None = None, vocabulary: Vocabulary | None = None
+    eval_features: str,
+    config: Gap3DConfig,
+    limit: int | None = None,
+    train_features: str | None = None,
+    vocabulary: Vocabulary | None = None,
 ) -> EvalSet:
     """Up to `limit` held-out rows of `eval_features`; with `train_features` (same encoders) and a `vocabulary` the
     captions name, an attribute probe fit on the training targets."""
@@ -83,20 +91,30 @@ def load_eval_set(
 
 
 @torch.no_grad()
-def evaluation_condition(batch: FeatureBatch, prompt_encoder: PromptEncoder | None, device: torch.device, chunk: int = 32) -> torch.Tensor:
+def evaluation_condition(
+    batch: FeatureBatch, prompt_encoder: PromptEncoder | None, device: torch.device, chunk: int = 32
+) -> torch.Tensor:
     """`batch_condition` without gradients, on `device`, `chunk` rows at a time -> (B, s, d_vlm) float32."""
     dtype = prompt_encoder.soft_tokens.dtype if prompt_encoder is not None else torch.float32
     moved = batch.to(device, dtype)
     parts = [
-        batch_condition(FeatureBatch(moved.dino[i : i + chunk], None if moved.caches is None else moved.caches[i : i + chunk],
-                                     None if moved.latents is None else moved.latents[i : i + chunk]), prompt_encoder)
+        batch_condition(
+            FeatureBatch(
+                moved.dino[i : i + chunk],
+                None if moved.caches is None else moved.caches[i : i + chunk],
+                None if moved.latents is None else moved.latents[i : i + chunk],
+            ),
+            prompt_encoder,
+        )
         for i in range(0, len(moved), chunk)
     ]
     return torch.cat(parts).float()
 
 
 @torch.no_grad()
-def generate_tokens(aligner: AlignerDiT, cond: torch.Tensor, flow_config: FlowConfig, seed: int, batch_size: int = 32) -> torch.Tensor:
+def generate_tokens(
+    aligner: AlignerDiT, cond: torch.Tensor, flow_config: FlowConfig, seed: int, batch_size: int = 32
+) -> torch.Tensor:
     """Sample DINOv2-space tokens for conditions (B, s, d_vlm) -> (B, N, D), in chunks, noise fixed by `seed`."""
     shape = (aligner.config.num_tokens, aligner.config.token_dim)
     generator = torch.Generator(device=cond.device).manual_seed(seed)
@@ -107,7 +125,9 @@ def generate_tokens(aligner: AlignerDiT, cond: torch.Tensor, flow_config: FlowCo
     return torch.cat(chunks)
 
 
-def evaluate_alignment(aligner: AlignerDiT, cond: torch.Tensor, eval_set: EvalSet, flow_config: FlowConfig, seed: int = 0) -> dict[str, float]:
+def evaluate_alignment(
+    aligner: AlignerDiT, cond: torch.Tensor, eval_set: EvalSet, flow_config: FlowConfig, seed: int = 0
+) -> dict[str, float]:
     """gap3d.metrics.alignment_metrics of samples for cond (B, s, d) against the eval set's targets (B, N, D)."""
     was_training = aligner.training
     aligner.eval()

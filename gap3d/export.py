@@ -43,7 +43,13 @@ class AlignerExport:
     aligner: AlignerDiT | None = None  # eval mode, EMA weights; None from load_export(with_aligner=False)
 
 
-def save_export(directory: str | Path, aligner_state: dict[str, torch.Tensor], soft_tokens: torch.Tensor | None, config: Gap3DConfig, step: int) -> Path:
+def save_export(
+    directory: str | Path,
+    aligner_state: dict[str, torch.Tensor],
+    soft_tokens: torch.Tensor | None,
+    config: Gap3DConfig,
+    step: int,
+) -> Path:
     """Write an export directory from an aligner state dict and optional soft tokens (s, d_vlm)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -52,7 +58,12 @@ def save_export(directory: str | Path, aligner_state: dict[str, torch.Tensor], s
         tensors["soft_tokens"] = soft_tokens.detach().float().cpu().contiguous()
     save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": EXPORT_FORMAT, "step": str(step)})
     save_config(config, directory / CONFIG_NAME)
-    meta = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "step": step, "has_soft_tokens": soft_tokens is not None}
+    meta = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "step": step,
+        "has_soft_tokens": soft_tokens is not None,
+    }
     (directory / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return directory
 
@@ -64,7 +75,9 @@ def find_export_dir(uri: str) -> Path:
         return root
     if (root / EXPORT_DIR / META_NAME).is_file():
         return root / EXPORT_DIR
-    raise FileNotFoundError(f"{uri} is neither an aligner export (no {META_NAME}) nor a training checkpoint (no {EXPORT_DIR}/{META_NAME})")
+    raise FileNotFoundError(
+        f"{uri} is neither an aligner export (no {META_NAME}) nor a training checkpoint (no {EXPORT_DIR}/{META_NAME})"
+    )
 
 
 def load_export(uri: str, device: str | torch.device = "cpu", with_aligner: bool = True) -> AlignerExport:
@@ -77,11 +90,18 @@ def load_export(uri: str, device: str | torch.device = "cpu", with_aligner: bool
     require_files(directory, [WEIGHTS_NAME, CONFIG_NAME, META_NAME], what="aligner export")
     meta = json.loads((directory / META_NAME).read_text())
     if meta.get("format") != EXPORT_FORMAT or meta.get("version") != EXPORT_VERSION:
-        raise ValueError(f"{directory / META_NAME} is format {meta.get('format')!r} v{meta.get('version')}; this code reads {EXPORT_FORMAT!r} v{EXPORT_VERSION}")
+        raise ValueError(
+            f"{directory / META_NAME} is format {meta.get('format')!r} v{meta.get('version')}; this code reads "
+            f"{EXPORT_FORMAT!r} v{EXPORT_VERSION}"
+        )
     config = load_config(yaml_path=directory / CONFIG_NAME)
     with safe_open(directory / WEIGHTS_NAME, framework="pt", device=str(device)) as weights:
         soft_tokens = weights.get_tensor("soft_tokens") if "soft_tokens" in weights.keys() else None
-        aligner_state = {name[len("aligner.") :]: weights.get_tensor(name) for name in weights.keys() if with_aligner and name.startswith("aligner.")}
+        aligner_state = {
+            name[len("aligner.") :]: weights.get_tensor(name)
+            for name in weights.keys()
+            if with_aligner and name.startswith("aligner.")
+        }
     export = AlignerExport(config=config, step=int(meta["step"]), soft_tokens=soft_tokens)
     if with_aligner:
         with torch.device("meta"):
@@ -97,6 +117,9 @@ def apply_soft_tokens(prompt_encoder: PromptEncoder, soft_tokens: torch.Tensor |
     if soft_tokens is None:
         return
     if soft_tokens.shape != prompt_encoder.soft_tokens.shape:
-        raise ValueError(f"exported soft tokens are {tuple(soft_tokens.shape)} but the prompt encoder has {tuple(prompt_encoder.soft_tokens.shape)}")
+        raise ValueError(
+            f"exported soft tokens are {tuple(soft_tokens.shape)} but the prompt encoder has "
+            f"{tuple(prompt_encoder.soft_tokens.shape)}"
+        )
     with torch.no_grad():
         prompt_encoder.soft_tokens.copy_(soft_tokens)

@@ -14,7 +14,9 @@ from gap3d.cancellation import raise_if_cancelled
 from gap3d.config import FlowConfig
 
 
-def sample_t(batch_size: int, config: FlowConfig, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+def sample_t(
+    batch_size: int, config: FlowConfig, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor:
     """Training times (B,) in (0, 1) from the configured schedule."""
     if config.time_schedule == "uniform":
         return torch.rand(batch_size, generator=generator, device=device)
@@ -33,7 +35,9 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def grouped_mse(pred: torch.Tensor, target: torch.Tensor, weights: dict[str, float], num_registers: int) -> dict[str, torch.Tensor]:
+def grouped_mse(
+    pred: torch.Tensor, target: torch.Tensor, weights: dict[str, float], num_registers: int
+) -> dict[str, torch.Tensor]:
     """Per-group MSE over (B, N, D) with token 0 = CLS, 1..num_registers = registers, rest = patches; plus 'loss'."""
     err = (pred.float() - target.float()).pow(2)
     groups = {
@@ -53,7 +57,8 @@ def flow_matching_loss(
     num_registers: int,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Rectified-flow loss of `model` on targets x0 (B, N, D) given cond (B, s, d); returns 'loss' and per-group MSEs."""
+    """Rectified-flow loss of `model` on targets x0 (B, N, D) given cond (B, s, d); returns 'loss' and per-group "
+    "MSEs."""
     batch = x0.shape[0]
     t = sample_t(batch, config, generator, x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -62,7 +67,9 @@ def flow_matching_loss(
     return grouped_mse(pred, velocity_target(x0, noise), config.loss_weights, num_registers)
 
 
-def guided_velocity(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+def guided_velocity(
+    model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, cfg_scale: float
+) -> torch.Tensor:
     """v_null + scale (v_cond - v_null), both halves in one doubled batch; scale 1 skips the null pass."""
     if cfg_scale == 1.0:
         return model(x, t, cond, None)
@@ -89,7 +96,9 @@ def sample(
         raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
     batch = cond.shape[0]
     if noise is None:
-        noise = torch.randn((batch, *shape), generator=generator, device=cond.device if generator is None else generator.device)
+        noise = torch.randn(
+            (batch, *shape), generator=generator, device=cond.device if generator is None else generator.device
+        )
     x = noise.to(cond.device, cond.dtype)
     times = torch.linspace(1.0, 0.0, steps + 1, device=cond.device)
     for t_cur, t_next in zip(times[:-1], times[1:]):

@@ -26,16 +26,24 @@ def decode_prompt_image(data: bytes, max_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
         if width * height > max_pixels:
-            raise OverflowError(f"image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}")
+            raise OverflowError(
+                f"image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}"
+            )
         image.load()
     except (OSError, Image.DecompressionBombError) as error:
         raise ValueError(f"not a decodable image ({type(error).__name__})") from None
     return image.convert("RGB")
 
 
-def load_prompt_encoder(export: AlignerExport, vlm_path: str | None = None, device: str | torch.device = "cpu") -> PromptEncoder:
+def load_prompt_encoder(
+    export: AlignerExport, vlm_path: str | None = None, device: str | torch.device = "cpu"
+) -> PromptEncoder:
     """The frozen VLM named by the export's config (or `vlm_path`), carrying the exported soft tokens."""
-    config = export.config.vlm if vlm_path is None else type(export.config.vlm)(**{**vars(export.config.vlm), "path": vlm_path})
+    config = (
+        export.config.vlm
+        if vlm_path is None
+        else type(export.config.vlm)(**{**vars(export.config.vlm), "path": vlm_path})
+    )
     encoder = PromptEncoder.from_pretrained(config, device)
     apply_soft_tokens(encoder, export.soft_tokens)
     return encoder.eval()
@@ -52,14 +60,24 @@ def align(export: AlignerExport, cond: torch.Tensor, seeds: list[int], steps: in
     config = export.aligner.config
     param = next(export.aligner.parameters())
     noise = aligner_noise(seeds, (config.num_tokens, config.token_dim)).to(param.device, param.dtype)
-    return sample(export.aligner, cond.to(param.device, param.dtype), (config.num_tokens, config.token_dim), steps,
-                  cfg_scale, export.config.flow.solver, noise=noise).float()
+    return sample(
+        export.aligner,
+        cond.to(param.device, param.dtype),
+        (config.num_tokens, config.token_dim),
+        steps,
+        cfg_scale,
+        export.config.flow.solver,
+        noise=noise,
+    ).float()
 
 
 def check_decoder_matches(export: AlignerExport, decoder: Decoder) -> None:
     """The TRELLIS condition width must be the aligner's token width."""
     if decoder.cond_dim != export.config.aligner.token_dim:
-        raise ValueError(f"the TRELLIS checkpoint expects {decoder.cond_dim}-dim condition tokens but the aligner makes {export.config.aligner.token_dim}-dim tokens")
+        raise ValueError(
+            f"the TRELLIS checkpoint expects {decoder.cond_dim}-dim condition tokens but the aligner makes "
+            f"{export.config.aligner.token_dim}-dim tokens"
+        )
 
 
 @dataclass
@@ -71,7 +89,14 @@ class TextTo3D:
     decoder: Decoder
 
     @classmethod
-    def load(cls, export_uri: str, trellis_uri: str, vlm_path: str | None = None, device: str = "cpu", decoder_stages: str = "auto") -> "TextTo3D":
+    def load(
+        cls,
+        export_uri: str,
+        trellis_uri: str,
+        vlm_path: str | None = None,
+        device: str = "cpu",
+        decoder_stages: str = "auto",
+    ) -> "TextTo3D":
         """Load every stage from paths or s3:// URIs; `decoder_stages` as in Decoder.from_pretrained(stages=)."""
         export = load_export(export_uri, device)
         decoder = Decoder.from_pretrained(trellis_uri, device, stages=decoder_stages)
@@ -79,7 +104,16 @@ class TextTo3D:
         return cls(load_prompt_encoder(export, vlm_path, device), export, decoder)
 
     @torch.no_grad()
-    def generate(self, prompt: str, image: Image.Image | None, seed: int, steps: int, cfg_scale: float, file_format: str, target_faces: int | None) -> bytes:
+    def generate(
+        self,
+        prompt: str,
+        image: Image.Image | None,
+        seed: int,
+        steps: int,
+        cfg_scale: float,
+        file_format: str,
+        target_faces: int | None,
+    ) -> bytes:
         """One prompt -> asset bytes in `file_format`."""
         cond = self.prompt_encoder([prompt], None if image is None else [image])  # (1, s, d_vlm)
         tokens = align(self.export, cond, [seed], steps, cfg_scale)  # (1, N, D)

@@ -50,7 +50,9 @@ def nearest_targets(queries: torch.Tensor, targets: torch.Tensor, mean: torch.Te
     return _similarity(queries, targets, mean).argmax(dim=1).tolist()
 
 
-def retrieval_recall(queries: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10), mean: torch.Tensor | None = None) -> dict[int, float]:
+def retrieval_recall(
+    queries: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10), mean: torch.Tensor | None = None
+) -> dict[int, float]:
     """Text->image recall@k: query i (generated from caption i) should rank target i first.
 
     Similarity is the cosine of the token-flattened embeddings, after subtracting `mean` (N, D) from both when
@@ -97,10 +99,15 @@ class AttributeProbe:
         for name, values in labels.items():
             classes = sorted(set(values))
             onehot = torch.tensor([[float(v == c) for c in classes] for v in values], dtype=torch.float64)
-            scores = {(view, strength): _left_out_accuracy(features[view], onehot, combination, strength)
-                      for view in self.VIEWS for strength in self.STRENGTHS}
+            scores = {
+                (view, strength): _left_out_accuracy(features[view], onehot, combination, strength)
+                for view in self.VIEWS
+                for strength in self.STRENGTHS
+            }
             best = max(scores.values())
-            view, strength = max((key for key, score in scores.items() if score >= best - self.LEFT_OUT_SLACK), key=lambda key: key[1])
+            view, strength = max(
+                (key for key, score in scores.items() if score >= best - self.LEFT_OUT_SLACK), key=lambda key: key[1]
+            )
             x = features[view]
             self.classifiers[name] = (view, classes, x, _ridge_dual(x @ x.T, onehot, strength))
             self.selection[name] = {"view": view, "strength": strength, "left_out_accuracy": scores[(view, strength)]}
@@ -117,7 +124,10 @@ class AttributeProbe:
     def accuracy(self, tokens: torch.Tensor, labels: dict[str, Sequence[str]]) -> dict[str, float]:
         """{attribute: share of rows whose predicted value is the labelled one}."""
         predicted = self.predict(tokens)
-        return {name: sum(p == t for p, t in zip(predicted[name], labels[name])) / len(labels[name]) for name in self.classifiers}
+        return {
+            name: sum(p == t for p, t in zip(predicted[name], labels[name])) / len(labels[name])
+            for name in self.classifiers
+        }
 
 
 def _view(tokens: torch.Tensor, view: str, mean_target: torch.Tensor) -> torch.Tensor:

@@ -16,15 +16,28 @@ TINY = {
     "dino": {"path": "tiny://dino", "image_size": 112, "dtype": "float32"},
     # Open cross-attention gates and absolute positions: a short CPU run cannot wait for closed gates to open.
     "aligner": {
-        "hidden_size": 128, "depth": 4, "num_heads": 4, "null_condition": "learned", "cross_gate_init": 1.0,
+        "hidden_size": 128,
+        "depth": 4,
+        "num_heads": 4,
+        "null_condition": "learned",
+        "cross_gate_init": 1.0,
         "absolute_positions": True,
     },
     "flow": {"time_schedule": "uniform", "sample_steps": 10, "cfg_scale": 2.0},
     # lr ten times the authors' suits the small aligner; the soft tokens keep the authors' absolute rate (x 0.1).
     "train": {
-        "global_batch_size": 16, "lr": 3e-3, "soft_token_lr_scale": 0.1, "min_lr": 1e-4, "warmup_ratio": 0.05,
-        "max_steps": 1800, "ema_decay": 0.99, "precision": "fp32", "checkpoint_every": 600, "eval_every": 300,
-        "log_every": 50, "eval_samples": 64,
+        "global_batch_size": 16,
+        "lr": 3e-3,
+        "soft_token_lr_scale": 0.1,
+        "min_lr": 1e-4,
+        "warmup_ratio": 0.05,
+        "max_steps": 1800,
+        "ema_decay": 0.99,
+        "precision": "fp32",
+        "checkpoint_every": 600,
+        "eval_every": 300,
+        "log_every": 50,
+        "eval_samples": 64,
     },
     "data": {"min_image_side": 64},
 }

@@ -50,7 +50,9 @@ class PromptBatch:
 class PromptEncoder(nn.Module):
     """Frozen VLM + soft tokens -> (B, s, d_vlm) condition."""
 
-    def __init__(self, vlm: nn.Module, tokenizer, image_processor, chat_template: str | None, config: PromptEncoderConfig):
+    def __init__(
+        self, vlm: nn.Module, tokenizer, image_processor, chat_template: str | None, config: PromptEncoderConfig
+    ):
         super().__init__()
         self.config = config
         self.vlm = vlm.eval().requires_grad_(False)
@@ -58,11 +60,16 @@ class PromptEncoder(nn.Module):
         self.image_processor = image_processor
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         if not self.chat_template:
-            raise ValueError("the VLM checkpoint has no chat template (tokenizer_config.json, chat_template.jinja or chat_template.json)")
+            raise ValueError(
+                "the VLM checkpoint has no chat template (tokenizer_config.json, chat_template.jinja or "
+                "chat_template.json)"
+            )
         table = self.embed_tokens.weight.detach().float()
         # Start at the statistics of the vocabulary embeddings, like newly added tokens; a smaller spread lets the
         # prompt, rather than each soft token's own embedding, dominate what the soft positions carry.
-        noise = torch.randn(config.num_soft_tokens, table.shape[1], generator=torch.Generator().manual_seed(config.init_seed))
+        noise = torch.randn(
+            config.num_soft_tokens, table.shape[1], generator=torch.Generator().manual_seed(config.init_seed)
+        )
         init = table.mean(0) + config.init_scale * table.std(0) * noise
         self.soft_tokens = nn.Parameter(init.to(table.dtype), requires_grad=config.trainable)  # (s, d_vlm)
         self.hidden_size = table.shape[1]
@@ -78,7 +85,9 @@ class PromptEncoder(nn.Module):
         device = torch.device(device)
         vlm = AutoModelForImageTextToText.from_pretrained(path, dtype=resolve_dtype(config.dtype, device))
         tokenizer = AutoTokenizer.from_pretrained(path)
-        image_processor = AutoImageProcessor.from_pretrained(path) if (path / "preprocessor_config.json").is_file() else None
+        image_processor = (
+            AutoImageProcessor.from_pretrained(path) if (path / "preprocessor_config.json").is_file() else None
+        )
         return cls(vlm, tokenizer, image_processor, _read_chat_template(path), config).to(device)
 
     @property
@@ -100,7 +109,10 @@ class PromptEncoder(nn.Module):
             if image is not None:
                 content.insert(0, {"type": "image"})
             text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": content}], chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+                [{"role": "user", "content": content}],
+                chat_template=self.chat_template,
+                tokenize=False,
+                add_generation_prompt=True,
             )
             if image is not None:
                 text, pixels, grid = self._expand_image(text, image)
@@ -110,7 +122,9 @@ class PromptEncoder(nn.Module):
         ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
         too_long = [len(row) for row in ids if len(row) > self.config.max_prompt_tokens]
         if too_long:
-            raise PromptTooLongError(f"prompt of {too_long[0]} tokens exceeds vlm.max_prompt_tokens={self.config.max_prompt_tokens}")
+            raise PromptTooLongError(
+                f"prompt of {too_long[0]} tokens exceeds vlm.max_prompt_tokens={self.config.max_prompt_tokens}"
+            )
         length = max(len(row) for row in ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(ids), length), pad, dtype=torch.long)
@@ -128,10 +142,14 @@ class PromptEncoder(nn.Module):
     def _expand_image(self, text: str, image) -> tuple[str, torch.Tensor, torch.Tensor]:
         """Replace the one image placeholder by as many tokens as the vision tower emits (Qwen-VL family)."""
         if self.image_processor is None:
-            raise ValueError("this VLM checkpoint has no image processor (preprocessor_config.json); prompts must be text-only")
+            raise ValueError(
+                "this VLM checkpoint has no image processor (preprocessor_config.json); prompts must be text-only"
+            )
         pixels = self.image_processor(images=[image], return_tensors="pt")
         if "image_grid_thw" not in pixels:
-            raise ValueError(f"image prompts need a Qwen-VL-family image processor; got {type(self.image_processor).__name__}")
+            raise ValueError(
+                f"image prompts need a Qwen-VL-family image processor; got {type(self.image_processor).__name__}"
+            )
         grid = pixels["image_grid_thw"]  # (1, 3)
         num_tokens = int(grid.prod()) // self.image_processor.merge_size**2
         image_token = self.tokenizer.convert_ids_to_tokens(self.vlm.config.image_token_id)
@@ -170,7 +188,9 @@ class PromptEncoder(nn.Module):
         soft = self._soft_embeds(len(prompts))
         out = self.vlm.model(
             inputs_embeds=torch.cat([self.embed_tokens(ids), soft], dim=1),  # (B, L + s, d_vlm)
-            attention_mask=torch.cat([mask, torch.ones(mask.shape[0], soft.shape[1], dtype=mask.dtype, device=device)], dim=1),
+            attention_mask=torch.cat(
+                [mask, torch.ones(mask.shape[0], soft.shape[1], dtype=mask.dtype, device=device)], dim=1
+            ),
             position_ids=torch.cat([prompt_positions, self._soft_positions(next_position)], dim=-1),
             pixel_values=batch.pixel_values,
             image_grid_thw=batch.image_grid_thw,
@@ -194,11 +214,15 @@ class PromptEncoder(nn.Module):
             image_grid_thw=batch.image_grid_thw,
             use_cache=True,
         )
-        layers = [torch.stack([layer.keys, layer.values], dim=1) for layer in out.cache.layers]  # each (B, 2, kv, L, hd)
+        layers = [
+            torch.stack([layer.keys, layer.values], dim=1) for layer in out.cache.layers
+        ]  # each (B, 2, kv, L, hd)
         stacked = torch.stack(layers, dim=1)  # (B, layers, 2, kv_heads, L, head_dim)
         lengths = mask.sum(-1).tolist()
         return [
-            PromptCache(key_values=stacked[i, :, :, :, stacked.shape[4] - n :].clone(), next_position=int(next_position[i]))
+            PromptCache(
+                key_values=stacked[i, :, :, :, stacked.shape[4] - n :].clone(), next_position=int(next_position[i])
+            )
             for i, n in enumerate(lengths)
         ]
 

@@ -107,7 +107,10 @@ def local_dir(uri: str) -> Path:
 def _listing_fingerprint(fs: fsspec.AbstractFileSystem, root: str) -> str:
     """Hash of every file's name, size and ETag/mtime under root: a changed remote checkpoint is downloaded again."""
     entries = fs.find(root, detail=True)
-    parts = sorted(f"{name}:{info.get('size')}:{info.get('ETag') or info.get('LastModified') or info.get('mtime')}" for name, info in entries.items())
+    parts = sorted(
+        f"{name}:{info.get('size')}:{info.get('ETag') or info.get('LastModified') or info.get('mtime')}"
+        for name, info in entries.items()
+    )
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -166,7 +169,11 @@ def _process_exists(pid: int) -> bool:
 def remove_stale_staging() -> int:
     """Delete this machine's staging directories of processes that are gone (killed writers); returns how many."""
     root = _staging_root()
-    stale = [name for name in (os.listdir(root) if os.path.isdir(root) else []) if name.isdigit() and not _process_exists(int(name))]
+    stale = [
+        name
+        for name in (os.listdir(root) if os.path.isdir(root) else [])
+        if name.isdigit() and not _process_exists(int(name))
+    ]
     for name in stale:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     if stale:
@@ -188,7 +195,8 @@ def publish_file(local_path: str, uri: str) -> None:
 
 
 def _abort_uploads(fs: fsspec.AbstractFileSystem, root: str) -> int:
-    """Abort the unfinished multipart uploads under an S3 prefix (a writer killed mid-upload leaves one, billed but invisible)."""
+    """Abort the unfinished multipart uploads under an S3 prefix (a writer killed mid-upload leaves one, billed but "
+    "invisible)."""
     if not hasattr(fs, "call_s3"):
         return 0
     bucket, _, prefix = root.partition("/")
@@ -204,7 +212,8 @@ def _abort_uploads(fs: fsspec.AbstractFileSystem, root: str) -> int:
 
 
 def remove_partial_files(directory_uri: str) -> int:
-    """Delete what killed writers left under a directory: `.partial` files, and unfinished uploads on S3; returns how many."""
+    """Delete what killed writers left under a directory: `.partial` files, and unfinished uploads on S3; returns how "
+    "many."""
     fs, root = filesystem(directory_uri)
     fs.invalidate_cache(root)
     stale = fs.glob(join(root, f"**/.*{PARTIAL_SUFFIX}")) if fs.isdir(root) else []

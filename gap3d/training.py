@@ -59,7 +59,9 @@ def batch_condition(batch: FeatureBatch, prompt_encoder: PromptEncoder | None) -
             raise ValueError("the soft tokens train, so batches need prompt caches (features in prompt_cache mode)")
         return prompt_encoder.soft_latents(batch.caches)
     if batch.latents is None:
-        raise ValueError("the soft tokens are frozen, so batches need stored soft latents (features in soft_latents mode)")
+        raise ValueError(
+            "the soft tokens are frozen, so batches need stored soft latents (features in soft_latents mode)"
+        )
     return batch.latents
 
 
@@ -89,7 +91,9 @@ def lr_multiplier(step: int, config: TrainConfig, continuation: LRContinuation |
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, continuation: LRContinuation | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, continuation: LRContinuation | None = None
+) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR applying lr_multiplier; step it once per optimiser step."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config, continuation))
 
@@ -113,7 +117,9 @@ def build_optimizer(module: nn.Module, config: TrainConfig) -> torch.optim.AdamW
     Fused (one kernel over all tensors, on the CPU as on CUDA): the unfused loop launches a dozen ops per tensor,
     a fixed cost per step that at the tiny preset is 3-4 ms of a 70 ms step and does not shrink with more workers.
     """
-    return torch.optim.AdamW(optimizer_groups(module, config), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999), fused=True)
+    return torch.optim.AdamW(
+        optimizer_groups(module, config), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999), fused=True
+    )
 
 
 class EMA:
@@ -151,7 +157,13 @@ class EMA:
 
 def with_soft_tokens(prompt_encoder: PromptEncoder, soft_tokens: torch.Tensor) -> PromptEncoder:
     """A prompt encoder sharing `prompt_encoder`'s frozen VLM but holding its own copy of `soft_tokens` (s, d_vlm)."""
-    clone = PromptEncoder(prompt_encoder.vlm, prompt_encoder.tokenizer, prompt_encoder.image_processor, prompt_encoder.chat_template, prompt_encoder.config)
+    clone = PromptEncoder(
+        prompt_encoder.vlm,
+        prompt_encoder.tokenizer,
+        prompt_encoder.image_processor,
+        prompt_encoder.chat_template,
+        prompt_encoder.config,
+    )
     with torch.no_grad():
         clone.soft_tokens.copy_(soft_tokens.to(clone.soft_tokens.dtype))
     return clone.requires_grad_(False)

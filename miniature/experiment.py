@@ -15,7 +15,6 @@ from gap3d.aligner import AlignerDiT
 from gap3d.build import build_aligner
 from gap3d.config import Gap3DConfig
 from gap3d.data.encode import FeatureEncoder
-from miniature.world import ATTRIBUTES, render_scene, sample_scene
 from gap3d.evaluation import EvalSet, evaluate_alignment, evaluation_condition
 from gap3d.features.format import FeatureBatch, batch_from_rows
 from gap3d.flow import FlowConfig
@@ -29,6 +28,7 @@ from gap3d.training import (
     trainable_parameters,
     with_soft_tokens,
 )
+from miniature.world import ATTRIBUTES, render_scene, sample_scene
 
 ENCODE_CHUNK = 64  # scenes rendered and encoded at a time
 
@@ -45,14 +45,17 @@ class Split:
         return len(self.captions)
 
     def shuffled_captions(self, seed: int) -> "Split":
-        """The same images paired with other rows' captions (and their prompt caches): a world without a prompt signal."""
+        """The same images paired with other rows' captions (and their prompt caches): a world without a prompt "
+        "signal."""
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
         batch = FeatureBatch(
             self.batch.dino,
             None if self.batch.caches is None else [self.batch.caches[i] for i in order],
             None if self.batch.latents is None else self.batch.latents[order],
         )
-        return Split(batch, [self.captions[i] for i in order], {k: [v[i] for i in order] for k, v in self.labels.items()})
+        return Split(
+            batch, [self.captions[i] for i in order], {k: [v[i] for i in order] for k, v in self.labels.items()}
+        )
 
 
 @dataclass
@@ -91,7 +94,10 @@ def encode_world(config: Gap3DConfig, num: int, seed: int = 0) -> World:
 def oracle_condition(labels: dict[str, list[str]], config: Gap3DConfig) -> torch.Tensor:
     """The attributes one-hot (shape, then colour) in the first dims of every condition token: (B, s, d_vlm)."""
     onehot = torch.tensor(
-        [[float(labels[name][i] == option) for name, options in ATTRIBUTES.items() for option in options] for i in range(len(labels["shape"]))]
+        [
+            [float(labels[name][i] == option) for name, options in ATTRIBUTES.items() for option in options]
+            for i in range(len(labels["shape"]))
+        ]
     )  # (B, number of attribute values)
     cond = torch.zeros(len(onehot), config.vlm.num_soft_tokens, config.aligner.cond_dim)
     cond[:, :, : onehot.shape[1]] = onehot[:, None]
@@ -119,7 +125,9 @@ def train_in_process(config: Gap3DConfig, split: Split, steps: int, oracle: bool
     for _ in range(steps):
         index = torch.randperm(len(split), generator=generator)[: config.train.global_batch_size]
         caches = None if oracle or split.batch.caches is None else [split.batch.caches[i] for i in index.tolist()]
-        losses = module(FeatureBatch(split.batch.dino[index], caches, None if latents is None else latents[index]), generator)
+        losses = module(
+            FeatureBatch(split.batch.dino[index], caches, None if latents is None else latents[index]), generator
+        )
         optimizer.zero_grad()
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(trainable_parameters(module).values(), config.train.grad_clip)
@@ -133,7 +141,9 @@ def train_in_process(config: Gap3DConfig, split: Split, steps: int, oracle: bool
     return Trained(aligner, encoder, seconds)
 
 
-def score(config: Gap3DConfig, world: World, trained: Trained, oracle: bool = False, flow: FlowConfig | None = None) -> dict[str, float]:
+def score(
+    config: Gap3DConfig, world: World, trained: Trained, oracle: bool = False, flow: FlowConfig | None = None
+) -> dict[str, float]:
     """Held-out metrics (gap3d.metrics.alignment_metrics) of tokens sampled from each eval row's condition."""
     if oracle:
         cond = oracle_condition(world.eval.labels, config)

@@ -77,8 +77,15 @@ def write_img2dataset_shard(directory_uri: str, shard_index: int, downloads: Ite
             key = sample_key(shard_index, index)
             url = f"https://images.example/{key}.jpg"
             ok = download.image is not None
-            row = {"key": key, "caption": download.caption, "url": url, "status": "success" if ok else "failed_to_download",
-                   "error_message": None if ok else "HTTP 404", "width": download.width, "height": download.height}
+            row = {
+                "key": key,
+                "caption": download.caption,
+                "url": url,
+                "status": "success" if ok else "failed_to_download",
+                "error_message": None if ok else "HTTP 404",
+                "width": download.width,
+                "height": download.height,
+            }
             for name, value in row.items():
                 metadata[name].append(value)
             if ok:
@@ -86,7 +93,12 @@ def write_img2dataset_shard(directory_uri: str, shard_index: int, downloads: Ite
                 _add_member(tar, f"{key}.txt", download.caption.encode())
                 _add_member(tar, f"{key}.json", json.dumps(row).encode())
     successes = metadata["status"].count("success")
-    stats = {"count": len(metadata["key"]), "successes": successes, "failed_to_download": len(metadata["key"]) - successes, "failed_to_resize": 0}
+    stats = {
+        "count": len(metadata["key"]),
+        "successes": successes,
+        "failed_to_download": len(metadata["key"]) - successes,
+        "failed_to_resize": 0,
+    }
     _put(f"{stem}.tar", buffer.getvalue())
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table(metadata), sink)

@@ -56,7 +56,11 @@ def alignment_figure(rows: list[dict], basis: PcaBasis, grid: int, num_special: 
     plt = _pyplot()
     figure, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows)), squeeze=False)
     for row, axis in zip(rows, axes):
-        panels = (row["image"], pca_rgb(row["target"][num_special:], basis, grid), pca_rgb(row["generated"][num_special:], basis, grid))
+        panels = (
+            row["image"],
+            pca_rgb(row["target"][num_special:], basis, grid),
+            pca_rgb(row["generated"][num_special:], basis, grid),
+        )
         for ax, panel, title in zip(axis, panels, ("render", "true tokens", "from the caption")):
             ax.imshow(panel, interpolation="nearest")
             ax.set_xticks([])
@@ -76,7 +80,9 @@ def assets_figure(rows: list[dict], path: str | Path) -> Path:
     plt = _pyplot()
     figure, axes = plt.subplots(len(rows), 2, figsize=(5, 2.5 * len(rows)), squeeze=False)
     for row, axis in zip(rows, axes):
-        for ax, panel, title in zip(axis, (row["truth"], row["asset"]), ("ground truth (unseen object)", "GLB over HTTP")):
+        for ax, panel, title in zip(
+            axis, (row["truth"], row["asset"]), ("ground truth (unseen object)", "GLB over HTTP")
+        ):
             ax.imshow(panel, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -91,7 +97,11 @@ def assets_figure(rows: list[dict], path: str | Path) -> Path:
 def learning_curve_figure(history: list[dict], chance: dict[str, float], path: str | Path) -> Path:
     """Held-out metrics against step from the periodic evaluations: history [{"step", metric: value, ...}]."""
     plt = _pyplot()
-    metrics = [m for m in ("eval_centred_recall@5", "eval_prompt_cosine_mean", "eval_shape_accuracy", "eval_color_accuracy") if all(m in h for h in history)]
+    metrics = [
+        m
+        for m in ("eval_centred_recall@5", "eval_prompt_cosine_mean", "eval_shape_accuracy", "eval_color_accuracy")
+        if all(m in h for h in history)
+    ]
     figure, axis = plt.subplots(figsize=(6, 4))
     steps = [h["step"] for h in history]
     for metric in metrics:

@@ -60,7 +60,9 @@ def _edge(a: np.ndarray, b: np.ndarray, p: np.ndarray) -> np.ndarray:
     return (b[:, 0] - a[:, 0]) * (p[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (p[:, 0] - a[:, 0])
 
 
-def rasterize(screen: np.ndarray, depth: np.ndarray, faces: np.ndarray, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def rasterize(
+    screen: np.ndarray, depth: np.ndarray, faces: np.ndarray, image_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Nearest face per covered pixel: flat pixel indices (N,) and face indices (N,).
 
     Every face is tested against the pixel centres of its bounding box in one vectorised pass,
@@ -102,7 +104,8 @@ def render_mesh(
     camera: Camera = DEFAULT_CAMERA,
     light: np.ndarray = LIGHT_DIRECTION,
 ) -> np.ndarray:
-    """RGB image (S, S, 3) uint8 of a closed mesh (V, 3) / (F, 3) in `color` (RGB in [0, 1]) on black, lit from `light` (unit, 3)."""
+    """RGB image (S, S, 3) uint8 of a closed mesh (V, 3) / (F, 3) in `color` (RGB in [0, 1]) on black, lit from "
+    "`light` (unit, 3)."""
     triangles = vertices[faces]  # (F, 3, 3)
     normals = np.cross(triangles[:, 1] - triangles[:, 0], triangles[:, 2] - triangles[:, 0])
     normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)

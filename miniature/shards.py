@@ -92,9 +92,19 @@ def _warn_about_stale_shards(out_uri: str, writers: dict[str, ShardWriter]) -> N
     # A smaller rerun into the same directory leaves the old run's extra shards behind; they would be read as data.
     fs, root = storage.filesystem(out_uri)
     written = {name for writer in writers.values() for name in writer.shards}
-    stale = sorted(p for split in SPLITS for p in fs.glob(storage.join(root, f"{split}-*.tar")) if p.rsplit("/", 1)[-1] not in written)
+    stale = sorted(
+        p
+        for split in SPLITS
+        for p in fs.glob(storage.join(root, f"{split}-*.tar"))
+        if p.rsplit("/", 1)[-1] not in written
+    )
     if stale:
-        logger.warning("%s holds %d shard(s) this run did not write (e.g. %s); delete them or use a fresh --out", out_uri, len(stale), stale[0])
+        logger.warning(
+            "%s holds %d shard(s) this run did not write (e.g. %s); delete them or use a fresh --out",
+            out_uri,
+            len(stale),
+            stale[0],
+        )
 
 
 def _write_json(out_uri: str, name: str, payload: dict) -> None:
@@ -146,5 +156,11 @@ def write_synth(out_uri: str, num: int, seed: int = 0, shard_size: int = 1000, i
         "attributes": {name: list(values) for name, values in ATTRIBUTES.items()},
     }
     _write_json(out_uri, "synth.json", summary)
-    logger.info("wrote %s train and %s eval samples to %s in %.1fs", counts["train"], counts["eval"], out_uri, time.perf_counter() - start)
+    logger.info(
+        "wrote %s train and %s eval samples to %s in %.1fs",
+        counts["train"],
+        counts["eval"],
+        out_uri,
+        time.perf_counter() - start,
+    )
     return summary

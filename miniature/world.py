@@ -29,14 +29,32 @@ COLORS = {  # RGB in [0, 1], far apart in chromaticity so shading never changes 
     "white": (0.92, 0.92, 0.92),
 }
 ATTRIBUTES = {"shape": SHAPES, "color": tuple(COLORS)}  # what a caption says, and its possible values
-TEMPLATES = ("a {color} {shape}", "a {shape} in {color}", "one {color} {shape}", "a {color} {shape} on black", "the {shape} is {color}")
+TEMPLATES = (
+    "a {color} {shape}",
+    "a {shape} in {color}",
+    "one {color} {shape}",
+    "a {color} {shape} on black",
+    "the {shape} is {color}",
+)
 # Two disjoint shape->colour permutations: each shape and each colour is held out exactly twice, so every word
 # still occurs in train beside four partners. Twelve held-out pairs rather than six: same-pair rows differ only in
 # yaw and light, which no caption says, so retrieval among them is a coin toss; more pairs leave more for the
 # caption to decide (see miniature.experiment.caption_ceiling). The thin shapes (pillar, slab) show the least colour.
 HELD_OUT = frozenset(
-    {("cube", "yellow"), ("sphere", "green"), ("torus", "purple"), ("cone", "blue"), ("pillar", "red"), ("slab", "white"),
-     ("cube", "blue"), ("sphere", "white"), ("torus", "red"), ("cone", "yellow"), ("pillar", "green"), ("slab", "purple")}
+    {
+        ("cube", "yellow"),
+        ("sphere", "green"),
+        ("torus", "purple"),
+        ("cone", "blue"),
+        ("pillar", "red"),
+        ("slab", "white"),
+        ("cube", "blue"),
+        ("sphere", "white"),
+        ("torus", "red"),
+        ("cone", "yellow"),
+        ("pillar", "green"),
+        ("slab", "purple"),
+    }
 )
 SPLITS = ("train", "eval")
 CROP_MARGIN = 1.2  # TRELLIS crops its conditioning images to 1.2x the object's bounding box
@@ -68,7 +86,11 @@ def sample_scene(seed: int, index: int) -> Scene:
     rng = np.random.default_rng([seed, index])
     shape = SHAPES[rng.integers(len(SHAPES))]
     color = list(COLORS)[rng.integers(len(COLORS))]
-    yaw, elevation, light = float(rng.uniform(-60.0, 60.0)), float(rng.uniform(12.0, 32.0)), float(rng.uniform(-60.0, 20.0))
+    yaw, elevation, light = (
+        float(rng.uniform(-60.0, 60.0)),
+        float(rng.uniform(12.0, 32.0)),
+        float(rng.uniform(-60.0, 20.0)),
+    )
     caption = TEMPLATES[rng.integers(len(TEMPLATES))].format(color=color, shape=shape)
     return Scene(shape, color, yaw, elevation, light, caption)
 
@@ -82,7 +104,9 @@ def base_mesh(shape: str) -> tuple[np.ndarray, np.ndarray]:
         "cube": lambda: trimesh.creation.box(),
         "sphere": lambda: trimesh.creation.icosphere(subdivisions=3),
         "cone": lambda: trimesh.creation.cone(radius=1.0, height=1.8, sections=40),
-        "torus": lambda: trimesh.creation.torus(major_radius=1.0, minor_radius=0.38, major_sections=40, minor_sections=20),
+        "torus": lambda: trimesh.creation.torus(
+            major_radius=1.0, minor_radius=0.38, major_sections=40, minor_sections=20
+        ),
         "pillar": lambda: trimesh.creation.cylinder(radius=0.28, height=2.0, sections=32),
         "slab": lambda: trimesh.creation.box(extents=(2.0, 1.2, 0.35)),
     }
@@ -119,8 +143,11 @@ def render_scene(scene: Scene, image_size: int) -> np.ndarray:
     return render_in_scene(*object_mesh(scene), scene, image_size, COLORS[scene.color])
 
 
-def render_in_scene(vertices: np.ndarray, faces: np.ndarray, scene: Scene, image_size: int, color: tuple[float, float, float]) -> np.ndarray:
-    """RGB image (S, S, 3) uint8 of any mesh in TRELLIS's frame under the scene's camera and light, cropped like its render."""
+def render_in_scene(
+    vertices: np.ndarray, faces: np.ndarray, scene: Scene, image_size: int, color: tuple[float, float, float]
+) -> np.ndarray:
+    """RGB image (S, S, 3) uint8 of any mesh in TRELLIS's frame under the scene's camera and light, cropped like its "
+    "render."""
     from miniature.render import Camera, crop_to_object, render_mesh
 
     azimuth = np.deg2rad(scene.light_azimuth_deg)
@@ -128,5 +155,3 @@ def render_in_scene(vertices: np.ndarray, faces: np.ndarray, scene: Scene, image
     camera = Camera(elevation_deg=scene.elevation_deg, distance=3.0, fov_deg=30.0)
     full = render_mesh(vertices, faces, color, SUPERSAMPLE * image_size, camera, light / np.linalg.norm(light))
     return crop_to_object(full, image_size, CROP_MARGIN)
-
-

@@ -13,9 +13,16 @@ from gap3d.presets import DEFAULT_PRESET, PRESETS
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --preset, --config and trailing key.sub=value overrides to a job's parser."""
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help=f"size preset (default: the YAML's, else {DEFAULT_PRESET})")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help=f"size preset (default: the YAML's, else {DEFAULT_PRESET})",
+    )
     parser.add_argument("--config", default=None, help="YAML file with config values")
-    parser.add_argument("overrides", nargs="*", default=[], help="config overrides such as train.lr=1e-4 or scaling.num_workers=4")
+    parser.add_argument(
+        "overrides", nargs="*", default=[], help="config overrides such as train.lr=1e-4 or scaling.num_workers=4"
+    )
 
 
 def job_config_from_args(args: argparse.Namespace, sections: dict[str, tuple[type, dict]]) -> tuple[Gap3DConfig, dict]:

@@ -16,7 +16,14 @@ def alive_nodes() -> list[str]:
 def remove_stale_staging_everywhere() -> int:
     """Run gap3d.storage.remove_stale_staging on every alive node (where killed writers left staged files)."""
     clean = ray.remote(num_cpus=0)(storage.remove_stale_staging)
-    return sum(ray.get([clean.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote() for node in alive_nodes()]))
+    return sum(
+        ray.get(
+            [
+                clean.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+                for node in alive_nodes()
+            ]
+        )
+    )
 
 
 def check_storage_is_shared(storage_uri: str, what: str) -> None:
@@ -25,6 +32,7 @@ def check_storage_is_shared(storage_uri: str, what: str) -> None:
     nodes = alive_nodes()
     if len(nodes) > 1 and not storage.is_remote(storage_uri):
         raise ValueError(
-            f"{what} {storage_uri} is a local path, but the Ray cluster has {len(nodes)} nodes: each would write its files to "
+            f"{what} {storage_uri} is a local path, but the Ray cluster has {len(nodes)} nodes: each would write its "
+            "files to "
             "its own disk. Give object storage every node reaches (s3://bucket/prefix), or run on one node"
         )

@@ -23,7 +23,13 @@ def apply_activation_checkpointing(aligner: nn.Module) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def build_engine(module: AlignerTrainModule, config: Gap3DConfig, scaling, micro_batch: int, continuation: LRContinuation | None = None):
+def build_engine(
+    module: AlignerTrainModule,
+    config: Gap3DConfig,
+    scaling,
+    micro_batch: int,
+    continuation: LRContinuation | None = None,
+):
     """DeepSpeed engine over the trainable parameters (torch AdamW + warmup/cosine schedule) -> (engine, scheduler).
 
     `scaling` is the job's ray_jobs.train.TrainScaling (ZeRO stage, activation checkpointing); `continuation` the
@@ -36,8 +42,11 @@ def build_engine(module: AlignerTrainModule, config: Gap3DConfig, scaling, micro
         apply_activation_checkpointing(module.aligner)
     optimizer = build_optimizer(module, train)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, train, continuation),
-        config=deepspeed_config(config, scaling.zero_stage, micro_batch), dist_init_required=False,
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=lr_schedule(optimizer, train, continuation),
+        config=deepspeed_config(config, scaling.zero_stage, micro_batch),
+        dist_init_required=False,
     )
     return engine, scheduler
 

@@ -49,7 +49,9 @@ class EncodeResources:
 
 # Per preset: GPU actors at the paper preset; one half-CPU actor on a 2-core machine for tiny.
 ENCODE_PRESETS = {
-    "tiny": EncodeResources(encode_batch_size=16, pool_min=1, pool_max=1, num_gpus=0.0, num_cpus=0.5, decode_num_cpus=0.25),
+    "tiny": EncodeResources(
+        encode_batch_size=16, pool_min=1, pool_max=1, num_gpus=0.0, num_cpus=0.5, decode_num_cpus=0.25
+    ),
     "paper": EncodeResources(),
 }
 ENCODE_SECTION = {"encode": (EncodeResources, ENCODE_PRESETS)}
@@ -62,7 +64,10 @@ def output_stems(shards: list[Shard]) -> list[str]:
     seen: dict[str, str] = {}
     for shard in shards:
         if shard.stem in seen:
-            raise ValueError(f"input shards {seen[shard.stem]} and {shard.uri} would both write {shard.stem}.*.parquet; rename one or preprocess them into different outputs")
+            raise ValueError(
+                f"input shards {seen[shard.stem]} and {shard.uri} would both write {shard.stem}.*.parquet; rename one "
+                "or preprocess them into different outputs"
+            )
         seen[shard.stem] = shard.uri
     return list(seen)
 
@@ -80,15 +85,28 @@ class KeyRegistry:
 
 
 def _shard_row(index: int, shard: Shard) -> dict:
-    return {"shard": index, "uri": shard.uri, "shard_id": shard.shard_id, "format": shard.format, "size": shard.size,
-            "version": shard.version, "metadata_uri": shard.metadata_uri}
+    return {
+        "shard": index,
+        "uri": shard.uri,
+        "shard_id": shard.shard_id,
+        "format": shard.format,
+        "size": shard.size,
+        "version": shard.version,
+        "metadata_uri": shard.metadata_uri,
+    }
 
 
 def _chunk_block(shard_index: int, shard: Shard, chunk: DecodedChunk) -> dict[str, np.ndarray]:
     """One chunk as a one-row block; the images stay one (1, n, S, S, 3) tensor, never a Python list."""
     stats = {
-        "stem": shard.stem, "input": shard.uri, "input_identity": shard.identity(), "chunk": chunk.index, "last": chunk.last,
-        "rows_in": chunk.rows_in, "skipped": chunk.skipped, "error": chunk.error,
+        "stem": shard.stem,
+        "input": shard.uri,
+        "input_identity": shard.identity(),
+        "chunk": chunk.index,
+        "last": chunk.last,
+        "rows_in": chunk.rows_in,
+        "skipped": chunk.skipped,
+        "error": chunk.error,
     }
     return {
         "shard": np.asarray([shard_index]),
@@ -103,17 +121,30 @@ def _chunk_from_row(batch: dict[str, np.ndarray], row: int) -> tuple[dict, Decod
     """(the chunk's shard-level stats, the chunk) of row `row` of a decoded-chunk batch."""
     stats = json.loads(batch["stats"][row])
     chunk = DecodedChunk(
-        index=stats["chunk"], last=stats["last"], keys=json.loads(batch["keys"][row]), captions=json.loads(batch["captions"][row]),
-        images=batch["images"][row], rows_in=stats["rows_in"], skipped=stats["skipped"], error=stats["error"],
+        index=stats["chunk"],
+        last=stats["last"],
+        keys=json.loads(batch["keys"][row]),
+        captions=json.loads(batch["captions"][row]),
+        images=batch["images"][row],
+        rows_in=stats["rows_in"],
+        skipped=stats["skipped"],
+        error=stats["error"],
     )
     return stats, chunk
 
 
-def _read_chunks(batch: dict[str, np.ndarray], image_size: int, min_side: int, chunk_size: int, registry) -> Iterator[dict[str, np.ndarray]]:
+def _read_chunks(
+    batch: dict[str, np.ndarray], image_size: int, min_side: int, chunk_size: int, registry
+) -> Iterator[dict[str, np.ndarray]]:
     """Decode-task body: input shard rows -> one block per chunk (a generator, so blocks stream out as decoded)."""
     for row in range(len(batch["shard"])):
         fields = {name: batch[name][row] for name in ("uri", "shard_id", "format", "size", "version", "metadata_uri")}
-        shard = Shard(**{name: None if value is None else (int(value) if name == "size" else str(value)) for name, value in fields.items()})
+        shard = Shard(
+            **{
+                name: None if value is None else (int(value) if name == "size" else str(value))
+                for name, value in fields.items()
+            }
+        )
         claim = None if registry is None else lambda keys, stem=shard.stem: ray.get(registry.claim.remote(stem, keys))
         for chunk in decode_chunks(shard, image_size, min_side, chunk_size, claim):
             yield _chunk_block(int(batch["shard"][row]), shard, chunk)
@@ -131,18 +162,32 @@ def _bound_object_store(dataset: ray.data.Dataset, config: Gap3DConfig, resource
     most of a large shard there (and every process that maps those pages grows); with the cap, the decode tasks'
     streaming outputs are backpressured once the encoders are that far behind.
     """
-    limit = max(CHUNKS_IN_FLIGHT_PER_ACTOR * resources.pool_max * chunk_bytes(config, resources), MIN_OBJECT_STORE_BYTES)
+    limit = max(
+        CHUNKS_IN_FLIGHT_PER_ACTOR * resources.pool_max * chunk_bytes(config, resources), MIN_OBJECT_STORE_BYTES
+    )
     options = dataset.context.execution_options
     options.resource_limits = options.resource_limits.copy(object_store_memory=limit)
 
 
-def decoded_chunks(config: Gap3DConfig, resources: EncodeResources, shards: list[Shard], registry=None) -> ray.data.Dataset:
-    """One row per decoded chunk ({"shard": index into `shards`, "stats", "keys", "captions", "images"}), decoded in CPU tasks."""
-    dataset = ray.data.from_items([_shard_row(i, shard) for i, shard in enumerate(shards)], override_num_blocks=max(1, len(shards)))
+def decoded_chunks(
+    config: Gap3DConfig, resources: EncodeResources, shards: list[Shard], registry=None
+) -> ray.data.Dataset:
+    """One row per decoded chunk ({"shard": index into `shards`, "stats", "keys", "captions", "images"}), decoded in "
+    "CPU tasks."""
+    dataset = ray.data.from_items(
+        [_shard_row(i, shard) for i, shard in enumerate(shards)], override_num_blocks=max(1, len(shards))
+    )
     _bound_object_store(dataset, config, resources)
     return dataset.map_batches(
-        _read_chunks, batch_size=1, num_cpus=resources.decode_num_cpus,
-        fn_kwargs={"image_size": config.dino.image_size, "min_side": config.data.min_image_side, "chunk_size": resources.chunk_size, "registry": registry},
+        _read_chunks,
+        batch_size=1,
+        num_cpus=resources.decode_num_cpus,
+        fn_kwargs={
+            "image_size": config.dino.image_size,
+            "min_side": config.data.min_image_side,
+            "chunk_size": resources.chunk_size,
+            "registry": registry,
+        },
     )
 
 
@@ -190,12 +235,16 @@ class WriteFeatureChunks:
             stats, chunk = _chunk_from_row(batch, row)
             name = chunk_file_name(stats.pop("stem"), chunk.index)
             stats["encoders"] = self.encoder.manifest.encoders
-            stats = write_feature_file(self.output_uri, name, self.schema, self.encoder.encode_chunk(chunk, self.batch_size), stats)
+            stats = write_feature_file(
+                self.output_uri, name, self.schema, self.encoder.encode_chunk(chunk, self.batch_size), stats
+            )
             written.append(json.dumps({**stats, "file": name}))
         return {"shard": batch["shard"], "stats": np.asarray(written)}
 
 
-def write_features_dataset(config: Gap3DConfig, resources: EncodeResources, shards: list[Shard], output_uri: str, registry=None) -> ray.data.Dataset:
+def write_features_dataset(
+    config: Gap3DConfig, resources: EncodeResources, shards: list[Shard], output_uri: str, registry=None
+) -> ray.data.Dataset:
     """Lazy dataset that encodes `shards` and writes their chunk files; rows: {"shard": index, "stats" (JSON)}."""
     return decoded_chunks(config, resources, shards, registry).map_batches(
         WriteFeatureChunks, fn_constructor_args=(config, resources, output_uri), **_encoder_pool(resources)
@@ -212,4 +261,6 @@ def stream_features(config: Gap3DConfig, resources: EncodeResources, input_uri: 
     if not shards:
         raise FileNotFoundError(f"no .tar, .tar.gz, .tgz or .parquet shards at {input_uri}")
     registry = KeyRegistry.remote({})
-    return decoded_chunks(config, resources, shards, registry).map_batches(EncodeChunks, fn_constructor_args=(config, resources), **_encoder_pool(resources))
+    return decoded_chunks(config, resources, shards, registry).map_batches(
+        EncodeChunks, fn_constructor_args=(config, resources), **_encoder_pool(resources)
+    )

@@ -36,7 +36,8 @@ def _check_same_encoders(records: dict[str, dict], identity: dict, output_uri: s
     for stem, record in records.items():
         if record.get("encoders") != identity:
             raise ValueError(
-                f"{output_uri}/{stem}.* was written by other encoders ({record.get('encoders')}) than configured ({identity}); "
+                f"{output_uri}/{stem}.* was written by other encoders ({record.get('encoders')}) than configured "
+                f"({identity}); "
                 "preprocess into a new output directory, or delete the old features"
             )
 
@@ -63,9 +64,13 @@ class ShardAssembler:
             skipped.update(chunk["skipped"])
         shard = self.shards[shard_index]
         record = {
-            "input": shard.uri, "input_identity": shard.identity(), "encoders": chunks[0]["encoders"],
-            "files": {chunk["file"]: chunk["bytes"] for chunk in chunks}, "rows": sum(c["rows"] for c in chunks),
-            "rows_in": sum(c["rows_in"] for c in chunks), "skipped": dict(sorted(skipped.items())),
+            "input": shard.uri,
+            "input_identity": shard.identity(),
+            "encoders": chunks[0]["encoders"],
+            "files": {chunk["file"]: chunk["bytes"] for chunk in chunks},
+            "rows": sum(c["rows"] for c in chunks),
+            "rows_in": sum(c["rows_in"] for c in chunks),
+            "skipped": dict(sorted(skipped.items())),
         }
         if chunks[-1]["error"]:
             record["error"] = chunks[-1]["error"]
@@ -75,7 +80,11 @@ class ShardAssembler:
 
 def _up_to_date(shards: list[Shard], records: dict[str, dict]) -> set[str]:
     """Stems whose completion record matches the input shard as listed now."""
-    return {shard.stem for shard in shards if shard.stem in records and records[shard.stem].get("input_identity") == shard.identity()}
+    return {
+        shard.stem
+        for shard in shards
+        if shard.stem in records and records[shard.stem].get("input_identity") == shard.identity()
+    }
 
 
 def _registry(output_uri: str, records: dict[str, dict], pending: set[str]):
@@ -98,7 +107,9 @@ def run_preprocess(config: Gap3DConfig, resources: EncodeResources, input_uri: s
     pending = [shard for shard in shards if shard.stem not in done]
     changed = [shard.stem for shard in pending if shard.stem in records]
     if changed:
-        logger.info("%d input shards changed since they were encoded; encoding them again: %s", len(changed), changed[:10])
+        logger.info(
+            "%d input shards changed since they were encoded; encoding them again: %s", len(changed), changed[:10]
+        )
     remove_shard_outputs(output_uri, [shard.stem for shard in pending])
     for stem in changed:
         records.pop(stem)
@@ -121,8 +132,18 @@ def run_preprocess(config: Gap3DConfig, resources: EncodeResources, input_uri: s
             if "error" in record:
                 unreadable.append({"input": record["input"], "error": record["error"]})
             elapsed = time.perf_counter() - start
-            logger.info("%s: %d rows, skipped %s (%d/%d shards, %.1f rows/s)", record["input"], record["rows"], record["skipped"], finished, len(pending), rows_written / elapsed)
-    manifest.shards = {stem: {k: v for k, v in record.items() if k != "encoders"} for stem, record in sorted(records.items())}
+            logger.info(
+                "%s: %d rows, skipped %s (%d/%d shards, %.1f rows/s)",
+                record["input"],
+                record["rows"],
+                record["skipped"],
+                finished,
+                len(pending),
+                rows_written / elapsed,
+            )
+    manifest.shards = {
+        stem: {k: v for k, v in record.items() if k != "encoders"} for stem, record in sorted(records.items())
+    }
     manifest.count_totals()
     write_manifest(output_uri, manifest)
     wall_s = time.perf_counter() - start
@@ -145,8 +166,12 @@ def run_preprocess(config: Gap3DConfig, resources: EncodeResources, input_uri: s
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="preprocess", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="raw shards: directory, glob or file; local path, file:// or s3:// URI")
+    parser = argparse.ArgumentParser(
+        prog="preprocess", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--input", required=True, help="raw shards: directory, glob or file; local path, file:// or s3:// URI"
+    )
     parser.add_argument("--output", required=True, help="feature directory (local path or s3:// URI)")
     add_config_arguments(parser)
     return parser.parse_args(argv)

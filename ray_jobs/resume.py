@@ -2,7 +2,8 @@
 before any worker starts.
 
 A rerun with the same --storage and --name continues from the run's newest checkpoint that matches its completion
-record (ray_jobs/run_checkpoints.py). Its resolved config is compared with the config.yaml saved beside that checkpoint, key by key:
+record (ray_jobs/run_checkpoints.py). Its resolved config is compared with the config.yaml saved beside that checkpoint,
+key by key:
 - Schedule keys (train.lr, min_lr, warmup_ratio, max_steps, soft_token_lr_scale) apply from the checkpoint on:
   the LR continues from the factor on train.lr the run had reached, along a cosine down to the new train.min_lr at
   the new train.max_steps (gap3d.training.LRContinuation). A changed train.lr therefore rescales the LR at once,
@@ -32,12 +33,25 @@ from ray_jobs.run_checkpoints import RunStorage
 
 logger = logging.getLogger("gap3d.train")
 
-SCHEDULE_KEYS = frozenset({"train.lr", "train.min_lr", "train.warmup_ratio", "train.max_steps", "train.soft_token_lr_scale"})
-FREE_KEYS = frozenset({
-    "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every", "train.eval_samples", "train.log_every",
-    "train.ema_decay", "train.grad_clip", "train.weight_decay",
-    "scaling.use_gpu", "scaling.worker_cpus", "scaling.gradient_checkpointing", "scaling.materialize_features",
-})
+SCHEDULE_KEYS = frozenset(
+    {"train.lr", "train.min_lr", "train.warmup_ratio", "train.max_steps", "train.soft_token_lr_scale"}
+)
+FREE_KEYS = frozenset(
+    {
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.eval_every",
+        "train.eval_samples",
+        "train.log_every",
+        "train.ema_decay",
+        "train.grad_clip",
+        "train.weight_decay",
+        "scaling.use_gpu",
+        "scaling.worker_cpus",
+        "scaling.gradient_checkpointing",
+        "scaling.materialize_features",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +67,13 @@ def data_identity(features: str | None, stream: str | None) -> str:
     """A fingerprint of the training data: the feature files (names and sizes) a run reads, or the raw-shard URI."""
     if features is None:
         return f"stream:{stream}"
-    sizes = {name: size for entry in read_manifest(features).shards.values() for name, size in entry.get("files", {}).items()}
+    sizes = {
+        name: size for entry in read_manifest(features).shards.values() for name, size in entry.get("files", {}).items()
+    }
     used = sorted(posixpath.basename(uri) for uri in feature_files(features))
-    return "features:" + hashlib.sha256(json.dumps([[name, sizes.get(name)] for name in used]).encode()).hexdigest()[:16]
+    return (
+        "features:" + hashlib.sha256(json.dumps([[name, sizes.get(name)] for name in used]).encode()).hexdigest()[:16]
+    )
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:
@@ -71,7 +89,11 @@ def _flatten(values: dict, prefix: str = "") -> dict:
 def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
     """Dotted key -> (saved value, current value) for every key whose value differs."""
     before, after = _flatten(saved), _flatten(current)
-    return {key: (before.get(key), after.get(key)) for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)}
+    return {
+        key: (before.get(key), after.get(key))
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key)
+    }
 
 
 def plan_resume(run: RunStorage, config: Gap3DConfig, scaling, data: str) -> ResumePlan:
@@ -87,20 +109,37 @@ def plan_resume(run: RunStorage, config: Gap3DConfig, scaling, data: str) -> Res
     fixed = [key for key in changes if key not in SCHEDULE_KEYS | FREE_KEYS]
     if fixed:
         listed = "; ".join(f"{key}: {changes[key][0]!r} -> {changes[key][1]!r}" for key in fixed)
-        raise ValueError(f"cannot resume {checkpoint} with changed {listed}. These fix the checkpoint's weights or data position; restore them, or start a new run with another --name")
+        raise ValueError(
+            f"cannot resume {checkpoint} with changed {listed}. These fix the checkpoint's weights or data position; "
+            "restore them, or start a new run with another --name"
+        )
     if progress.get("data", data) != data:
-        raise ValueError(f"cannot resume {checkpoint}: the training data differ from those it was trained on ({progress['data']}, now {data}); start a new run with another --name")
+        raise ValueError(
+            f"cannot resume {checkpoint}: the training data differ from those it was trained on ({progress['data']}, "
+            f"now {data}); start a new run with another --name"
+        )
     if config.train.max_steps < step:
-        raise ValueError(f"train.max_steps={config.train.max_steps} is below step {step} of {checkpoint}; raise it to train on, or evaluate that checkpoint")
+        raise ValueError(
+            f"train.max_steps={config.train.max_steps} is below step {step} of {checkpoint}; raise it to train on, or "
+            "evaluate that checkpoint"
+        )
     saved_continuation = LRContinuation(**progress["lr_continuation"]) if progress.get("lr_continuation") else None
     continuation = saved_continuation
     if changes.keys() & SCHEDULE_KEYS:
-        saved_train = dataclasses.replace(config.train, **{key[len("train."):]: changes[key][0] for key in changes.keys() & SCHEDULE_KEYS})
+        saved_train = dataclasses.replace(
+            config.train, **{key[len("train.") :]: changes[key][0] for key in changes.keys() & SCHEDULE_KEYS}
+        )
         continuation = LRContinuation(step, lr_multiplier(step, saved_train, saved_continuation))
     for key, (before, after) in changes.items():
         logger.info("resuming %s with %s: %r -> %r", checkpoint, key, before, after)
     if continuation is not saved_continuation:
-        logger.info("LR from step %d: %.3g x train.lr, cosine down to train.min_lr=%g at step %d", step, continuation.start_multiplier, config.train.min_lr, config.train.max_steps)
+        logger.info(
+            "LR from step %d: %.3g x train.lr, cosine down to train.min_lr=%g at step %d",
+            step,
+            continuation.start_multiplier,
+            config.train.min_lr,
+            config.train.max_steps,
+        )
     if config.train.max_steps == step:
         logger.info("%s is at train.max_steps=%d already: nothing to train", checkpoint, step)
     return ResumePlan(checkpoint, step, continuation)

@@ -93,7 +93,14 @@ class RunStorage:
         fs.invalidate_cache(self.path)
         if not fs.isdir(self.path):
             return []
-        return sorted((int(match.group(1)) for entry in fs.ls(self.path, detail=False) if (match := _CHECKPOINT_DIR.search(entry.rstrip("/")))), reverse=True)
+        return sorted(
+            (
+                int(match.group(1))
+                for entry in fs.ls(self.path, detail=False)
+                if (match := _CHECKPOINT_DIR.search(entry.rstrip("/")))
+            ),
+            reverse=True,
+        )
 
     def upload(self, directory: Path, step: int) -> dict[str, dict]:
         """Copy one rank's local checkpoint files into checkpoint `step` -> their file_entries."""
@@ -106,7 +113,8 @@ class RunStorage:
         return entries
 
     def discard_record(self, step: int) -> None:
-        """Remove checkpoint `step`'s record, if any, before its files are written again (a restarted group redoing the step)."""
+        """Remove checkpoint `step`'s record, if any, before its files are written again (a restarted group redoing "
+        "the step)."""
         fs, path = self.fs, storage.join(self.checkpoint_path(step), RECORD_NAME)
         if fs.exists(path):
             fs.rm_file(path)
@@ -114,13 +122,18 @@ class RunStorage:
     def write_record(self, step: int, writers: list[dict]) -> None:
         """Write checkpoint `step`'s completion record from every rank's {"rank", "node", "files"}, after checking
         that each file is in storage with the size its rank wrote; raise naming the first that is not."""
-        files = {name: {**entry, "rank": writer["rank"], "node": writer["node"]} for writer in writers for name, entry in writer["files"].items()}
+        files = {
+            name: {**entry, "rank": writer["rank"], "node": writer["node"]}
+            for writer in writers
+            for name, entry in writer["files"].items()
+        }
         found = self._sizes(step)
         for name, entry in sorted(files.items()):
             if found.get(name) != entry["size"]:
                 state = "missing" if name not in found else f"{found[name]} bytes, not {entry['size']},"
                 raise RuntimeError(
-                    f"{storage.join(self.checkpoint_uri(step), name)}, written by rank {entry['rank']} on node {entry['node']}, is {state} "
+                    f"{storage.join(self.checkpoint_uri(step), name)}, written by rank {entry['rank']} on node "
+                    f"{entry['node']}, is {state} "
                     "in storage as rank 0 sees it: is --storage shared by every node?"
                 )
         record = {"step": step, "files": files}
@@ -168,7 +181,8 @@ class RunStorage:
         return None
 
     def set_aside(self, step: int, reason: str) -> str:
-        """Move checkpoint `step` to `<run>/invalid/checkpoint_<step>-<time>/` with `reason` in INVALID.txt -> its new URI."""
+        """Move checkpoint `step` to `<run>/invalid/checkpoint_<step>-<time>/` with `reason` in INVALID.txt -> its new "
+        "URI."""
         name = f"{checkpoint_dir_name(step)}-{time.strftime('%Y%m%dT%H%M%S')}"
         fs, target = self.fs, storage.join(self.path, INVALID_DIR, name)
         source = self.checkpoint_path(step)

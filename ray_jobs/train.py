@@ -1,6 +1,7 @@
 """Train the aligner (and soft tokens) with Ray Train + DeepSpeed.
 
-    python ray_jobs/train.py --features s3://bucket/features/train --storage s3://bucket/runs [--preset tiny] [key=value ...]
+    python ray_jobs/train.py --features s3://bucket/features/train --storage s3://bucket/runs [--preset tiny] [key=value
+    ...]
     ray job submit --working-dir . -- python ray_jobs/train.py ...
 
 Each Ray Train worker wraps the trainable parts in DeepSpeed (ZeRO stage scaling.zero_stage), reads its shard
@@ -50,7 +51,8 @@ RAY_TRAIN_DIR = "ray_train"  # under the run directory: one Ray Train run per su
 
 @dataclass
 class TrainScaling:
-    """How the recipe runs on Ray (the `scaling:` config section): workers, devices, DeepSpeed wrapping, data loading."""
+    """How the recipe runs on Ray (the `scaling:` config section): workers, devices, DeepSpeed wrapping, data "
+    "loading."""
 
     num_workers: int = 8  # Ray Train workers (one per GPU)
     use_gpu: bool = True  # give each worker a GPU
@@ -69,7 +71,14 @@ class TrainScaling:
 
 # Per preset: 8 GPUs for the paper recipe; two half-CPU workers on a 2-core machine for tiny.
 SCALING_PRESETS = {
-    "tiny": TrainScaling(num_workers=2, use_gpu=False, worker_cpus=0.5, gradient_checkpointing=False, shuffle_buffer_rows=64, materialize_features=True),
+    "tiny": TrainScaling(
+        num_workers=2,
+        use_gpu=False,
+        worker_cpus=0.5,
+        gradient_checkpointing=False,
+        shuffle_buffer_rows=64,
+        materialize_features=True,
+    ),
     "paper": TrainScaling(),
 }
 TRAIN_SECTIONS = {"scaling": (TrainScaling, SCALING_PRESETS), **ENCODE_SECTION}
@@ -78,10 +87,15 @@ TRAIN_SECTIONS = {"scaling": (TrainScaling, SCALING_PRESETS), **ENCODE_SECTION}
 def check_start(config: Gap3DConfig, scaling: TrainScaling, features: str | None, stream: str | None):
     """Fail before any worker starts when inputs or config cannot work; returns the feature manifest."""
     if (features is None) == (stream is None):
-        raise ValueError("give exactly one of --features URI (preprocessed feature Parquet) or --stream URI (raw shards)")
+        raise ValueError(
+            "give exactly one of --features URI (preprocessed feature Parquet) or --stream URI (raw shards)"
+        )
     per_step = scaling.num_workers * config.train.grad_accum_steps
     if config.train.global_batch_size % per_step:
-        raise ValueError(f"train.global_batch_size {config.train.global_batch_size} is not divisible by scaling.num_workers x train.grad_accum_steps = {per_step}")
+        raise ValueError(
+            f"train.global_batch_size {config.train.global_batch_size} is not divisible by scaling.num_workers x "
+            f"train.grad_accum_steps = {per_step}"
+        )
     if features is None:
         manifest = expected_manifest(config)
         check_compatible(manifest, config)
@@ -89,7 +103,10 @@ def check_start(config: Gap3DConfig, scaling: TrainScaling, features: str | None
     manifest = check_features(features, config)
     rows = count_rows(features)
     if rows < config.train.global_batch_size:
-        raise ValueError(f"features at {features} hold {rows} rows, fewer than one global batch (train.global_batch_size={config.train.global_batch_size})")
+        raise ValueError(
+            f"features at {features} hold {rows} rows, fewer than one global batch "
+            f"(train.global_batch_size={config.train.global_batch_size})"
+        )
     return manifest
 
 
@@ -134,12 +151,20 @@ def run_training(
     plan = plan_resume(run, config, scaling, data)
     remove_stale_staging_everywhere()
     vocabulary = read_vocabulary(attributes) if attributes else None
-    eval_set = load_eval_set(eval_features, config, config.train.eval_samples, features, vocabulary) if eval_features else None
-    dataset = build_dataset(scaling, features) if features else stream_features(config, encode or ENCODE_SECTION["encode"][1][config.preset], stream)
+    eval_set = (
+        load_eval_set(eval_features, config, config.train.eval_samples, features, vocabulary) if eval_features else None
+    )
+    dataset = (
+        build_dataset(scaling, features)
+        if features
+        else stream_features(config, encode or ENCODE_SECTION["encode"][1][config.preset], stream)
+    )
     resume_step = plan.step if plan.checkpoint is not None else None
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"job": WorkerJob(config, scaling, manifest, eval_set, data, plan.lr_continuation, run, resume_step)},
+        train_loop_config={
+            "job": WorkerJob(config, scaling, manifest, eval_set, data, plan.lr_continuation, run, resume_step)
+        },
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
@@ -178,14 +203,26 @@ def result_summary(result: ray.train.Result, storage: str) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="train", description="Train the GAP3D aligner with Ray Train + DeepSpeed.")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--features", help="feature Parquet directory written by ray_jobs/preprocess.py (local or s3://)")
+    source.add_argument(
+        "--features", help="feature Parquet directory written by ray_jobs/preprocess.py (local or s3://)"
+    )
     source.add_argument("--stream", help="raw image-caption shards, encoded on the fly by Ray Data actor pools")
     parser.add_argument("--storage", required=True, help="RunConfig storage_path for checkpoints (local dir or s3://)")
-    parser.add_argument("--name", default="gap3d-train", help="run name under --storage; rerun with the same name to resume")
-    parser.add_argument("--eval-features", default=None, help="held-out feature directory evaluated every train.eval_every steps")
-    parser.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint before giving up")
-    parser.add_argument("--attributes", default=None, help="JSON file whose `attributes` maps each attribute the captions name to its values "
-                        "(the synthetic world's synth.json): periodic evals then report attribute accuracy")
+    parser.add_argument(
+        "--name", default="gap3d-train", help="run name under --storage; rerun with the same name to resume"
+    )
+    parser.add_argument(
+        "--eval-features", default=None, help="held-out feature directory evaluated every train.eval_every steps"
+    )
+    parser.add_argument(
+        "--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint before giving up"
+    )
+    parser.add_argument(
+        "--attributes",
+        default=None,
+        help="JSON file whose `attributes` maps each attribute the captions name to its values "
+        "(the synthetic world's synth.json): periodic evals then report attribute accuracy",
+    )
     add_config_arguments(parser)
     return parser.parse_args(argv)
 
@@ -195,8 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     config, sections = job_config_from_args(args, TRAIN_SECTIONS)
     result = run_training(
-        config, sections["scaling"], args.storage, features=args.features, stream=args.stream, eval_features=args.eval_features,
-        name=args.name, max_failures=args.max_failures, encode=sections["encode"], attributes=args.attributes,
+        config,
+        sections["scaling"],
+        args.storage,
+        features=args.features,
+        stream=args.stream,
+        eval_features=args.eval_features,
+        name=args.name,
+        max_failures=args.max_failures,
+        encode=sections["encode"],
+        attributes=args.attributes,
     )
     sys.stdout.write(json.dumps(result_summary(result, args.storage), default=str) + "\n")
     return 0

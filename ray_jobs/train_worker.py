@@ -59,7 +59,9 @@ class WorkerJob:
     config: Gap3DConfig
     scaling: object  # ray_jobs.train.TrainScaling
     manifest: FeatureManifest  # shapes of the training features
-    eval_set: EvalSet | None  # held-out rows (and attribute probe) for periodic evaluation on rank 0, loaded by the driver
+    eval_set: (
+        EvalSet | None
+    )  # held-out rows (and attribute probe) for periodic evaluation on rank 0, loaded by the driver
     data: str  # fingerprint of the training data (ray_jobs/resume.py), saved with each checkpoint
     lr_continuation: LRContinuation | None  # the LR curve after a resume that changed the schedule
     run: RunStorage  # where checkpoints go
@@ -85,10 +87,18 @@ class _WorkerRun:
         self.dtype = torch.bfloat16 if self.train.precision == "bf16" else torch.float32
         self.micro_batch = self.train.global_batch_size // (self.world * self.train.grad_accum_steps)
         config = self.config
-        self.prompt_encoder = PromptEncoder.from_pretrained(config.vlm, self.device) if soft_token_mode(config) == "prompt_cache" else None
+        self.prompt_encoder = (
+            PromptEncoder.from_pretrained(config.vlm, self.device)
+            if soft_token_mode(config) == "prompt_cache"
+            else None
+        )
         self.cache_dtype = self.prompt_encoder.embed_tokens.weight.dtype if self.prompt_encoder is not None else None
-        module = AlignerTrainModule(build_aligner(config, seed=self.train.seed).to(self.device), config.flow, self.prompt_encoder)
-        self.ema = EMA(trainable_parameters(module), self.train.ema_decay)  # before ZeRO-3 could partition the parameters
+        module = AlignerTrainModule(
+            build_aligner(config, seed=self.train.seed).to(self.device), config.flow, self.prompt_encoder
+        )
+        self.ema = EMA(
+            trainable_parameters(module), self.train.ema_decay
+        )  # before ZeRO-3 could partition the parameters
         self.engine, self.scheduler = build_engine(module, config, self.scaling, self.micro_batch, job.lr_continuation)
         self.generator = torch.Generator(device=self.device).manual_seed(self.train.seed * 1000 + self.rank)
         self.progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples": 0}
@@ -96,7 +106,10 @@ class _WorkerRun:
         resumed_from = _restore(self.engine, self.scheduler, self.ema, self.generator, self.rank, job)
         if resumed_from is not None:
             self.progress, self.evals = resumed_from
-            logger.info("resumed from step %d (epoch %d, %d batches in)", *(self.progress[k] for k in ("step", "epoch", "batches_in_epoch")))
+            logger.info(
+                "resumed from step %d (epoch %d, %d batches in)",
+                *(self.progress[k] for k in ("step", "epoch", "batches_in_epoch")),
+            )
         self.resume_info = {"resumed_from_step": self.progress["step"]}
         self.metrics_sink = _PrometheusMetrics(context.get_experiment_name())
         self.shard = ray.train.get_dataset_shard("train")
@@ -107,8 +120,11 @@ class _WorkerRun:
         """Train on this epoch's batches from the data position on, until the epoch or train.max_steps ends."""
         progress = self.progress
         batches = self.shard.iter_torch_batches(
-            batch_size=self.micro_batch, collate_fn=self.collator, drop_last=True,
-            local_shuffle_buffer_size=self.scaling.shuffle_buffer_rows or None, local_shuffle_seed=self.train.seed + progress["epoch"],
+            batch_size=self.micro_batch,
+            collate_fn=self.collator,
+            drop_last=True,
+            local_shuffle_buffer_size=self.scaling.shuffle_buffer_rows or None,
+            local_shuffle_seed=self.train.seed + progress["epoch"],
         )
         seen_in_epoch = 0
         for index, batch in enumerate(batches):
@@ -118,7 +134,10 @@ class _WorkerRun:
             if self._micro_step(index, batch) and progress["step"] >= self.train.max_steps:
                 break
         if seen_in_epoch == 0:
-            raise RuntimeError(f"worker {self.rank} got no full micro-batch of {self.micro_batch} rows; use fewer workers or a smaller train.global_batch_size")
+            raise RuntimeError(
+                f"worker {self.rank} got no full micro-batch of {self.micro_batch} rows; use fewer workers or a "
+                "smaller train.global_batch_size"
+            )
         if progress["step"] < self.train.max_steps:
             progress.update(epoch=progress["epoch"] + 1, batches_in_epoch=0)
 
@@ -151,10 +170,17 @@ class _WorkerRun:
             metrics.update({f"eval_{k}": v for k, v in evaluation.items()})
             self.evals.append({"step": step, **{k: v for k, v in metrics.items() if k.startswith("eval_")}})
         if self.rank == 0:
-            logger.info("step %d/%d %s", step, train.max_steps, json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
+            logger.info(
+                "step %d/%d %s",
+                step,
+                train.max_steps,
+                json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}),
+            )
         self.metrics_sink.record(metrics)
         if checkpoint:
-            _save_and_report(self.engine, self.ema, self.generator, self.progress, metrics, self.evals, self.job, self.rank)
+            _save_and_report(
+                self.engine, self.ema, self.generator, self.progress, metrics, self.evals, self.job, self.rank
+            )
         else:
             ray.train.report(metrics)
         self.window.restart()  # evaluation and checkpointing do not count against throughput
@@ -202,7 +228,12 @@ class _Window:
             torch.distributed.all_reduce(loss)
             loss /= torch.distributed.get_world_size()
         norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
-        return {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "samples_per_s": self.samples / elapsed, "grad_norm": float(norm) if norm is not None else float("nan")}
+        return {
+            "loss": loss.item(),
+            "lr": scheduler.get_last_lr()[0],
+            "samples_per_s": self.samples / elapsed,
+            "grad_norm": float(norm) if norm is not None else float("nan"),
+        }
 
     def restart(self) -> None:
         self.start, self.losses, self.samples = time.perf_counter(), [], 0
@@ -211,20 +242,30 @@ class _Window:
 class _PrometheusMetrics:
     """Training gauges exported through Ray's metrics agent (Prometheus format on each node's metrics port)."""
 
-    NAMES = {"loss": "flow-matching loss", "lr": "learning rate", "samples_per_s": "training samples per second", "grad_norm": "global gradient norm", "step": "optimiser step"}
+    NAMES = {
+        "loss": "flow-matching loss",
+        "lr": "learning rate",
+        "samples_per_s": "training samples per second",
+        "grad_norm": "global gradient norm",
+        "step": "optimiser step",
+    }
 
     def __init__(self, run: str):
         from ray.util.metrics import Gauge
 
         self.tags = {"run": run}
-        self.gauges = {key: Gauge(f"gap3d_train_{key}", description=text, tag_keys=("run",)) for key, text in self.NAMES.items()}
+        self.gauges = {
+            key: Gauge(f"gap3d_train_{key}", description=text, tag_keys=("run",)) for key, text in self.NAMES.items()
+        }
 
     def record(self, metrics: dict) -> None:
         for key, gauge in self.gauges.items():
             gauge.set(float(metrics[key]), tags=self.tags)
 
 
-def _evaluate(config: Gap3DConfig, ema: EMA, prompt_encoder: PromptEncoder | None, eval_set: EvalSet, device: torch.device) -> dict:
+def _evaluate(
+    config: Gap3DConfig, ema: EMA, prompt_encoder: PromptEncoder | None, eval_set: EvalSet, device: torch.device
+) -> dict:
     """Held-out alignment metrics of the EMA weights."""
     aligner = build_aligner(config).to(device)
     aligner.load_state_dict(ema.split("aligner"))
@@ -233,7 +274,16 @@ def _evaluate(config: Gap3DConfig, ema: EMA, prompt_encoder: PromptEncoder | Non
     return evaluate_alignment(aligner, cond, eval_set, config.flow, seed=config.train.seed)
 
 
-def _save_and_report(engine, ema: EMA, generator: torch.Generator, progress: dict, metrics: dict, evals: list[dict], job: WorkerJob, rank: int) -> None:
+def _save_and_report(
+    engine,
+    ema: EMA,
+    generator: torch.Generator,
+    progress: dict,
+    metrics: dict,
+    evals: list[dict],
+    job: WorkerJob,
+    rank: int,
+) -> None:
     """Every rank writes its DeepSpeed shard (and RNG) into a local staging dir and uploads it into the checkpoint;
     rank 0 then writes the completion record, and only after it does any rank report the checkpoint to Ray Train."""
     step = progress["step"]
@@ -253,7 +303,9 @@ def _save_and_report(engine, ema: EMA, generator: torch.Generator, progress: dic
             (directory / EVALS_NAME).write_text(json.dumps(evals, indent=1))
         files = job.run.upload(directory, step)
     writers = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(writers, {"rank": rank, "node": ray.get_runtime_context().get_node_id(), "files": files})
+    torch.distributed.all_gather_object(
+        writers, {"rank": rank, "node": ray.get_runtime_context().get_node_id(), "files": files}
+    )
     if rank != 0:
         torch.distributed.barrier()  # rank 0 writes the record before anyone reports
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=checkpoint_dir_name(step))
@@ -263,7 +315,11 @@ def _save_and_report(engine, ema: EMA, generator: torch.Generator, progress: dic
     torch.distributed.barrier()
     with tempfile.TemporaryDirectory(prefix="gap3d-pointer-") as pointer:
         (Path(pointer) / POINTER_NAME).write_text(json.dumps({"step": step, "uri": job.run.checkpoint_uri(step)}))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(pointer), checkpoint_dir_name=checkpoint_dir_name(step))
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(pointer),
+            checkpoint_dir_name=checkpoint_dir_name(step),
+        )
 
 
 def _newest_recorded(run: RunStorage, known: int | None, rank: int) -> int | None:
@@ -286,7 +342,9 @@ def _read_pointer(pointer: ray.train.Checkpoint) -> dict:
         return json.loads((Path(directory) / POINTER_NAME).read_text())
 
 
-def _restore(engine, scheduler, ema: EMA, generator: torch.Generator, rank: int, job: WorkerJob) -> tuple[dict, list[dict]] | None:
+def _restore(
+    engine, scheduler, ema: EMA, generator: torch.Generator, rank: int, job: WorkerJob
+) -> tuple[dict, list[dict]] | None:
     """Load the checkpoint to start from -> (its progress, the evaluations so far), or None for a new run: the newest
     this fit reported when Ray Train restarted the group, else the one the driver chose; or a newer one whose record
     matches but whose pointer Ray never registered (the group died between the two)."""

@@ -27,7 +27,9 @@ class Admission:
     decode_s: float  # current estimate of one decode's compute time, seconds
     overhead_s: float = 0.5  # prompt encoder + aligner + transfers, seconds (updated like decode_s)
     admitted: int = 0
-    _busy_completions: deque = field(default_factory=lambda: deque(maxlen=RATE_WINDOW))  # times of completions with work still in flight
+    _busy_completions: deque = field(
+        default_factory=lambda: deque(maxlen=RATE_WINDOW)
+    )  # times of completions with work still in flight
 
     def completion_rate(self, slots: float, now: float | None = None) -> float:
         """Requests per second the service completes: min(slots / decode time, the rate measured while busy)."""

@@ -27,14 +27,20 @@ TIMING_PREFIX, TIMING_SUFFIX = "x-timing-", "-ms"  # per-stage milliseconds on e
 
 def stage_timing_headers(timings: dict[str, float]) -> dict[str, str]:
     """Seconds per stage -> X-Timing-<stage>-ms headers (underscores in stage names become hyphens)."""
-    return {f"{TIMING_PREFIX}{stage.replace('_', '-')}{TIMING_SUFFIX}": f"{seconds * 1000:.1f}" for stage, seconds in timings.items()}
+    return {
+        f"{TIMING_PREFIX}{stage.replace('_', '-')}{TIMING_SUFFIX}": f"{seconds * 1000:.1f}"
+        for stage, seconds in timings.items()
+    }
 
 
 def stage_timings(headers) -> dict[str, float]:
     """A response's X-Timing-<stage>-ms headers -> seconds per stage (the inverse of stage_timing_headers)."""
     lowered = {name.lower(): value for name, value in headers.items()}
-    return {name[len(TIMING_PREFIX) : -len(TIMING_SUFFIX)].replace("-", "_"): float(value) / 1000
-            for name, value in lowered.items() if name.startswith(TIMING_PREFIX) and name.endswith(TIMING_SUFFIX)}
+    return {
+        name[len(TIMING_PREFIX) : -len(TIMING_SUFFIX)].replace("-", "_"): float(value) / 1000
+        for name, value in lowered.items()
+        if name.startswith(TIMING_PREFIX) and name.endswith(TIMING_SUFFIX)
+    }
 
 
 # Probes must work without a key (a kubelet has none); every other route, the docs included, needs one when auth is on.
@@ -51,9 +57,15 @@ class ServeLimits:
     max_steps: int = 100  # upper bound on requested sampling steps
     max_cfg_scale: float = 20.0  # upper bound on requested guidance scale
     target_faces: int = 50_000  # served meshes are simplified to at most about this many faces
-    deadline_s: float = 30.0  # a synchronous request ends by then: its asset, or 503 + Retry-After (work left is cancelled)
-    expected_decode_s: float = 2.0  # first estimate of one decode's compute time; admission then learns it from the Decoder
-    decoder_slots_per_replica: int = 1  # decodes one Decoder replica runs at once: keep equal to its max_ongoing_requests
+    deadline_s: float = (
+        30.0  # a synchronous request ends by then: its asset, or 503 + Retry-After (work left is cancelled)
+    )
+    expected_decode_s: float = (
+        2.0  # first estimate of one decode's compute time; admission then learns it from the Decoder
+    )
+    decoder_slots_per_replica: int = (
+        1  # decodes one Decoder replica runs at once: keep equal to its max_ongoing_requests
+    )
 
     def __post_init__(self):
         for name in ("deadline_s", "expected_decode_s", "decoder_slots_per_replica"):
@@ -66,18 +78,36 @@ class GenerateRequest(BaseModel):
     image: str | None = Field(default=None, description="optional base64-encoded image joining the prompt (zero-shot)")
     seed: int = Field(default=0, ge=0, lt=2**31, description="seed of the aligner and TRELLIS noise")
     steps: int | None = Field(default=None, ge=1, description="aligner sampling steps (default: the trained config's)")
-    cfg_scale: float | None = Field(default=None, ge=0.0, description="classifier-free guidance scale (default: the trained config's)")
+    cfg_scale: float | None = Field(
+        default=None, ge=0.0, description="classifier-free guidance scale (default: the trained config's)"
+    )
     format: Literal["glb", "obj", "ply"] = Field(default="glb", description="asset file format")
-    target_faces: int | None = Field(default=None, ge=4, description="simplify the mesh to about this many faces (at most the service's limit)")
+    target_faces: int | None = Field(
+        default=None, ge=4, description="simplify the mesh to about this many faces (at most the service's limit)"
+    )
 
 
 class ApiError(Exception):
     """An error with an HTTP status, the request field (or pipeline stage) it concerns, and a kind for metrics."""
 
-    def __init__(self, status: int, message: str, field: str | None = None, stage: str | None = None, headers: dict | None = None,
-                 kind: str = "failed"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        field: str | None = None,
+        stage: str | None = None,
+        headers: dict | None = None,
+        kind: str = "failed",
+    ):
         super().__init__(message)
-        self.status, self.message, self.field, self.stage, self.headers, self.kind = status, message, field, stage, headers or {}, kind
+        self.status, self.message, self.field, self.stage, self.headers, self.kind = (
+            status,
+            message,
+            field,
+            stage,
+            headers or {},
+            kind,
+        )
 
     def __reduce__(self):  # raised in job runners and read back by the ingress: keep every field across pickling
         return (ApiError, (self.status, self.message, self.field, self.stage, self.headers, self.kind))
@@ -114,7 +144,9 @@ def check_generate_request(request: GenerateRequest, limits: ServeLimits):
     if not request.prompt.strip():
         raise ApiError(422, "prompt must not be empty", field="prompt", kind="bad_input")
     if len(request.prompt) > limits.max_prompt_chars:
-        raise ApiError(422, f"prompt is longer than {limits.max_prompt_chars} characters", field="prompt", kind="bad_input")
+        raise ApiError(
+            422, f"prompt is longer than {limits.max_prompt_chars} characters", field="prompt", kind="bad_input"
+        )
     if request.steps is not None and request.steps > limits.max_steps:
         raise ApiError(422, f"steps must be at most {limits.max_steps}", field="steps", kind="bad_input")
     if request.cfg_scale is not None and request.cfg_scale > limits.max_cfg_scale:
@@ -147,11 +179,16 @@ class GenerationInputs:
 
 
 def generation_inputs(body: GenerateRequest, limits: ServeLimits, flow: dict) -> GenerationInputs:
-    """Check a parsed request against the limits and fill in the trained config's defaults (flow: its `flow` section)."""
+    """Check a parsed request against the limits and fill in the trained config's defaults (flow: its `flow` "
+    "section)."""
     image = check_generate_request(body, limits)
     return GenerationInputs(
-        prompt=body.prompt, image=image, seed=body.seed, steps=body.steps or flow["sample_steps"],
-        cfg_scale=flow["cfg_scale"] if body.cfg_scale is None else body.cfg_scale, file_format=body.format,
+        prompt=body.prompt,
+        image=image,
+        seed=body.seed,
+        steps=body.steps or flow["sample_steps"],
+        cfg_scale=flow["cfg_scale"] if body.cfg_scale is None else body.cfg_scale,
+        file_format=body.format,
         target_faces=limits.target_faces if body.target_faces is None else min(body.target_faces, limits.target_faces),
     )
 
@@ -166,11 +203,17 @@ def load_api_keys(keys_file: str | None, keys_env: str | None) -> frozenset[str]
     if keys_file:
         path = Path(keys_file).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"api_keys_file {path} does not exist on this node; mount the secret there or fix the path in the Serve config")
+            raise FileNotFoundError(
+                f"api_keys_file {path} does not exist on this node; mount the secret there or fix the path in the "
+                "Serve config"
+            )
         keys |= {line.strip() for line in path.read_text().splitlines() if line.strip()}
     if keys_env:
         if keys_env not in os.environ:
-            raise KeyError(f"api_keys_env names ${keys_env}, which the Gateway's environment lacks; set it in the deployment's runtime_env env_vars or the pod")
+            raise KeyError(
+                f"api_keys_env names ${keys_env}, which the Gateway's environment lacks; set it in the deployment's "
+                "runtime_env env_vars or the pod"
+            )
         keys |= {key.strip() for key in os.environ[keys_env].split(",") if key.strip()}
     if (keys_file or keys_env) and not keys:
         raise ValueError(f"the configured API key source ({keys_file or '$' + keys_env}) holds no key")

@@ -36,7 +36,9 @@ class AppArgs(BaseModel):
     aligner_batch: dict = {"max_batch_size": 8, "batch_wait_timeout_s": 0.02}  # the Aligner's @serve.batch settings
     jobs: dict | None = None  # serve.jobs.JobsConfig fields; None turns the async job routes off
     api_keys_file: str | None = None  # file of bearer keys, one per line, on the Gateway's node (a mounted secret)
-    api_keys_env: str | None = None  # environment variable of the Gateway holding comma-separated keys (runtime_env or pod env)
+    api_keys_env: str | None = (
+        None  # environment variable of the Gateway holding comma-separated keys (runtime_env or pod env)
+    )
 
 
 def _expand(uri: str) -> str:
@@ -52,16 +54,27 @@ def app(args: dict) -> serve.Application:
     limits = asdict(ServeLimits(**parsed.limits))
     jobs = None if parsed.jobs is None else asdict(JobsConfig(**parsed.jobs))
     if os.environ.get("GAP3D_API_KEYS") and not (parsed.api_keys_file or parsed.api_keys_env):
-        logger.warning("GAP3D_API_KEYS is set in this shell, but the Serve config names no key source, so auth is OFF; "
-                       "set api_keys_env (with the variable in the Gateway's runtime_env) or api_keys_file in the config's args")
-    stages = (PromptEncoder.bind(export, vlm), Aligner.bind(export, **parsed.aligner_batch), Decoder.bind(trellis, export, parsed.decoder_stages))
+        logger.warning(
+            "GAP3D_API_KEYS is set in this shell, but the Serve config names no key source, so auth is OFF; "
+            "set api_keys_env (with the variable in the Gateway's runtime_env) or api_keys_file in the config's args"
+        )
+    stages = (
+        PromptEncoder.bind(export, vlm),
+        Aligner.bind(export, **parsed.aligner_batch),
+        Decoder.bind(trellis, export, parsed.decoder_stages),
+    )
     runner = None
     if jobs is not None:
         # The consumer's broker comes from the config, so its class is decorated here rather than at import.
-        consumer = serve.deployment(name="JobRunner")(task_consumer(task_processor_config=task_processor_config(JobsConfig(**jobs)))(JobRunner))
+        consumer = serve.deployment(name="JobRunner")(
+            task_consumer(task_processor_config=task_processor_config(JobsConfig(**jobs)))(JobRunner)
+        )
         runner = consumer.bind(*stages, jobs, limits, asdict(config.flow))
     return Gateway.bind(
-        *stages, runner, limits,
+        *stages,
+        runner,
+        limits,
         {**asdict(config), "artifacts": {"export": export, "trellis": trellis, "vlm": vlm or config.vlm.path}},
-        jobs, {"api_keys_file": parsed.api_keys_file, "api_keys_env": parsed.api_keys_env},
+        jobs,
+        {"api_keys_file": parsed.api_keys_file, "api_keys_env": parsed.api_keys_env},
     )

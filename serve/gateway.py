@@ -26,7 +26,15 @@ from gap3d.trellis import MEDIA_TYPES
 from serve import hunyuan
 from serve.admission import Admission
 from serve.api import (
-    ApiError, GenerateRequest, ServeLimits, authorized, generation_inputs, load_api_keys, parse_body, read_body, stage_timing_headers,
+    ApiError,
+    GenerateRequest,
+    ServeLimits,
+    authorized,
+    generation_inputs,
+    load_api_keys,
+    parse_body,
+    read_body,
+    stage_timing_headers,
 )
 from serve.job_runner import GENERATE_TASK, task_processor_config
 from serve.jobs import JobConflict, JobsConfig, JobStore
@@ -36,9 +44,17 @@ from serve.stage_calls import GenerationResult, StageHandles, run_generation
 
 logger = logging.getLogger(__name__)
 
-api = FastAPI(title="GAP3D", version="1", description="Text (+ image) to 3D assets through a VLM aligned to DINOv2 space and TRELLIS.",
-              docs_url=None, redoc_url=None, openapi_url=None)  # served below, behind the same key check as the rest
-REQUEST_BODY_DOC = {"requestBody": {"required": True, "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}}}}
+api = FastAPI(
+    title="GAP3D",
+    version="1",
+    description="Text (+ image) to 3D assets through a VLM aligned to DINOv2 space and TRELLIS.",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)  # served below, behind the same key check as the rest
+REQUEST_BODY_DOC = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}}}
+}
 ASSET_RESPONSES = {200: {"content": {"model/gltf-binary": {}, "model/obj": {}, "application/ply": {}}}}
 
 
@@ -49,20 +65,36 @@ def timing_headers(result: GenerationResult) -> dict:
 @serve.deployment
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, prompt_encoder: DeploymentHandle, aligner: DeploymentHandle, decoder: DeploymentHandle, job_runner: DeploymentHandle | None,
-                 limits: dict, config: dict, jobs: dict | None, auth: dict):
+    def __init__(
+        self,
+        prompt_encoder: DeploymentHandle,
+        aligner: DeploymentHandle,
+        decoder: DeploymentHandle,
+        job_runner: DeploymentHandle | None,
+        limits: dict,
+        config: dict,
+        jobs: dict | None,
+        auth: dict,
+    ):
         self.handles = StageHandles(prompt_encoder, aligner, decoder)
-        self.job_runner = job_runner  # bound so that Serve deploys it; jobs reach it through the broker, not this handle
+        self.job_runner = (
+            job_runner  # bound so that Serve deploys it; jobs reach it through the broker, not this handle
+        )
         self.limits = ServeLimits(**limits)
         self.config, self.flow = config, config["flow"]
         self.metrics = ServiceMetrics()
         self.api_keys = load_api_keys(auth.get("api_keys_file"), auth.get("api_keys_env"))
         source = auth.get("api_keys_file") or f"${auth.get('api_keys_env')}"
-        logger.info("auth is %s", f"on: {len(self.api_keys)} key(s) from {source}" if self.api_keys else "OFF: every route is open")
+        logger.info(
+            "auth is %s",
+            f"on: {len(self.api_keys)} key(s) from {source}" if self.api_keys else "OFF: every route is open",
+        )
         self.admission = Admission(self.limits.deadline_s, self.limits.expected_decode_s)
         self.app_view = AppView(serve.get_replica_context().app_name)
         self.jobs = None if jobs is None else JobStore(JobsConfig(**jobs))
-        self.job_queue = None if jobs is None else instantiate_adapter_from_config(task_processor_config(self.jobs.config))
+        self.job_queue = (
+            None if jobs is None else instantiate_adapter_from_config(task_processor_config(self.jobs.config))
+        )
         loop = asyncio.get_running_loop()
         self.background = [loop.create_task(self.app_view.refresh_forever())]
         if self.jobs is not None:
@@ -75,7 +107,9 @@ class Gateway:
             if authorized(request, self.api_keys):
                 response = await handler()
             else:
-                response = JSONResponse({"error": "missing or invalid API key"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                response = JSONResponse(
+                    {"error": "missing or invalid API key"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+                )
         except ApiError as error:
             response = render_error(error)
         except asyncio.CancelledError:  # the client went away; the stage calls were cancelled on the way out
@@ -100,19 +134,29 @@ class Gateway:
         inputs = generation_inputs(body, self.limits, self.flow)
         retry_after = self.admission.try_admit(self._decode_slots())
         if retry_after is not None:
-            raise ApiError(503, "the service is at capacity; retry later", headers={"Retry-After": str(retry_after)}, kind="overloaded")
+            raise ApiError(
+                503,
+                "the service is at capacity; retry later",
+                headers={"Retry-After": str(retry_after)},
+                kind="overloaded",
+            )
         self.metrics.admitted.inc()
         try:
-            result = await run_generation(self.handles, inputs, self._token(), self.metrics, deadline_s=self.limits.deadline_s)
+            result = await run_generation(
+                self.handles, inputs, self._token(), self.metrics, deadline_s=self.limits.deadline_s
+            )
         finally:
             self.admission.release()
             self.metrics.admitted.dec()
-        self.admission.observe(result.decode_seconds, sum(seconds for stage, seconds in result.timings.items() if stage != "decoder"))
+        self.admission.observe(
+            result.decode_seconds, sum(seconds for stage, seconds in result.timings.items() if stage != "decoder")
+        )
         return result
 
     @api.post("/v1/generate", response_class=Response, openapi_extra=REQUEST_BODY_DOC, responses=ASSET_RESPONSES)
     async def generate(self, request: Request) -> Response:
-        """Prompt (+ optional image) -> 3D asset bytes; per-stage timings in X-Timing-* headers; 503 + Retry-After when full."""
+        """Prompt (+ optional image) -> 3D asset bytes; per-stage timings in X-Timing-* headers; 503 + Retry-After "
+        "when full."""
 
         async def handler():
             body = parse_body(GenerateRequest, await read_body(request, self.limits.max_body_bytes))
@@ -121,14 +165,21 @@ class Gateway:
 
         return await self._respond(request, "/v1/generate", handler)
 
-    @api.post("/v1/embed", response_class=Response, openapi_extra=REQUEST_BODY_DOC, responses={200: {"content": {"application/x-npy": {}}}})
+    @api.post(
+        "/v1/embed",
+        response_class=Response,
+        openapi_extra=REQUEST_BODY_DOC,
+        responses={200: {"content": {"application/x-npy": {}}}},
+    )
     async def embed(self, request: Request) -> Response:
         """Prompt (+ optional image) -> aligned DINOv2 tokens (N, D) float32 as .npy bytes."""
 
         async def handler():
             body = parse_body(GenerateRequest, await read_body(request, self.limits.max_body_bytes))
             inputs = generation_inputs(body, self.limits, self.flow)
-            result = await run_generation(self.handles, inputs, self._token(), self.metrics, decode=False, deadline_s=self.limits.deadline_s)
+            result = await run_generation(
+                self.handles, inputs, self._token(), self.metrics, decode=False, deadline_s=self.limits.deadline_s
+            )
             buffer = io.BytesIO()
             np.save(buffer, result.tokens.astype(np.float32))
             return Response(buffer.getvalue(), media_type="application/x-npy", headers=timing_headers(result))
@@ -139,7 +190,9 @@ class Gateway:
 
     def _job_store(self) -> JobStore:
         if self.jobs is None:
-            raise ApiError(503, "async jobs are not configured on this service (the `jobs:` builder arg)", kind="unavailable")
+            raise ApiError(
+                503, "async jobs are not configured on this service (the `jobs:` builder arg)", kind="unavailable"
+            )
         return self.jobs
 
     async def _enqueue(self, job_id: str) -> None:
@@ -147,8 +200,12 @@ class Gateway:
             await asyncio.to_thread(self.job_queue.enqueue_task_sync, GENERATE_TASK, args=[job_id])
         except Exception as error:
             logger.error("could not queue job %s: %r", job_id, error)
-            raise ApiError(503, "the job queue is unavailable; the job stays queued and is retried by the sweep", headers={"Retry-After": "5"},
-                           kind="unavailable") from None
+            raise ApiError(
+                503,
+                "the job queue is unavailable; the job stays queued and is retried by the sweep",
+                headers={"Retry-After": "5"},
+                kind="unavailable",
+            ) from None
 
     async def _submit(self, request: Request, body: GenerateRequest) -> tuple[str, bool]:
         """Validate, store and queue a job; returns (id, created). A replayed Idempotency-Key returns its job."""
@@ -156,8 +213,13 @@ class Gateway:
         generation_inputs(body, self.limits, self.flow)  # a bad request is refused now, not failed later
         scope = hashlib.sha256(request.headers.get("authorization", "").encode("utf-8", "surrogateescape")).hexdigest()
         try:
-            record, created = await asyncio.to_thread(store.create, body.model_dump_json().encode(), body.format,
-                                                      request.headers.get("idempotency-key"), scope)
+            record, created = await asyncio.to_thread(
+                store.create,
+                body.model_dump_json().encode(),
+                body.format,
+                request.headers.get("idempotency-key"),
+                scope,
+            )
         except JobConflict as error:
             raise ApiError(409, str(error), field="Idempotency-Key", kind="bad_input") from None
         if created:
@@ -200,7 +262,11 @@ class Gateway:
 
         async def handler():
             record = await self._job(job_id)
-            asset = await asyncio.to_thread(self.jobs.result, job_id, record.file_format) if record.status == "succeeded" else None
+            asset = (
+                await asyncio.to_thread(self.jobs.result, job_id, record.file_format)
+                if record.status == "succeeded"
+                else None
+            )
             if asset is None:
                 raise ApiError(409, f"job {job_id} is {record.status}; it has no result", kind="bad_input")
             return Response(asset, media_type=MEDIA_TYPES[record.file_format])
@@ -209,7 +275,8 @@ class Gateway:
 
     @api.delete("/v1/jobs/{job_id}")
     async def cancel_job(self, job_id: str, request: Request) -> JSONResponse:
-        """Cancel a queued or running job (a running one stops at its next sampler step); an ended job stays as it is."""
+        """Cancel a queued or running job (a running one stops at its next sampler step); an ended job stays as it "
+        "is."""
 
         async def handler():
             await self._job(job_id)
@@ -233,7 +300,8 @@ class Gateway:
 
     @api.post("/generate", response_class=Response, responses=ASSET_RESPONSES)
     async def hunyuan_generate(self, request: Request) -> Response:
-        """Hunyuan3D-2's synchronous route: {text | image, seed, num_inference_steps, guidance_scale, face_count, type} -> file bytes."""
+        """Hunyuan3D-2's synchronous route: "
+        "{text | image, seed, num_inference_steps, guidance_scale, face_count, type} -> file bytes."""
 
         async def handler():
             body = hunyuan.to_generate_request(await read_body(request, self.limits.max_body_bytes))
@@ -247,7 +315,9 @@ class Gateway:
         """Hunyuan3D-2's async submit -> {"uid"}; poll GET /status/{uid}."""
 
         async def handler():
-            job_id, _ = await self._submit(request, hunyuan.to_generate_request(await read_body(request, self.limits.max_body_bytes)))
+            job_id, _ = await self._submit(
+                request, hunyuan.to_generate_request(await read_body(request, self.limits.max_body_bytes))
+            )
             return JSONResponse({"uid": job_id})
 
         return await self._respond(request, "/send", handler, render_error=hunyuan.error_response)
@@ -261,7 +331,11 @@ class Gateway:
                 record = await asyncio.to_thread(self._job_store().get, uid)
             except KeyError:  # not a job id at all
                 record = None
-            result = await asyncio.to_thread(self.jobs.result, uid, record.file_format) if record and record.status == "succeeded" else None
+            result = (
+                await asyncio.to_thread(self.jobs.result, uid, record.file_format)
+                if record and record.status == "succeeded"
+                else None
+            )
             body, status = hunyuan.status_body(record, result)
             return JSONResponse(body, status_code=status)
 
@@ -277,10 +351,15 @@ class Gateway:
 
     @api.get("/readyz")
     async def readyz(self, request: Request) -> JSONResponse:
-        """Readiness: 200 once every deployment has a running replica (models loaded), from Serve's status. Needs no API key."""
+        """Readiness: 200 once every deployment has a running replica (models loaded), from Serve's status. Needs no "
+        "API key."""
         names = [name for name in self.app_view.deployments if name != "Gateway"]
         ready = bool(names) and self.app_view.ready(names)
-        body = {"status": "ready" if ready else "loading", "deployments": self.app_view.describe(), "checked_at": self.app_view.updated_at}
+        body = {
+            "status": "ready" if ready else "loading",
+            "deployments": self.app_view.describe(),
+            "checked_at": self.app_view.updated_at,
+        }
         self.metrics.requests.labels("/readyz", "200" if ready else "503").inc()
         return JSONResponse(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})
 

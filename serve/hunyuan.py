@@ -41,8 +41,13 @@ def to_generate_request(body: bytes) -> GenerateRequest:
     if not (request.text or "").strip() and not request.image:
         raise ApiError(422, "give text, image or both", field="text", kind="bad_input")
     return GenerateRequest(
-        prompt=request.text if (request.text or "").strip() else IMAGE_ONLY_PROMPT, image=request.image, seed=request.seed,
-        steps=request.num_inference_steps, cfg_scale=request.guidance_scale, format=request.type, target_faces=request.face_count,
+        prompt=request.text if (request.text or "").strip() else IMAGE_ONLY_PROMPT,
+        image=request.image,
+        seed=request.seed,
+        steps=request.num_inference_steps,
+        cfg_scale=request.guidance_scale,
+        format=request.type,
+        target_faces=request.face_count,
     )
 
 

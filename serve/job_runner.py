@@ -28,7 +28,8 @@ GENERATE_TASK = "gap3d.generate"
 def task_processor_config(config: JobsConfig) -> TaskProcessorConfig:
     """The broker settings shared by the consumer (JobRunner) and the producer (Gateway)."""
     adapter = CeleryAdapterConfig(
-        broker_url=config.broker, backend_url=config.broker,
+        broker_url=config.broker,
+        backend_url=config.broker,
         # A worker reserves only the jobs it runs: jobs prefetched by a replica that dies would wait for the broker's
         # visibility timeout. Results live in the JobStore; the backend keeps Celery's task states only briefly.
         app_custom_config={"worker_prefetch_multiplier": 1, "result_expires": 3600, "worker_hijack_root_logger": False},
@@ -42,7 +43,15 @@ def task_processor_config(config: JobsConfig) -> TaskProcessorConfig:
 class JobRunner:
     """Runs generation jobs from the broker queue; holds handles to the three stages."""
 
-    def __init__(self, prompt_encoder: DeploymentHandle, aligner: DeploymentHandle, decoder: DeploymentHandle, jobs: dict, limits: dict, flow: dict):
+    def __init__(
+        self,
+        prompt_encoder: DeploymentHandle,
+        aligner: DeploymentHandle,
+        decoder: DeploymentHandle,
+        jobs: dict,
+        limits: dict,
+        flow: dict,
+    ):
         self.handles = StageHandles(prompt_encoder, aligner, decoder)
         self.config = JobsConfig(**jobs)
         self.store = JobStore(self.config)
@@ -78,7 +87,9 @@ class JobRunner:
                     token.cancel()
 
             # Celery runs this handler in a thread of its own, without an event loop: give the stage calls one.
-            result = asyncio.run(run_generation(self.handles, inputs, token, deadline_s=self.config.deadline_s, on_stage=on_stage))
+            result = asyncio.run(
+                run_generation(self.handles, inputs, token, deadline_s=self.config.deadline_s, on_stage=on_stage)
+            )
             status, error, outcome = "succeeded", None, {"timings": result.timings, "result": result.asset}
         except ApiError as api_error:
             status, error, outcome = ("cancelled" if api_error.kind == "cancelled" else "failed"), api_error.message, {}

@@ -40,7 +40,9 @@ class JobsConfig:
     queue: str = "gap3d-generate"  # broker queue the JobRunner consumes
     ttl_s: float = 86400.0  # an ended job's record and result are deleted this long after it ended
     deadline_s: float = 600.0  # a run of a job is cancelled (and the job failed) after this long
-    max_queued_s: float = 3600.0  # a job not started within this long fails (its queue message was lost, or the queue is hopeless)
+    max_queued_s: float = (
+        3600.0  # a job not started within this long fails (its queue message was lost, or the queue is hopeless)
+    )
     lease_s: float = 30.0  # a running job whose worker has not reported for this long lost its worker
     max_attempts: int = 2  # runs of a job whose worker died before the job is failed
     sweep_every_s: float = 5.0  # how often the ingress sweeps the store (lost workers, expiry, job counts)
@@ -77,7 +79,18 @@ class JobRecord:
 
     def public(self) -> dict:
         """What GET /v1/jobs/{id} shows."""
-        keys = ("id", "status", "stage", "progress", "attempts", "error", "timings", "created_at", "started_at", "finished_at")
+        keys = (
+            "id",
+            "status",
+            "stage",
+            "progress",
+            "attempts",
+            "error",
+            "timings",
+            "created_at",
+            "started_at",
+            "finished_at",
+        )
         return {key: getattr(self, key) for key in keys}
 
 
@@ -113,7 +126,9 @@ class JobStore:
             return uuid.uuid4().hex
         return hashlib.sha256(f"{scope}\0{idempotency_key}".encode()).hexdigest()[:32]
 
-    def create(self, body: bytes, file_format: str, idempotency_key: str | None = None, scope: str = "") -> tuple[JobRecord, bool]:
+    def create(
+        self, body: bytes, file_format: str, idempotency_key: str | None = None, scope: str = ""
+    ) -> tuple[JobRecord, bool]:
         """Store a new queued job; with a known Idempotency-Key, return its job instead (created False)."""
         job_id = self.new_id(idempotency_key, scope)
         digest = hashlib.sha256(body).hexdigest()
@@ -153,14 +168,23 @@ class JobStore:
         fs, path = storage.filesystem(self.root)
         if not fs.exists(path):
             return []
-        return sorted(name for name in (entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)) if JOB_ID.match(name))
+        return sorted(
+            name
+            for name in (entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False))
+            if JOB_ID.match(name)
+        )
 
     def cancel(self, job_id: str) -> JobRecord | None:
         """Mark a job cancelled (a running one stops at its next check); an ended job stays as it is."""
         record = self.get(job_id)
         if record is None or record.ended:
             return record
-        record.status, record.finished_at, record.error, record.stage = "cancelled", time.time(), "cancelled by the client", None
+        record.status, record.finished_at, record.error, record.stage = (
+            "cancelled",
+            time.time(),
+            "cancelled by the client",
+            None,
+        )
         self.save(record)
         return record
 
@@ -195,7 +219,14 @@ class JobStore:
             self.save(record)
             return True
 
-    def finish(self, record: JobRecord, status: str, error: str | None = None, timings: dict | None = None, result: bytes | None = None) -> bool:
+    def finish(
+        self,
+        record: JobRecord,
+        status: str,
+        error: str | None = None,
+        timings: dict | None = None,
+        result: bytes | None = None,
+    ) -> bool:
         """End a run: result (if any) first, then the record; False when the job was cancelled or taken meanwhile."""
         with self._lock:
             if not self._still_ours(record):
@@ -209,7 +240,8 @@ class JobStore:
             return True
 
     def sweep(self, now: float | None = None) -> tuple[dict[str, int], list[str]]:
-        """Recover lost runs, fail stale queued jobs, delete expired ones; returns (jobs by state, ids to enqueue again)."""
+        """Recover lost runs, fail stale queued jobs, delete expired ones; returns (jobs by state, ids to enqueue "
+        "again)."""
         now = time.time() if now is None else now
         counts = dict.fromkeys(("queued", "running", *TERMINAL), 0)
         requeue = []
@@ -231,7 +263,9 @@ class JobStore:
         if record.attempts >= self.config.max_attempts:
             self._fail(record, now, f"its worker was lost on each of {record.attempts} attempts")
             return
-        logger.warning("job %s: worker lost during %s (attempt %d); queued again", record.id, record.stage, record.attempts)
+        logger.warning(
+            "job %s: worker lost during %s (attempt %d); queued again", record.id, record.stage, record.attempts
+        )
         record.status, record.claim, record.stage, record.queued_at = "queued", None, None, now
         self.save(record)
         requeue.append(record.id)

@@ -22,7 +22,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def local_config(port: int, artifacts: dict, jobs: dict | None = None, limits: dict | None = None, args: dict | None = None) -> dict:
+def local_config(
+    port: int, artifacts: dict, jobs: dict | None = None, limits: dict | None = None, args: dict | None = None
+) -> dict:
     """The shipped config on 127.0.0.1:`port` with `artifacts` ({export, trellis}); `jobs` updates the jobs section
     (its broker also reaches the JobRunner's autoscaling policy), or None removes the async jobs (and the JobRunner)."""
     config = yaml.safe_load(SHIPPED_CONFIG.read_text())
@@ -36,7 +38,9 @@ def local_config(port: int, artifacts: dict, jobs: dict | None = None, limits: d
         application["deployments"].remove(deployments["JobRunner"])
     else:
         application["args"]["jobs"].update(jobs)
-        deployments["JobRunner"]["autoscaling_config"]["policy"]["policy_kwargs"]["broker_url"] = application["args"]["jobs"]["broker"]
+        deployments["JobRunner"]["autoscaling_config"]["policy"]["policy_kwargs"]["broker_url"] = application["args"][
+            "jobs"
+        ]["broker"]
     return config
 
 
@@ -54,9 +58,15 @@ def wait_until_ready(base: str, timeout_s: float) -> None:
 
 
 def serve_run(config: dict, path: Path, address: str, timeout_s: float = 600) -> str:
-    """Write `config` to `path`, `serve run --non-blocking` it against the cluster at `address`; the base URL once ready."""
+    """Write `config` to `path`, `serve run --non-blocking` it against the cluster at `address`; the base URL once "
+    "ready."""
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    subprocess.run(["serve", "run", str(path), "--address", address, "--non-blocking"], check=True, timeout=timeout_s, capture_output=True)
+    subprocess.run(
+        ["serve", "run", str(path), "--address", address, "--non-blocking"],
+        check=True,
+        timeout=timeout_s,
+        capture_output=True,
+    )
     base = f"http://127.0.0.1:{config['http_options']['port']}"
     wait_until_ready(base, timeout_s)
     return base

@@ -38,7 +38,10 @@ class AppView:
         return self.updated_at is not None and all(self.running(name) > 0 for name in names)
 
     def describe(self) -> dict:
-        return {name: {"running_replicas": view.running, "status": view.status} for name, view in sorted(self.deployments.items())}
+        return {
+            name: {"running_replicas": view.running, "status": view.status}
+            for name, view in sorted(self.deployments.items())
+        }
 
     def refresh(self) -> None:
         """One synchronous read of serve.status() (blocking: call it from a thread)."""

@@ -63,17 +63,39 @@ def stage_error(stage: str, error: BaseException, deadline_s: float | None) -> A
     if isinstance(error, Cancelled):
         if error.reason == "deadline":
             limit = f"its {deadline_s:g} s deadline" if deadline_s else "its deadline"
-            return ApiError(503, f"the request did not finish within {limit}; retry later", stage=stage, headers=retry, kind="deadline")
+            return ApiError(
+                503,
+                f"the request did not finish within {limit}; retry later",
+                stage=stage,
+                headers=retry,
+                kind="deadline",
+            )
         return ApiError(409, "the request was cancelled", stage=stage, kind="cancelled")
     if isinstance(error, BackPressureError):
-        return ApiError(503, f"the {stage} stage is overloaded; retry later", stage=stage, headers=retry, kind="overloaded")
+        return ApiError(
+            503, f"the {stage} stage is overloaded; retry later", stage=stage, headers=retry, kind="overloaded"
+        )
     if isinstance(error, (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)):
-        return ApiError(503, f"a {stage} replica was lost while serving this request; retry", stage=stage, headers=retry, kind="replica_lost")
+        return ApiError(
+            503,
+            f"a {stage} replica was lost while serving this request; retry",
+            stage=stage,
+            headers=retry,
+            kind="replica_lost",
+        )
     if isinstance(error, PromptTooLongError):
         # str() of the wrapped error would carry the replica's traceback; never send that to clients.
-        return ApiError(422, "prompt has more tokens than the VLM's vlm.max_prompt_tokens allows", field="prompt", stage=stage, kind="bad_input")
+        return ApiError(
+            422,
+            "prompt has more tokens than the VLM's vlm.max_prompt_tokens allows",
+            field="prompt",
+            stage=stage,
+            kind="bad_input",
+        )
     if isinstance(error, EmptyStructureError):
-        return ApiError(422, "the decoded 3D structure is empty; try another seed or prompt", stage=stage, kind="bad_input")
+        return ApiError(
+            422, "the decoded 3D structure is empty; try another seed or prompt", stage=stage, kind="bad_input"
+        )
     return ApiError(500, f"the {stage} stage failed", stage=stage, kind="failed")
 
 
@@ -146,14 +168,21 @@ async def run_generation(
             on_stage(stage, done / stages)
 
     starting("prompt_encoder", 0)
-    cond = await call("prompt_encoder", handles.prompt_encoder.encode.remote(inputs.prompt, inputs.image, token.deadline))
+    cond = await call(
+        "prompt_encoder", handles.prompt_encoder.encode.remote(inputs.prompt, inputs.image, token.deadline)
+    )
     starting("aligner", 1)
-    tokens, batch_size = await call("aligner", handles.aligner.remote(AlignRequest(cond, inputs.seed, inputs.steps, inputs.cfg_scale, token.deadline)))
+    tokens, batch_size = await call(
+        "aligner",
+        handles.aligner.remote(AlignRequest(cond, inputs.seed, inputs.steps, inputs.cfg_scale, token.deadline)),
+    )
     if metrics:
         metrics.batch_size.observe(batch_size)
     result = GenerationResult(tokens=tokens, batch_size=batch_size, timings=timings)
     if decode:
         starting("decoder", 2)
         result.asset, result.decode_seconds = await call(
-            "decoder", handles.decoder.decode.remote(tokens, inputs.seed, inputs.file_format, inputs.target_faces, token.deadline))
+            "decoder",
+            handles.decoder.decode.remote(tokens, inputs.seed, inputs.file_format, inputs.target_faces, token.deadline),
+        )
     return result

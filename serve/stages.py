@@ -31,7 +31,11 @@ class PromptEncoder:
     def __init__(self, export_uri: str, vlm_path: str | None = None):
         export = load_export(export_uri, with_aligner=False)
         self.encoder = load_prompt_encoder(export, vlm_path)
-        self.info = {"vlm": self.encoder.config.path, "soft_tokens": list(self.encoder.soft_tokens.shape), "trained_soft_tokens": export.soft_tokens is not None}
+        self.info = {
+            "vlm": self.encoder.config.path,
+            "soft_tokens": list(self.encoder.soft_tokens.shape),
+            "trained_soft_tokens": export.soft_tokens is not None,
+        }
 
     def ready(self) -> dict:
         return self.info
@@ -51,7 +55,12 @@ class Aligner:
         self.align_batch.set_max_batch_size(max_batch_size)
         self.align_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         flow = self.export.config.flow
-        self.info = {"export": export_uri, "step": self.export.step, "default_steps": flow.sample_steps, "default_cfg_scale": flow.cfg_scale}
+        self.info = {
+            "export": export_uri,
+            "step": self.export.step,
+            "default_steps": flow.sample_steps,
+            "default_cfg_scale": flow.cfg_scale,
+        }
 
     def ready(self) -> dict:
         return self.info
@@ -95,13 +104,17 @@ class Decoder:
     def ready(self) -> dict:
         return self.info
 
-    def _decode(self, token: CancelToken, tokens: np.ndarray, seed: int, file_format: str, target_faces: int) -> tuple[bytes, float]:
+    def _decode(
+        self, token: CancelToken, tokens: np.ndarray, seed: int, file_format: str, target_faces: int
+    ) -> tuple[bytes, float]:
         start = time.perf_counter()
         with cancellable(token):
             mesh = self.decoder.generate(torch.from_numpy(tokens)[None], seed=seed)[0]
         return export_mesh(mesh, file_format, target_faces), time.perf_counter() - start
 
-    async def decode(self, tokens: np.ndarray, seed: int, file_format: str, target_faces: int, deadline: float | None = None) -> tuple[bytes, float]:
+    async def decode(
+        self, tokens: np.ndarray, seed: int, file_format: str, target_faces: int, deadline: float | None = None
+    ) -> tuple[bytes, float]:
         """(N, D) tokens -> (asset bytes, seconds of compute)."""
         token = CancelToken(deadline)
         try:

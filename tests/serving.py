@@ -32,8 +32,13 @@ def write_artifacts(root: Path, config) -> dict:
 
 def service_config(port: int, artifacts: dict, broker: str, jobs_store: str) -> dict:
     """serve/config.yaml as shipped, on `port`, with the session's artifacts, broker, job store and an API key."""
-    config = local_config(port, artifacts, jobs={"store": jobs_store, "broker": broker, "lease_s": LEASE_S, "sweep_every_s": 1},
-                          limits={"deadline_s": DEADLINE_S}, args={"api_keys_env": KEYS_ENV})
+    config = local_config(
+        port,
+        artifacts,
+        jobs={"store": jobs_store, "broker": broker, "lease_s": LEASE_S, "sweep_every_s": 1},
+        limits={"deadline_s": DEADLINE_S},
+        args={"api_keys_env": KEYS_ENV},
+    )
     gateway = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Gateway")
     gateway["ray_actor_options"]["runtime_env"] = {"env_vars": {KEYS_ENV: API_KEY}}
     return config
@@ -47,8 +52,11 @@ def replicas(deployment: str) -> dict:
     """{actor name: actor handle} of the replicas of `deployment`."""
     import ray
 
-    return {actor["name"]: ray.get_actor(actor["name"], namespace="serve") for actor in ray.util.list_named_actors(all_namespaces=True)
-            if actor["namespace"] == "serve" and f"#{deployment}#" in actor["name"]}
+    return {
+        actor["name"]: ray.get_actor(actor["name"], namespace="serve")
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["namespace"] == "serve" and f"#{deployment}#" in actor["name"]
+    }
 
 
 def ongoing_on(actors: dict) -> int:
@@ -73,8 +81,11 @@ def kill(actors: dict) -> None:
 
 
 def wait_for_replacement(base: str, deployment: str, killed: dict, timeout_s: float) -> None:
-    """Wait until a replica of `deployment` not among `killed` exists and a /readyz snapshot taken after that is ready."""
-    wait_for(lambda: set(replicas(deployment)) - set(killed), timeout_s, interval_s=0.5, what=f"a new {deployment} replica")
+    """Wait until a replica of `deployment` not among `killed` exists and a /readyz snapshot taken after that is "
+    "ready."""
+    wait_for(
+        lambda: set(replicas(deployment)) - set(killed), timeout_s, interval_s=0.5, what=f"a new {deployment} replica"
+    )
     started = time.time()
 
     def ready_since_started():

@@ -24,22 +24,28 @@ from gap3d import storage
 from gap3d.build import derive_shapes
 from gap3d.config import Gap3DConfig, load_job_config
 from gap3d.data.encode import FeatureEncoder
-from miniature.world import render_scene, sample_scene
 from gap3d.features.format import feature_schema
 from gap3d.features.identity import encoder_identity, soft_token_mode
 from gap3d.features.store import chunk_file_name, write_feature_file, write_manifest, write_shard_record
+from miniature.world import render_scene, sample_scene
 from ray_jobs.run_checkpoints import RECORD_NAME, RunStorage
 from ray_jobs.train import TRAIN_SECTIONS
 
 # Smaller than the tiny preset so multi-process training runs in seconds on 2 cores: an 8x8 grid (69 tokens).
 SMALL_OVERRIDES = (
-    "dino.image_size=112", "aligner.hidden_size=64", "aligner.depth=2", "aligner.num_heads=2",
-    "train.log_every=5", "train.checkpoint_every=10", "train.eval_every=1000",
+    "dino.image_size=112",
+    "aligner.hidden_size=64",
+    "aligner.depth=2",
+    "aligner.num_heads=2",
+    "train.log_every=5",
+    "train.checkpoint_every=10",
+    "train.eval_every=1000",
 )
 
 
 def small_job(*overrides: str) -> tuple[Gap3DConfig, dict]:
-    """The tiny preset shrunk for fast training tests, plus `overrides`, its shapes derived: (config, {"scaling", "encode"})."""
+    """The tiny preset shrunk for fast training tests, plus `overrides`, its shapes derived: (config, "
+    "{"scaling", "encode"})."""
     config, sections = load_job_config("tiny", overrides=[*SMALL_OVERRIDES, *overrides], sections=TRAIN_SECTIONS)
     return derive_shapes(config), sections
 
@@ -50,18 +56,33 @@ def small_config(*overrides: str) -> Gap3DConfig:
 
 
 def write_feature_dir(config: Gap3DConfig, scenes: list, out: Path, rows_per_shard: int = 128) -> Path:
-    """Encode scenes with the production FeatureEncoder into one-chunk shards `<out>/part-NNNNN.00000.parquet` + manifest.json."""
+    """Encode scenes with the production FeatureEncoder into one-chunk shards `<out>/part-NNNNN.00000.parquet` + "
+    "manifest.json."""
     encoder = FeatureEncoder(config)
     schema = feature_schema(soft_token_mode(config))
     manifest = encoder.manifest
     for index, start in enumerate(range(0, len(scenes), rows_per_shard)):
         part = scenes[start : start + rows_per_shard]
         images = np.stack([render_scene(scene, config.dino.image_size) for scene in part])
-        table = encoder.encode([f"{start + i:08d}" for i in range(len(part))], [scene.caption for scene in part], images)
+        table = encoder.encode(
+            [f"{start + i:08d}" for i in range(len(part))], [scene.caption for scene in part], images
+        )
         stem = f"part-{index:05d}"
         name = chunk_file_name(stem, 0)
-        stats = write_feature_file(str(out), name, schema, [(table, {})], {"input": "synthetic", "rows_in": len(part), "encoders": manifest.encoders})
-        record = {"input": "synthetic", "files": {name: stats["bytes"]}, "rows": stats["rows"], "rows_in": stats["rows_in"], "skipped": stats["skipped"]}
+        stats = write_feature_file(
+            str(out),
+            name,
+            schema,
+            [(table, {})],
+            {"input": "synthetic", "rows_in": len(part), "encoders": manifest.encoders},
+        )
+        record = {
+            "input": "synthetic",
+            "files": {name: stats["bytes"]},
+            "rows": stats["rows"],
+            "rows_in": stats["rows_in"],
+            "skipped": stats["skipped"],
+        }
         write_shard_record(str(out), stem, {**record, "encoders": manifest.encoders})
         manifest.shards[stem] = record
     manifest.count_totals()
@@ -111,7 +132,8 @@ def write_complete_checkpoint(run_uri: str, step: int, ranks: dict[int, dict[str
 
 def train_worker_pids() -> list[int]:
     """PIDs of the live Ray Train worker processes of this test session's Ray cluster (Ray names them
-    `ray::RayTrainWorker...`); another cluster on the machine, such as a demo running beside the tests, is not touched."""
+    `ray::RayTrainWorker...`); another cluster on the machine, such as a demo running beside the tests, is not
+    touched."""
     ours = {child.pid for child in psutil.Process().children(recursive=True)}
     pids = []
     for proc in psutil.process_iter(["cmdline"]):
@@ -217,7 +239,7 @@ def _inotify_events(data: bytes) -> Iterator[tuple[int, str]]:
     while offset < len(data):
         descriptor, _, _, length = _EVENT_HEADER.unpack_from(data, offset)
         offset += _EVENT_HEADER.size
-        yield descriptor, data[offset:offset + length].rstrip(b"\0").decode()
+        yield descriptor, data[offset : offset + length].rstrip(b"\0").decode()
         offset += length
 
 

@@ -28,7 +28,9 @@ def test_more_decoder_slots_admit_more():
 def test_a_measured_completion_rate_below_the_decoders_own_limits_admission():
     admission = Admission(deadline_s=30, decode_s=0.5, overhead_s=0.0)
     admission.admitted = 30
-    for second in range(8):  # one completion a second while busy (each replaced by a new request): half what 1 slot / 0.5 s promises
+    for second in range(
+        8
+    ):  # one completion a second while busy (each replaced by a new request): half what 1 slot / 0.5 s promises
         admission.release(now=float(second))
         admission.admitted += 1
     assert admission.completion_rate(slots=1, now=8.0) == pytest.approx(1.0)

@@ -3,10 +3,19 @@
 import pytest
 import torch
 
-from gap3d.config import AlignerConfig
 from gap3d.aligner import AlignerDiT, apply_rope, rope_2d
+from gap3d.config import AlignerConfig
 
-TINY = dict(token_dim=16, grid_size=4, num_special_tokens=5, cond_dim=24, num_cond_tokens=3, hidden_size=32, depth=2, num_heads=2)
+TINY = dict(
+    token_dim=16,
+    grid_size=4,
+    num_special_tokens=5,
+    cond_dim=24,
+    num_cond_tokens=3,
+    hidden_size=32,
+    depth=2,
+    num_heads=2,
+)
 
 
 def make(**overrides) -> AlignerDiT:
@@ -16,7 +25,11 @@ def make(**overrides) -> AlignerDiT:
 
 def inputs(batch: int = 2):
     g = torch.Generator().manual_seed(1)
-    return torch.randn(batch, 21, 16, generator=g), torch.rand(batch, generator=g), torch.randn(batch, 3, 24, generator=g)
+    return (
+        torch.randn(batch, 21, 16, generator=g),
+        torch.rand(batch, generator=g),
+        torch.randn(batch, 3, 24, generator=g),
+    )
 
 
 def test_output_has_the_shape_of_the_target_tokens():

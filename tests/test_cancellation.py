@@ -61,7 +61,14 @@ def test_the_aligner_sampler_stops_at_the_step_after_cancellation():
 def test_the_trellis_sampler_stops_at_the_step_after_cancellation():
     token = CancelToken()
     model = CancellingVelocity(token, cancel_at=2)
-    config = SamplerConfig(name="FlowEulerGuidanceIntervalSampler", steps=25, cfg_strength=0.0, cfg_interval=(0.0, 1.0), rescale_t=1.0, sigma_min=1e-5)
+    config = SamplerConfig(
+        name="FlowEulerGuidanceIntervalSampler",
+        steps=25,
+        cfg_strength=0.0,
+        cfg_interval=(0.0, 1.0),
+        rescale_t=1.0,
+        sigma_min=1e-5,
+    )
     with pytest.raises(Cancelled), cancellable(token):
         FlowEulerSampler(config).sample(model, torch.zeros(1, 8), torch.zeros(1, 3, 4))
     assert model.calls == 2

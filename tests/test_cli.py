@@ -17,7 +17,17 @@ def run(*args, timeout=300, cwd=REPO):
 def test_help_lists_every_command():
     result = run("-m", "cli", "--help", timeout=120)
     assert result.returncode == 0
-    for command in ("demo", "synth", "preprocess", "train", "train-decoder", "evaluate", "smoke", "make-tiny", "broker"):
+    for command in (
+        "demo",
+        "synth",
+        "preprocess",
+        "train",
+        "train-decoder",
+        "evaluate",
+        "smoke",
+        "make-tiny",
+        "broker",
+    ):
         assert f"  {command} " in result.stdout
 
 
@@ -25,7 +35,12 @@ def test_each_command_is_its_modules_main():
     from cli import demo
     from ray_jobs import evaluate, preprocess, train
 
-    assert {commands.COMMANDS[name].main for name in ("demo", "preprocess", "train", "evaluate")} == {demo.main, preprocess.main, train.main, evaluate.main}
+    assert {commands.COMMANDS[name].main for name in ("demo", "preprocess", "train", "evaluate")} == {
+        demo.main,
+        preprocess.main,
+        train.main,
+        evaluate.main,
+    }
 
 
 def test_unknown_command_exits_2_naming_it():

@@ -32,7 +32,11 @@ def load(name: str) -> dict:
 def cluster_spec(manifest: dict) -> dict:
     """The RayCluster spec inside any of the three kinds."""
     spec = manifest["spec"]
-    return {"RayCluster": lambda: spec, "RayJob": lambda: spec["rayClusterSpec"], "RayService": lambda: spec["rayClusterConfig"]}[manifest["kind"]]()
+    return {
+        "RayCluster": lambda: spec,
+        "RayJob": lambda: spec["rayClusterSpec"],
+        "RayService": lambda: spec["rayClusterConfig"],
+    }[manifest["kind"]]()
 
 
 def ray_containers(spec: dict) -> list[dict]:
@@ -150,7 +154,10 @@ def test_dashboard_is_not_exposed_outside_the_kubernetes_cluster(name):
 
 
 def test_secret_example_defines_every_secret_the_manifests_read():
-    defined = {doc["metadata"]["name"]: set(doc["stringData"]) for doc in yaml.safe_load_all((KUBERAY / "secret-example.yaml").read_text())}
+    defined = {
+        doc["metadata"]["name"]: set(doc["stringData"])
+        for doc in yaml.safe_load_all((KUBERAY / "secret-example.yaml").read_text())
+    }
     for name in RAY_MANIFESTS:
         for container in ray_containers(cluster_spec(load(name))):
             for item in container["env"]:
@@ -191,7 +198,10 @@ def test_train_job_reads_the_features_the_preprocess_job_writes():
 
 def test_training_workers_fit_the_train_job_gpu_groups():
     scaling = job_config_from_args(job_args("rayjob-train.yaml")[1], TRAIN_SECTIONS)[1]["scaling"]
-    groups = [(pod_resources(group), group["maxReplicas"]) for group in cluster_spec(load("rayjob-train.yaml"))["workerGroupSpecs"]]
+    groups = [
+        (pod_resources(group), group["maxReplicas"])
+        for group in cluster_spec(load("rayjob-train.yaml"))["workerGroupSpecs"]
+    ]
     workers_per_pod = [min(pod["GPU"], pod["CPU"] // scaling.worker_cpus) for pod, _ in groups]
     assert scaling.use_gpu
     assert sum(per_pod * replicas for per_pod, (_, replicas) in zip(workers_per_pod, groups)) >= scaling.num_workers
@@ -210,7 +220,9 @@ def test_rayservice_serve_config_equals_serve_config_gpu():
 
 
 def test_sync_rayservice_check_passes_on_the_committed_manifest():
-    result = subprocess.run([sys.executable, "cluster/sync_rayservice.py", "--check"], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "cluster/sync_rayservice.py", "--check"], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -243,15 +255,22 @@ def test_serve_deployments_fit_the_rayservice_worker_groups():
 
 
 def test_the_rayservice_workers_mount_the_api_keys_where_the_serve_config_reads_them_and_probe_the_service():
-    key_file = Path(yaml.safe_load((REPO / "serve" / "config.gpu.yaml").read_text())["applications"][0]["args"]["api_keys_file"])
+    key_file = Path(
+        yaml.safe_load((REPO / "serve" / "config.gpu.yaml").read_text())["applications"][0]["args"]["api_keys_file"]
+    )
     spec = cluster_spec(load("rayservice.yaml"))
     for group in spec["workerGroupSpecs"]:
         pod = group["template"]["spec"]
         container = pod["containers"][0]
         mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
         secrets = {volume["name"]: volume["secret"]["secretName"] for volume in pod["volumes"] if "secret" in volume}
-        assert secrets[next(name for name, path in mounts.items() if path == str(key_file.parent))] == "gap3d-api-keys", group["groupName"]
+        assert (
+            secrets[next(name for name, path in mounts.items() if path == str(key_file.parent))] == "gap3d-api-keys"
+        ), group["groupName"]
         assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
         assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    keys = {doc["metadata"]["name"]: doc["stringData"] for doc in yaml.safe_load_all((KUBERAY / "secret-example.yaml").read_text())}["gap3d-api-keys"]
+    keys = {
+        doc["metadata"]["name"]: doc["stringData"]
+        for doc in yaml.safe_load_all((KUBERAY / "secret-example.yaml").read_text())
+    }["gap3d-api-keys"]
     assert key_file.name in keys

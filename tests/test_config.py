@@ -45,8 +45,13 @@ def test_a_derived_config_round_trips_through_yaml_and_derives_again_unchanged(t
 
 
 def test_reading_a_config_imports_no_model_code_torch_or_pyarrow():
-    code = "import sys; from gap3d.config import load_config; load_config('paper'); print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pyarrow', 'transformers') or m in ('gap3d.aligner', 'gap3d.prompt_encoder', 'gap3d.dino')))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    heavy = "('torch', 'pyarrow', 'transformers', 'gap3d.aligner', 'gap3d.prompt_encoder', 'gap3d.dino')"
+    code = (
+        "import sys; from gap3d.config import load_config; load_config('paper'); "
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy} or m in {heavy}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_yaml_round_trip_gives_an_equal_config(tmp_path):
@@ -62,7 +67,10 @@ def test_yaml_values_override_the_preset_and_command_line_overrides_the_yaml(tmp
 
 
 def test_overrides_parse_yaml_values_and_coerce_to_the_field_type():
-    config = load_config("tiny", overrides=["train.lr=1e-4", "vlm.trainable=false", "flow.loss_weights={patches: 1, cls: 0, registers: 0}"])
+    config = load_config(
+        "tiny",
+        overrides=["train.lr=1e-4", "vlm.trainable=false", "flow.loss_weights={patches: 1, cls: 0, registers: 0}"],
+    )
     assert config.train.lr == 1e-4 and isinstance(config.train.lr, float)
     assert config.vlm.trainable is False
     assert config.flow.loss_weights == {"patches": 1, "cls": 0, "registers": 0}
@@ -98,7 +106,9 @@ def test_one_default_preset_everywhere():
 
 
 def test_job_sections_resolve_from_their_own_presets_and_the_same_overrides(tmp_path):
-    config, sections = load_job_config("tiny", overrides=["scaling.num_workers=4", "encode.pool_max=3"], sections=TRAIN_SECTIONS)
+    config, sections = load_job_config(
+        "tiny", overrides=["scaling.num_workers=4", "encode.pool_max=3"], sections=TRAIN_SECTIONS
+    )
     assert (sections["scaling"].num_workers, sections["scaling"].use_gpu, sections["encode"].pool_max) == (4, False, 3)
     assert load_job_config("paper", sections=TRAIN_SECTIONS)[1]["scaling"].use_gpu is True
     save_config(config, tmp_path / "job.yaml", sections)

@@ -18,8 +18,14 @@ def test_prompt_cache_rows_round_trip_through_parquet(tmp_path):
     rng = np.random.default_rng(0)
     dino = [rng.standard_normal((6, 4)).astype(np.float32) for _ in range(2)]
     caches = [rng.standard_normal((2, 2, 1, n, 3)).astype(np.float32) for n in (3, 5)]
-    rows = {"key": ["a", "b"], "caption": ["x", "y"], "input_ids": [[1, 2, 3], [1, 2, 3, 4, 5]],
-            "dino": dino, "next_position": [3, 5], "prompt_cache": caches}
+    rows = {
+        "key": ["a", "b"],
+        "caption": ["x", "y"],
+        "input_ids": [[1, 2, 3], [1, 2, 3, 4, 5]],
+        "dino": dino,
+        "next_position": [3, 5],
+        "prompt_cache": caches,
+    }
     pq.write_table(rows_to_table(rows, "prompt_cache"), tmp_path / "f.parquet")
     table = pq.read_table(tmp_path / "f.parquet").to_pydict()
     manifest = FeatureManifest(encoders={}, dino_shape=[6, 4], cache_shape=[2, 2, 1, 3])
@@ -32,14 +38,25 @@ def test_prompt_cache_rows_round_trip_through_parquet(tmp_path):
 
 def test_soft_latent_rows_restore_their_shape():
     latents = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
-    table = rows_to_table({"key": ["a", "b"], "caption": ["x", "y"], "input_ids": [[1], [2]], "dino": [np.zeros(2)] * 2,
-                           "next_position": [1, 1], "soft_latents": list(latents)}, "soft_latents").to_pydict()
+    table = rows_to_table(
+        {
+            "key": ["a", "b"],
+            "caption": ["x", "y"],
+            "input_ids": [[1], [2]],
+            "dino": [np.zeros(2)] * 2,
+            "next_position": [1, 1],
+            "soft_latents": list(latents),
+        },
+        "soft_latents",
+    ).to_pydict()
     manifest = FeatureManifest(encoders={}, dino_shape=[1, 2], latents_shape=[3, 4])
     torch.testing.assert_close(batch_from_rows(table, manifest).latents, torch.tensor(latents))
 
 
 def test_manifest_json_round_trip():
-    manifest = FeatureManifest(encoders={"vlm_path": "/x"}, dino_shape=[261, 64], cache_shape=[2, 2, 2, 16], shards={"s": {"rows": 3}})
+    manifest = FeatureManifest(
+        encoders={"vlm_path": "/x"}, dino_shape=[261, 64], cache_shape=[2, 2, 2, 16], shards={"s": {"rows": 3}}
+    )
     assert FeatureManifest.from_json(manifest.to_json(), "manifest.json") == manifest
 
 

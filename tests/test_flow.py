@@ -4,9 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from gap3d.config import AlignerConfig
 from gap3d.aligner import AlignerDiT
-from gap3d.config import FlowConfig
+from gap3d.config import AlignerConfig, FlowConfig
 from gap3d.flow import flow_matching_loss, guided_velocity, interpolate, sample, sample_t, velocity_target
 from gap3d.metrics import token_cosine
 
@@ -47,8 +46,15 @@ def test_velocity_target_is_the_time_derivative_of_the_path():
 @pytest.mark.parametrize("solver", ["euler", "heun"])
 def test_samplers_integrate_the_exact_point_mass_field_to_its_target(solver):
     target = torch.randn(1, 3, 4)
-    out = sample(PointMassVelocity(target), torch.zeros(2, 1, 1), (3, 4), steps=5, cfg_scale=1.0, solver=solver,
-                 generator=torch.Generator().manual_seed(0))
+    out = sample(
+        PointMassVelocity(target),
+        torch.zeros(2, 1, 1),
+        (3, 4),
+        steps=5,
+        cfg_scale=1.0,
+        solver=solver,
+        generator=torch.Generator().manual_seed(0),
+    )
     torch.testing.assert_close(out, target.expand(2, 3, 4), atol=1e-5, rtol=1e-5)
 
 
@@ -66,7 +72,9 @@ def test_classifier_free_guidance_extrapolates_from_null_to_condition():
 
 def test_sampler_is_deterministic_per_seed_and_differs_across_seeds():
     model = ConstantVelocity()
-    run = lambda seed: sample(model, torch.zeros(2, 1, 1), (3, 4), 4, 2.0, generator=torch.Generator().manual_seed(seed))
+    run = lambda seed: sample(
+        model, torch.zeros(2, 1, 1), (3, 4), 4, 2.0, generator=torch.Generator().manual_seed(seed)
+    )
     torch.testing.assert_close(run(1), run(1))
     assert not torch.allclose(run(1), run(2))
 
@@ -87,7 +95,9 @@ def test_loss_weights_cls_registers_and_patches_separately():
             return (x - x0) / t.view(-1, 1, 1) + error  # exact velocity for a point mass at x0, plus error
 
     losses = flow_matching_loss(Fixed(), x0, torch.zeros(1, 1, 1), FlowConfig(cond_dropout=0.0), num_registers=4)
-    assert (losses["cls"].item(), losses["registers"].item(), losses["patches"].item()) == pytest.approx((1.0, 4.0, 9.0), rel=1e-4)
+    assert (losses["cls"].item(), losses["registers"].item(), losses["patches"].item()) == pytest.approx(
+        (1.0, 4.0, 9.0), rel=1e-4
+    )
     assert losses["loss"].item() == pytest.approx(0.3 * 1 + 0.3 * 4 + 0.4 * 9, rel=1e-4)
 
 
@@ -100,8 +110,17 @@ def test_invalid_flow_config_raises_naming_the_key():
 
 def test_overfitting_a_few_pairs_lowers_the_loss_and_the_sampler_reproduces_their_targets():
     torch.manual_seed(0)
-    config = AlignerConfig(token_dim=16, grid_size=4, num_special_tokens=5, cond_dim=16, num_cond_tokens=4, hidden_size=64, depth=2,
-                           num_heads=4, null_condition="learned")
+    config = AlignerConfig(
+        token_dim=16,
+        grid_size=4,
+        num_special_tokens=5,
+        cond_dim=16,
+        num_cond_tokens=4,
+        hidden_size=64,
+        depth=2,
+        num_heads=4,
+        null_condition="learned",
+    )
     model = AlignerDiT(config)
     g = torch.Generator().manual_seed(0)
     targets = torch.nn.functional.layer_norm(torch.randn(4, config.num_tokens, 16, generator=g), (16,))
@@ -110,12 +129,21 @@ def test_overfitting_a_few_pairs_lowers_the_loss_and_the_sampler_reproduces_thei
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     losses = []
     for _ in range(800):  # each step sees every pair twice, at different times and noise
-        loss = flow_matching_loss(model, targets.repeat(2, 1, 1), conds.repeat(2, 1, 1), flow, num_registers=4, generator=g)["loss"]
+        loss = flow_matching_loss(
+            model, targets.repeat(2, 1, 1), conds.repeat(2, 1, 1), flow, num_registers=4, generator=g
+        )["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
-    generated = sample(model.eval(), conds, (config.num_tokens, 16), steps=20, cfg_scale=1.0, solver="heun",
-                       generator=torch.Generator().manual_seed(1))
+    generated = sample(
+        model.eval(),
+        conds,
+        (config.num_tokens, 16),
+        steps=20,
+        cfg_scale=1.0,
+        solver="heun",
+        generator=torch.Generator().manual_seed(1),
+    )
     assert token_cosine(generated, targets).min().item() > 0.9

@@ -14,14 +14,28 @@ def mapped(**fields):
 
 
 def test_a_text_request_maps_every_field_that_has_a_meaning_here():
-    request = mapped(text="a wooden chair", seed=7, num_inference_steps=12, guidance_scale=4.5, face_count=20000, type="obj")
-    assert (request.prompt, request.seed, request.steps, request.cfg_scale, request.target_faces, request.format) == \
-        ("a wooden chair", 7, 12, 4.5, 20000, "obj")
+    request = mapped(
+        text="a wooden chair", seed=7, num_inference_steps=12, guidance_scale=4.5, face_count=20000, type="obj"
+    )
+    assert (request.prompt, request.seed, request.steps, request.cfg_scale, request.target_faces, request.format) == (
+        "a wooden chair",
+        7,
+        12,
+        4.5,
+        20000,
+        "obj",
+    )
 
 
 def test_hunyuan_defaults_apply_when_fields_are_left_out():
     request = mapped(text="a chair")
-    assert (request.seed, request.steps, request.cfg_scale, request.format, request.target_faces) == (1234, None, None, "glb", None)
+    assert (request.seed, request.steps, request.cfg_scale, request.format, request.target_faces) == (
+        1234,
+        None,
+        None,
+        "glb",
+        None,
+    )
 
 
 def test_an_image_alone_gets_the_image_only_prompt():
@@ -30,11 +44,21 @@ def test_an_image_alone_gets_the_image_only_prompt():
 
 
 def test_fields_gap3d_has_no_use_for_are_accepted():
-    assert mapped(text="a chair", octree_resolution=256, texture=True, remove_background=False, mesh="...").prompt == "a chair"
+    assert (
+        mapped(text="a chair", octree_resolution=256, texture=True, remove_background=False, mesh="...").prompt
+        == "a chair"
+    )
 
 
-@pytest.mark.parametrize("fields, field", [({}, "text"), ({"text": "  "}, "text"), ({"text": "a", "type": "fbx"}, "type"),
-                                           ({"text": "a", "seed": -1}, "seed")])
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({}, "text"),
+        ({"text": "  "}, "text"),
+        ({"text": "a", "type": "fbx"}, "type"),
+        ({"text": "a", "seed": -1}, "seed"),
+    ],
+)
 def test_a_request_without_a_prompt_or_with_a_bad_field_is_a_422_naming_it(fields, field):
     with pytest.raises(ApiError) as caught:
         mapped(**fields)
@@ -42,7 +66,9 @@ def test_a_request_without_a_prompt_or_with_a_bad_field_is_a_422_naming_it(field
 
 
 def record(status: str, error: str | None = None) -> JobRecord:
-    return JobRecord(id="0" * 32, request_sha256="", file_format="glb", created_at=0.0, queued_at=0.0, status=status, error=error)
+    return JobRecord(
+        id="0" * 32, request_sha256="", file_format="glb", created_at=0.0, queued_at=0.0, status=status, error=error
+    )
 
 
 def test_status_is_processing_while_the_job_is_queued_or_running():
@@ -56,5 +82,8 @@ def test_status_completed_carries_the_model_in_base64():
 
 
 def test_a_failed_job_and_an_unknown_uid_are_errors():
-    assert status_body(record("failed", "the decoder stage failed"), None) == ({"status": "error", "message": "the decoder stage failed"}, 200)
+    assert status_body(record("failed", "the decoder stage failed"), None) == (
+        {"status": "error", "message": "the decoder stage failed"},
+        200,
+    )
     assert status_body(None, None)[1] == 404

@@ -56,7 +56,13 @@ def _sixteen_bit_png(samples: np.ndarray, color_type: int, extra_chunks: bytes =
     rows = samples.astype(">u2").reshape(height, -1).view(np.uint8)
     scanlines = b"".join(b"\0" + row.tobytes() for row in rows)
     header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + extra_chunks + _png_chunk(b"IDAT", zlib.compress(scanlines)) + _png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + extra_chunks
+        + _png_chunk(b"IDAT", zlib.compress(scanlines))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _tiff(pixels: np.ndarray, photometric: int, extra_samples: int | None = None) -> bytes:
@@ -89,11 +95,20 @@ def _s15(value: float) -> bytes:
 
 def _k_only_cmyk_profile() -> bytes:
     """ICC v2 CMYK printer profile whose A2B0 maps any ink to neutral Lab with L* = 100 * (1 - K/255)."""
-    # lut16 CLUT with 2 grid points per ink; K is the fastest index. Legacy 16-bit Lab: L 100 -> 0xFF00, a*=b*=0 -> 0x8000.
+    # lut16 CLUT with 2 grid points per ink; K is the fastest index. Legacy 16-bit Lab: L 100 -> 0xFF00, a*=b*=0 ->
+    # 0x8000.
     clut = b"".join(struct.pack(">3H", 0 if index & 1 else 0xFF00, 0x8000, 0x8000) for index in range(16))
     identity = b"".join(_s15(v) for v in (1, 0, 0, 0, 1, 0, 0, 0, 1))
     linear_tables = struct.pack(">HH", 2, 2) + struct.pack(">8H", *([0, 65535] * 4))
-    lut = b"mft2" + bytes(4) + bytes([4, 3, 2, 0]) + identity + linear_tables + clut + struct.pack(">6H", *([0, 65535] * 3))
+    lut = (
+        b"mft2"
+        + bytes(4)
+        + bytes([4, 3, 2, 0])
+        + identity
+        + linear_tables
+        + clut
+        + struct.pack(">6H", *([0, 65535] * 3))
+    )
     d50 = _s15(0.9642) + _s15(1.0) + _s15(0.8249)
     name = b"K-only test CMYK\0"
     description = b"desc" + bytes(4) + struct.pack(">I", len(name)) + name + bytes(8 + 2 + 1 + 67)
@@ -277,7 +292,10 @@ def test_binary_png_is_black_and_white():
 # ---- CMYK
 
 _CMYK = np.array(
-    [[[0, 0, 0, 0], [255, 0, 0, 0], [100, 50, 200, 30], [10, 20, 30, 255]], [[128, 128, 128, 128], [0, 255, 7, 90], [33, 66, 99, 12], [1, 2, 3, 4]]],
+    [
+        [[0, 0, 0, 0], [255, 0, 0, 0], [100, 50, 200, 30], [10, 20, 30, 255]],
+        [[128, 128, 128, 128], [0, 255, 7, 90], [33, 66, 99, 12], [1, 2, 3, 4]],
+    ],
     dtype=np.uint8,
 )
 

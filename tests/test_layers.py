@@ -1,9 +1,9 @@
 """The house's floors: who may import whom, read from the code's own import statements (lazy ones included).
 
-    cli/                 the command line, the demo and the tools: may import everything below
-    ray_jobs/  serve/    the Ray jobs and the Ray Serve application: the library, never each other
-    miniature/           the toy world and its tiny checkpoints: the library only
-    gap3d/               the method: itself only, and no Ray
+cli/                 the command line, the demo and the tools: may import everything below
+ray_jobs/  serve/    the Ray jobs and the Ray Serve application: the library, never each other
+miniature/           the toy world and its tiny checkpoints: the library only
+gap3d/               the method: itself only, and no Ray
 """
 
 import ast
@@ -59,7 +59,11 @@ def test_each_package_imports_only_the_floors_below_it(package):
 
 
 def test_the_library_never_imports_ray():
-    offending = sorted(module_name(path) for path in (REPO / "gap3d").rglob("*.py") if any(t.split(".")[0] == "ray" for t in imports(path)))
+    offending = sorted(
+        module_name(path)
+        for path in (REPO / "gap3d").rglob("*.py")
+        if any(t.split(".")[0] == "ray" for t in imports(path))
+    )
     assert offending == []
 
 

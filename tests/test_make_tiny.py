@@ -2,8 +2,8 @@
 
 import torch
 
-from gap3d.trellis.decoder import Decoder
 from cli.make_tiny import main
+from gap3d.trellis.decoder import Decoder
 
 
 def make_tiny(out, *flags):

@@ -118,9 +118,14 @@ def test_probe_reads_shape_and_colour_of_combinations_it_never_saw():
     pairs = [(s, c) for s in ("bar", "row", "block", "corner") for c in ("red", "green", "blue")]
     held_out = {("bar", "red"), ("row", "green"), ("block", "blue"), ("corner", "red")}
     train = [pair for pair in pairs if pair not in held_out] * 6
-    probe = AttributeProbe(masked_objects(*map(list, zip(*train))), {"shape": [s for s, _ in train], "color": [c for _, c in train]})
+    probe = AttributeProbe(
+        masked_objects(*map(list, zip(*train))), {"shape": [s for s, _ in train], "color": [c for _, c in train]}
+    )
     shapes, colors = map(list, zip(*sorted(held_out)))
-    assert probe.accuracy(masked_objects(shapes, colors), {"shape": shapes, "color": colors}) == {"shape": 1.0, "color": 1.0}
+    assert probe.accuracy(masked_objects(shapes, colors), {"shape": shapes, "color": colors}) == {
+        "shape": 1.0,
+        "color": 1.0,
+    }
 
 
 def test_alignment_metrics_report_attribute_accuracy_when_given_a_probe_and_labels():

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from miniature.world import HELD_OUT
 from miniature.experiment import caption_ceiling, encode_world, oracle_condition
+from miniature.world import HELD_OUT
 from tests.support import small_config
 
 
@@ -29,7 +29,10 @@ def test_shuffled_captions_keep_the_images_and_move_captions_with_their_prompt_c
     assert torch.equal(shuffled.batch.dino, world.train.batch.dino)
     assert sorted(shuffled.captions) == sorted(world.train.captions) and shuffled.captions != world.train.captions
     row_of = {id(cache): row for row, cache in enumerate(world.train.batch.caches)}
-    assert all(world.train.captions[row_of[id(cache)]] == caption for caption, cache in zip(shuffled.captions, shuffled.batch.caches))
+    assert all(
+        world.train.captions[row_of[id(cache)]] == caption
+        for caption, cache in zip(shuffled.captions, shuffled.batch.caches)
+    )
 
 
 def test_oracle_condition_is_the_attributes_one_hot(config):

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import trimesh
 
+from gap3d.data.occupancy import decode_occupancy, downsample, encode_occupancy, read_occupancy, surface_voxels
 from miniature import world as synth
 from miniature.shards import write_synth
-from gap3d.data.occupancy import decode_occupancy, downsample, encode_occupancy, read_occupancy, surface_voxels
 
 
 def box_shell(low: int, high: int, resolution: int) -> np.ndarray:

@@ -16,8 +16,8 @@ from gap3d.config import load_config
 from gap3d.data.encode import FeatureEncoder
 from gap3d.features.format import batch_from_rows
 from gap3d.flow import sample
-from miniature.checkpoints.paper_widths import write_paper_width_dino, write_paper_width_vlm
 from gap3d.training import AlignerTrainModule, batch_condition
+from miniature.checkpoints.paper_widths import write_paper_width_dino, write_paper_width_vlm
 
 CAPTIONS = ["a red cube", "a large blue sphere with a long caption that tokenises to more tokens"]
 
@@ -27,9 +27,18 @@ def config(tmp_path_factory):
     root = tmp_path_factory.mktemp("paper-widths")
     write_paper_width_vlm(root / "vlm", text_layers=1, vision_layers=1)
     write_paper_width_dino(root / "dino", layers=1)
-    return derive_shapes(load_config("paper", overrides=[
-        f"vlm.path={root / 'vlm'}", f"dino.path={root / 'dino'}", "vlm.dtype=float32", "dino.dtype=float32", "aligner.depth=1",
-    ]))
+    return derive_shapes(
+        load_config(
+            "paper",
+            overrides=[
+                f"vlm.path={root / 'vlm'}",
+                f"dino.path={root / 'dino'}",
+                "vlm.dtype=float32",
+                "dino.dtype=float32",
+                "aligner.depth=1",
+            ],
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +55,12 @@ def test_paper_shapes_are_the_trellis_and_qwen_shapes(config, feature_rows):
     assert encoder.manifest.dino_shape == [1374, 1024]
     assert encoder.manifest.cache_shape == [1, 2, 2, 128]  # 1 layer, keys+values, 2 KV heads of 128
     assert batch.dino.shape == (2, 1374, 1024)
-    assert (config.aligner.num_tokens, config.aligner.token_dim, config.aligner.cond_dim, config.aligner.num_cond_tokens) == (1374, 1024, 2048, 64)
+    assert (
+        config.aligner.num_tokens,
+        config.aligner.token_dim,
+        config.aligner.cond_dim,
+        config.aligner.num_cond_tokens,
+    ) == (1374, 1024, 2048, 64)
 
 
 def test_soft_latents_on_stored_caches_equal_the_full_forward(config, feature_rows):
@@ -77,7 +91,9 @@ def test_image_prompt_cache_follows_the_mrope_positions_of_the_full_forward(conf
 def test_one_training_step_reaches_the_aligner_and_the_soft_tokens(config, feature_rows):
     batch, encoder = feature_rows
     aligner = build_aligner(config, seed=0)
-    with torch.no_grad():  # leave the zero-init (closed gates, zero output), under which no gradient reaches the condition
+    with (
+        torch.no_grad()
+    ):  # leave the zero-init (closed gates, zero output), under which no gradient reaches the condition
         for param in aligner.parameters():
             param.add_(0.02 * torch.randn_like(param))
     module = AlignerTrainModule(aligner, config.flow, encoder.prompt_encoder)
@@ -95,8 +111,14 @@ def test_one_sampling_step_gives_trellis_shaped_tokens(config, feature_rows):
     torch.nn.init.normal_(aligner.final_layer.linear.weight, std=0.02)
     with torch.no_grad():
         cond = batch_condition(batch, encoder.prompt_encoder)
-        tokens = sample(aligner, cond, (config.aligner.num_tokens, config.aligner.token_dim), steps=1, cfg_scale=config.flow.cfg_scale,
-                        generator=torch.Generator().manual_seed(0))
+        tokens = sample(
+            aligner,
+            cond,
+            (config.aligner.num_tokens, config.aligner.token_dim),
+            steps=1,
+            cfg_scale=config.flow.cfg_scale,
+            generator=torch.Generator().manual_seed(0),
+        )
     assert tokens.shape == (2, 1374, 1024) and torch.isfinite(tokens).all()
     assert not torch.equal(tokens[0], tokens[1])  # the two prompts' conditions reach the output
 

@@ -5,12 +5,20 @@ import copy
 import pytest
 import torch
 
-from gap3d.config import AlignerConfig
 from gap3d.aligner import AlignerDiT
-from gap3d.config import load_config
+from gap3d.config import AlignerConfig, load_config
 from ray_jobs.parallelize import apply_activation_checkpointing, deepspeed_config
 
-CONFIG = AlignerConfig(token_dim=16, grid_size=4, num_special_tokens=5, cond_dim=12, num_cond_tokens=3, hidden_size=32, depth=2, num_heads=2)
+CONFIG = AlignerConfig(
+    token_dim=16,
+    grid_size=4,
+    num_special_tokens=5,
+    cond_dim=12,
+    num_cond_tokens=3,
+    hidden_size=32,
+    depth=2,
+    num_heads=2,
+)
 
 
 def aligner_pair() -> tuple[AlignerDiT, AlignerDiT]:

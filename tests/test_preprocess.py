@@ -23,10 +23,10 @@ from gap3d.build import build_encoders
 from gap3d.config import load_config
 from gap3d.data.images import resize_and_center_crop
 from gap3d.data.shards import Sample, decode_record, iter_shard_records, list_shards
-from miniature.shards import write_synth
 from gap3d.features.format import batch_from_rows
 from gap3d.features.identity import check_compatible, expected_manifest
 from gap3d.features.store import read_manifest
+from miniature.shards import write_synth
 from ray_jobs.pipeline import ENCODE_PRESETS, output_stems, stream_features
 from ray_jobs.preprocess import run_preprocess
 
@@ -144,7 +144,9 @@ def test_rerun_writes_nothing_new(s3_features, tiny_config):
     assert (summary["shards_written"], summary["rows_written"]) == (0, 0)
     assert summary["shards_already_complete"] == summary["shards_in"]
     after = file_versions(s3_features["features"])
-    assert {k: v for k, v in after.items() if k != "manifest.json"} == {k: v for k, v in before.items() if k != "manifest.json"}
+    assert {k: v for k, v in after.items() if k != "manifest.json"} == {
+        k: v for k, v in before.items() if k != "manifest.json"
+    }
 
 
 def test_streaming_dataset_yields_the_rows_preprocessing_writes(s3_features, tiny_config):
@@ -163,7 +165,11 @@ def test_streaming_dataset_yields_the_rows_preprocessing_writes(s3_features, tin
 def test_expected_manifest_describes_the_streamed_rows_like_the_written_manifest(s3_features, tiny_config):
     written = read_manifest(s3_features["features"])
     streamed = expected_manifest(tiny_config)
-    assert (streamed.encoders, streamed.dino_shape, streamed.cache_shape) == (written.encoders, written.dino_shape, written.cache_shape)
+    assert (streamed.encoders, streamed.dino_shape, streamed.cache_shape) == (
+        written.encoders,
+        written.dino_shape,
+        written.cache_shape,
+    )
 
 
 def test_features_from_other_encoders_are_refused(s3_features, tiny_config):
@@ -187,22 +193,34 @@ def test_frozen_soft_tokens_store_soft_latents(ray_cluster, tiny_config, tmp_pat
 def test_bad_records_of_every_kind_are_skipped_and_counted_while_good_rows_survive(ray_cluster, tiny_config, tmp_path):
     good = encoded_png(96)
     members = [
-        ("good0.png", good), ("good0.txt", b"a blue cube"),
-        ("garbage.png", b"not an image at all"), ("garbage.txt", b"a caption"),
+        ("good0.png", good),
+        ("good0.txt", b"a blue cube"),
+        ("garbage.png", b"not an image at all"),
+        ("garbage.txt", b"a caption"),
         ("nocaption.png", good),
-        ("blank.png", good), ("blank.txt", b"   \n"),
-        ("tiny.png", encoded_png(16)), ("tiny.txt", b"a small image"),
+        ("blank.png", good),
+        ("blank.txt", b"   \n"),
+        ("tiny.png", encoded_png(16)),
+        ("tiny.txt", b"a small image"),
         ("noimage.txt", b"a caption without an image"),
-        ("long.png", good), ("long.txt", " ".join(["a very long caption"] * 200).encode()),
-        ("good1.png", good), ("good1.txt", b"a blue sphere"),
-        ("cut.png", good), ("cut.txt", b"cut off by the end of the archive"),
+        ("long.png", good),
+        ("long.txt", " ".join(["a very long caption"] * 200).encode()),
+        ("good1.png", good),
+        ("good1.txt", b"a blue sphere"),
+        ("cut.png", good),
+        ("cut.txt", b"cut off by the end of the archive"),
     ]
     (tmp_path / "raw").mkdir()
     write_tar(tmp_path / "raw" / "bad.tar", members, cut_inside=b"cut off by the end")
     summary = run_preprocess(tiny_config, ENCODE, str(tmp_path / "raw"), str(tmp_path / "features"))
     assert summary["skipped"] == {
-        "corrupt_member": 1, "empty_caption": 1, "image_too_small": 1, "missing_caption": 1,
-        "missing_image": 1, "prompt_too_long": 1, "undecodable_image": 1,
+        "corrupt_member": 1,
+        "empty_caption": 1,
+        "image_too_small": 1,
+        "missing_caption": 1,
+        "missing_image": 1,
+        "prompt_too_long": 1,
+        "undecodable_image": 1,
     }
     assert (summary["rows_in"], summary["rows_written"]) == (9, 2)
     assert feature_table(str(tmp_path / "features")).column("key").to_pylist() == ["good0", "good1"]
@@ -212,7 +230,13 @@ def test_bad_records_of_every_kind_are_skipped_and_counted_while_good_rows_survi
 def test_parquet_input_with_a_bad_row_is_encoded(ray_cluster, tiny_config, tmp_path):
     (tmp_path / "raw").mkdir()
     pq.write_table(
-        pa.table({"key": ["p0", "p1", "p2"], "image": [encoded_png(80), b"\x89PNG broken", encoded_png(70)], "caption": ["a red cone", "broken", "a green torus"]}),
+        pa.table(
+            {
+                "key": ["p0", "p1", "p2"],
+                "image": [encoded_png(80), b"\x89PNG broken", encoded_png(70)],
+                "caption": ["a red cone", "broken", "a green torus"],
+            }
+        ),
         tmp_path / "raw" / "part-0.parquet",
     )
     summary = run_preprocess(tiny_config, ENCODE, f"file://{tmp_path / 'raw'}", str(tmp_path / "features"))
@@ -228,7 +252,9 @@ def test_two_inputs_that_would_write_the_same_feature_files_are_refused(tmp_path
         output_stems(list_shards(str(tmp_path)))
 
 
-def test_resumed_run_after_missing_and_partial_outputs_gives_exactly_the_full_output(ray_cluster, tiny_config, local_raw, tmp_path):
+def test_resumed_run_after_missing_and_partial_outputs_gives_exactly_the_full_output(
+    ray_cluster, tiny_config, local_raw, tmp_path
+):
     features = tmp_path / "features"
     run_preprocess(tiny_config, ENCODE, str(local_raw), str(features))
     full = feature_table(str(features))
@@ -255,8 +281,15 @@ def test_more_input_later_encodes_only_the_new_shards(ray_cluster, tiny_config, 
 
 def job_command(config, input_uri: str, output_uri: str, *overrides: str) -> list[str]:
     return [
-        sys.executable, "ray_jobs/preprocess.py", "--input", input_uri, "--output", output_uri,
-        "--preset", "tiny", *overrides,
+        sys.executable,
+        "ray_jobs/preprocess.py",
+        "--input",
+        input_uri,
+        "--output",
+        output_uri,
+        "--preset",
+        "tiny",
+        *overrides,
     ]
 
 
@@ -270,7 +303,9 @@ def job_env(ray_cluster) -> dict:
 
 def test_job_run_as_a_script_prints_a_json_summary(ray_cluster, tiny_config, local_raw, tmp_path):
     command = job_command(tiny_config, str(local_raw), str(tmp_path / "features"))
-    result = subprocess.run(command, cwd=REPO_ROOT, env=job_env(ray_cluster), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, env=job_env(ray_cluster), capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["rows_written"] == 16 and summary["skipped"] == {}
@@ -282,7 +317,9 @@ def test_job_killed_mid_run_then_resumed_gives_every_row_once(ray_cluster, tiny_
     write_synth(str(raw), 16, seed=9, shard_size=2)
     # One sample per encoder call keeps the job busy long enough to be killed between shards.
     command = job_command(tiny_config, str(raw), str(features), "encode.encode_batch_size=1")
-    job = subprocess.Popen(command, cwd=REPO_ROOT, env=job_env(ray_cluster), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=job_env(ray_cluster), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 240
         while not list(features.glob("shards/*.json")) and job.poll() is None and time.monotonic() < deadline:

@@ -16,8 +16,8 @@ import pytest
 import ray
 from PIL import Image
 
-from miniature.img2dataset import Download, sample_key, write_img2dataset_shard
 from gap3d.features.store import feature_files, read_manifest
+from miniature.img2dataset import Download, sample_key, write_img2dataset_shard
 from ray_jobs.pipeline import ENCODE_PRESETS, KeyRegistry
 from ray_jobs.preprocess import run_preprocess
 
@@ -41,7 +41,11 @@ def write_tar(path: Path, members: list[tuple[str, bytes]], mode: str = "w") -> 
 
 
 def keys_written(features: Path) -> list[str]:
-    return sorted(key for path in feature_files(str(features)) for key in pq.read_table(path, columns=["key"]).column("key").to_pylist())
+    return sorted(
+        key
+        for path in feature_files(str(features))
+        for key in pq.read_table(path, columns=["key"]).column("key").to_pylist()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +53,27 @@ def mixed(ray_cluster, tiny_config, tmp_path_factory) -> dict:
     """img2dataset output (2 shards, one failed download), a .tar.gz with duplicate keys, a metadata-only Parquet,
     and the output directory inside the input; preprocessed once with 3-record chunks."""
     raw = tmp_path_factory.mktemp("mixed")
-    downloads = [[Download(f"a red cube number {i}", jpeg(i)) for i in range(5)], [Download("a blue cone", jpeg(10)), Download("lost", None)]]
+    downloads = [
+        [Download(f"a red cube number {i}", jpeg(i)) for i in range(5)],
+        [Download("a blue cone", jpeg(10)), Download("lost", None)],
+    ]
     for index, shard in enumerate(downloads):
         write_img2dataset_shard(str(raw), index, shard)
     # A duplicate of an img2dataset key from another shard, a key repeated inside this one, and a member out of place.
-    write_tar(raw / "extra.tar.gz", [
-        (f"{sample_key(0, 1)}.jpg", jpeg(1)), (f"{sample_key(0, 1)}.txt", b"a copy"),
-        ("x1.jpg", jpeg(21)), ("x2.jpg", jpeg(22)), ("x2.txt", b"a green torus"), ("x1.txt", b"a yellow ring"),
-        ("x2.jpg", jpeg(23)), ("x2.txt", b"the same key again"),
-    ], mode="w:gz")
+    write_tar(
+        raw / "extra.tar.gz",
+        [
+            (f"{sample_key(0, 1)}.jpg", jpeg(1)),
+            (f"{sample_key(0, 1)}.txt", b"a copy"),
+            ("x1.jpg", jpeg(21)),
+            ("x2.jpg", jpeg(22)),
+            ("x2.txt", b"a green torus"),
+            ("x1.txt", b"a yellow ring"),
+            ("x2.jpg", jpeg(23)),
+            ("x2.txt", b"the same key again"),
+        ],
+        mode="w:gz",
+    )
     pq.write_table(pa.table({"url": ["https://a"], "caption": ["no image column"]}), raw / "links.parquet")
     features = raw / "features"
     encode = ENCODE.__class__(**{**ENCODE.__dict__, "chunk_size": 3})
@@ -78,7 +94,10 @@ def test_gzipped_tar_shard_is_read(mixed):
 def test_parquet_without_image_column_is_skipped_with_its_path_and_the_job_goes_on(mixed):
     unreadable = mixed["summary"]["shards_unreadable"]
     assert [entry["input"] for entry in unreadable] == [str(mixed["raw"] / "links.parquet")]
-    assert "lacks column(s) ['image']" in unreadable[0]["error"] and str(mixed["raw"] / "links.parquet") in unreadable[0]["error"]
+    assert (
+        "lacks column(s) ['image']" in unreadable[0]["error"]
+        and str(mixed["raw"] / "links.parquet") in unreadable[0]["error"]
+    )
     assert mixed["summary"]["skipped"]["unreadable_shard"] == 1
 
 
@@ -98,8 +117,13 @@ def test_members_of_one_sample_are_grouped_even_when_not_adjacent(mixed):
 
 def test_shards_are_written_as_chunk_files_that_the_manifest_lists(mixed):
     manifest = read_manifest(str(mixed["features"]))
-    assert sorted(manifest.shards["00000"]["files"]) == ["00000.00000.parquet", "00000.00001.parquet"]  # 5 records, chunks of 3
-    assert sum(pq.read_metadata(p).num_rows for p in feature_files(str(mixed["features"]))) == manifest.totals["rows"] == 8
+    assert sorted(manifest.shards["00000"]["files"]) == [
+        "00000.00000.parquet",
+        "00000.00001.parquet",
+    ]  # 5 records, chunks of 3
+    assert (
+        sum(pq.read_metadata(p).num_rows for p in feature_files(str(mixed["features"]))) == manifest.totals["rows"] == 8
+    )
 
 
 def test_output_inside_the_input_is_not_read_back_as_input(mixed, tiny_config):
@@ -114,8 +138,19 @@ def test_changed_input_shard_is_encoded_again_and_totals_count_every_run(ray_clu
     first = run_preprocess(tiny_config, ENCODE, str(raw), str(features))
     write_img2dataset_shard(str(raw), 1, [Download("a blue cone", jpeg(7)), Download("a tall green cylinder", jpeg(8))])
     second = run_preprocess(tiny_config, ENCODE, str(raw), str(features))
-    assert (first["rows_written"], second["shards_changed"], second["shards_written"], second["rows_written"]) == (4, 1, 1, 2)
-    assert keys_written(features) == [sample_key(0, 0), sample_key(0, 1), sample_key(0, 2), sample_key(1, 0), sample_key(1, 1)]
+    assert (first["rows_written"], second["shards_changed"], second["shards_written"], second["rows_written"]) == (
+        4,
+        1,
+        1,
+        2,
+    )
+    assert keys_written(features) == [
+        sample_key(0, 0),
+        sample_key(0, 1),
+        sample_key(0, 2),
+        sample_key(1, 0),
+        sample_key(1, 1),
+    ]
     assert second["totals_all_runs"]["rows"] == read_manifest(str(features)).totals["rows"] == 5
 
 

@@ -1,4 +1,5 @@
-"""What a rerun of the training job may change (ray_jobs/resume.py), decided on the driver from the checkpoint's files."""
+"""What a rerun of the training job may change (ray_jobs/resume.py), decided on the driver from the checkpoint's "
+"files."""
 
 import json
 import logging
@@ -23,7 +24,9 @@ def write_checkpoint(run, step, *overrides, lr_continuation=None, data=DATA):
     with tempfile.TemporaryDirectory() as directory:
         save_config(config, Path(directory) / "config.yaml", {"scaling": sections["scaling"]})
         files = {"config.yaml": (Path(directory) / "config.yaml").read_bytes()}
-    files["progress.json"] = json.dumps({"step": step, "epoch": 0, "batches_in_epoch": step, "data": data, "lr_continuation": lr_continuation}).encode()
+    files["progress.json"] = json.dumps(
+        {"step": step, "epoch": 0, "batches_in_epoch": step, "data": data, "lr_continuation": lr_continuation}
+    ).encode()
     return write_complete_checkpoint(str(run), step, {0: files})
 
 
@@ -43,7 +46,10 @@ def test_the_newest_complete_checkpoint_is_resumed(tmp_path):
     assert plan(tmp_path) == ResumePlan(str(tmp_path / f"checkpoint_{STEP:08d}"), STEP, None)
 
 
-@pytest.mark.parametrize("override", ["scaling.num_workers=4", "scaling.zero_stage=2", "train.global_batch_size=32", "train.seed=3", "aligner.depth=3"])
+@pytest.mark.parametrize(
+    "override",
+    ["scaling.num_workers=4", "scaling.zero_stage=2", "train.global_batch_size=32", "train.seed=3", "aligner.depth=3"],
+)
 def test_a_change_that_moves_weights_or_data_position_fails_naming_the_key(tmp_path, override):
     write_checkpoint(tmp_path, STEP)
     key = override.split("=")[0]
@@ -80,7 +86,9 @@ def test_a_new_lr_rescales_the_lr_from_the_checkpoint_on(tmp_path):
     saved = small_job("train.max_steps=100")[0].train
     config = small_job("train.max_steps=100", f"train.lr={saved.lr / 2}")[0]
     continuation = plan(tmp_path, f"train.lr={saved.lr / 2}").lr_continuation
-    assert config.train.lr * lr_multiplier(STEP, config.train, continuation) == pytest.approx(saved.lr * lr_multiplier(STEP, saved) / 2)
+    assert config.train.lr * lr_multiplier(STEP, config.train, continuation) == pytest.approx(
+        saved.lr * lr_multiplier(STEP, saved) / 2
+    )
 
 
 def test_an_earlier_continuation_is_carried_when_nothing_else_changes(tmp_path):

@@ -1,4 +1,5 @@
-"""Which checkpoints of a run count (ray_jobs/run_checkpoints.py): completion records, fallback, set-aside, retention."""
+"""Which checkpoints of a run count (ray_jobs/run_checkpoints.py): completion records, fallback, set-aside, "
+"retention."""
 
 import logging
 import os
@@ -15,10 +16,14 @@ OPTIMIZER = "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"
 def write_steps(run_uri: str, *steps: int) -> None:
     """Complete checkpoints of two ranks, as training writes them."""
     for step in steps:
-        write_complete_checkpoint(run_uri, step, {
-            0: {"progress.json": b'{"step": %d}' % step, "deepspeed/mp_rank_00_model_states.pt": os.urandom(4096)},
-            1: {OPTIMIZER: os.urandom(8192), "rng_rank1.pt": b"rng"},
-        })
+        write_complete_checkpoint(
+            run_uri,
+            step,
+            {
+                0: {"progress.json": b'{"step": %d}' % step, "deepspeed/mp_rank_00_model_states.pt": os.urandom(4096)},
+                1: {OPTIMIZER: os.urandom(8192), "rng_rank1.pt": b"rng"},
+            },
+        )
 
 
 def truncate(path, size: int) -> None:
@@ -86,7 +91,9 @@ def test_a_step_written_again_does_not_count_until_its_new_record_is_written(tmp
 def test_no_record_is_written_when_a_ranks_file_is_not_in_storage(tmp_path):
     run = RunStorage.at(str(tmp_path))
     files = {"rng_rank1.pt": {"size": 3, "sha256": "0" * 64}}  # uploaded to another node's disk, say
-    with pytest.raises(RuntimeError, match="rng_rank1.pt, written by rank 1 on node b, is missing in storage as rank 0 sees it"):
+    with pytest.raises(
+        RuntimeError, match="rng_rank1.pt, written by rank 1 on node b, is missing in storage as rank 0 sees it"
+    ):
         run.write_record(10, [{"rank": 1, "node": "b", "files": files}])
     assert not (tmp_path / "checkpoint_00000010" / RECORD_NAME).exists()
 

@@ -1,4 +1,5 @@
-"""The composed GAP3D service over real HTTP: `serve run` of the shipped config against the session's Ray (tests/serving.py)."""
+"""The composed GAP3D service over real HTTP: `serve run` of the shipped config against the session's Ray "
+"(tests/serving.py)."""
 
 import base64
 import io
@@ -14,6 +15,7 @@ from PIL import Image
 
 from gap3d.generation import TextTo3D, align
 from tests.serving import AUTH, post
+
 
 @pytest.fixture(scope="module")
 def in_process(serve_artifacts):
@@ -36,7 +38,9 @@ def test_generate_returns_a_glb_that_trimesh_loads_with_stage_timings(service):
 
 
 def test_text_and_image_prompt_generates_a_ply(service):
-    response = post(service, "/v1/generate", {"prompt": "a cube like this", "image": png_base64(), "format": "ply", "seed": 1})
+    response = post(
+        service, "/v1/generate", {"prompt": "a cube like this", "image": png_base64(), "format": "ply", "seed": 1}
+    )
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/ply"
     assert len(trimesh.load(io.BytesIO(response.content), file_type="ply").faces) > 0
@@ -60,8 +64,15 @@ def test_generate_equals_the_in_process_pipeline_byte_for_byte(service, in_proce
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        direct = in_process.generate("a medium green sphere", None, seed=5, steps=4, cfg_scale=in_process.export.config.flow.cfg_scale,
-                                     file_format="glb", target_faces=target_faces)
+        direct = in_process.generate(
+            "a medium green sphere",
+            None,
+            seed=5,
+            steps=4,
+            cfg_scale=in_process.export.config.flow.cfg_scale,
+            file_format="glb",
+            target_faces=target_faces,
+        )
     finally:
         torch.set_num_threads(threads)
     assert response.content == direct
@@ -102,14 +113,21 @@ def test_bad_input_gets_a_4xx_naming_the_field(service, body, status, field):
 
 
 def test_oversized_body_is_rejected_before_parsing(service):
-    response = httpx.post(f"{service}/v1/generate", content=b"{" + b" " * (33 * 1024 * 1024) + b"}",
-                          headers={**AUTH, "content-type": "application/json"}, timeout=60)
+    response = httpx.post(
+        f"{service}/v1/generate",
+        content=b"{" + b" " * (33 * 1024 * 1024) + b"}",
+        headers={**AUTH, "content-type": "application/json"},
+        timeout=60,
+    )
     assert response.status_code == 413
 
 
 def test_requests_without_a_valid_key_get_401_but_the_probes_stay_open(service):
     assert post(service, "/v1/generate", {"prompt": "a cone"}, headers={}).status_code == 401
-    assert post(service, "/v1/generate", {"prompt": "a cone"}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert (
+        post(service, "/v1/generate", {"prompt": "a cone"}, headers={"Authorization": "Bearer wrong"}).status_code
+        == 401
+    )
     assert httpx.get(f"{service}/healthz", timeout=10).json() == {"status": "alive"}
     assert httpx.get(f"{service}/readyz", timeout=10).json()["status"] == "ready"
 
@@ -137,15 +155,35 @@ def test_metrics_are_scrapeable_in_prometheus_format(service):
     post(service, "/v1/embed", {"prompt": "a cone", "steps": 2})
     text = httpx.get(f"{service}/metrics", headers=AUTH, timeout=30).text
     assert 'gap3d_requests_total{route="/v1/embed",status="200"}' in text
-    assert 'gap3d_stage_seconds_bucket{le="0.01",outcome="ok",stage="aligner"}' in text and "gap3d_aligner_batch_size_count" in text
-    for family in ("gap3d_stage_errors", "gap3d_stage_requests_waiting", "gap3d_requests_cancelled", "gap3d_jobs", "gap3d_generations_admitted"):
+    assert (
+        'gap3d_stage_seconds_bucket{le="0.01",outcome="ok",stage="aligner"}' in text
+        and "gap3d_aligner_batch_size_count" in text
+    )
+    for family in (
+        "gap3d_stage_errors",
+        "gap3d_stage_requests_waiting",
+        "gap3d_requests_cancelled",
+        "gap3d_jobs",
+        "gap3d_generations_admitted",
+    ):
         assert f"# TYPE {family}" in text
 
 
 def test_openapi_documents_the_versioned_routes(service):
     paths = httpx.get(f"{service}/openapi.json", headers=AUTH, timeout=30).json()["paths"]
-    assert {"/v1/generate", "/v1/embed", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/result", "/v1/models", "/healthz", "/readyz",
-            "/generate", "/send", "/status/{uid}"} <= set(paths)
+    assert {
+        "/v1/generate",
+        "/v1/embed",
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/result",
+        "/v1/models",
+        "/healthz",
+        "/readyz",
+        "/generate",
+        "/send",
+        "/status/{uid}",
+    } <= set(paths)
 
 
 @pytest.mark.parametrize("path", ["serve/config.yaml", "serve/config.gpu.yaml"])
@@ -164,4 +202,7 @@ def test_shipped_configs_admit_by_the_decoders_concurrency_and_scale_jobs_on_the
     deployments = {d["name"]: d for d in application["deployments"]}
     assert application["args"]["limits"]["decoder_slots_per_replica"] == deployments["Decoder"]["max_ongoing_requests"]
     policy = deployments["JobRunner"]["autoscaling_config"]["policy"]["policy_kwargs"]
-    assert (policy["broker_url"], policy["queue_name"]) == (application["args"]["jobs"]["broker"], application["args"]["jobs"]["queue"])
+    assert (policy["broker_url"], policy["queue_name"]) == (
+        application["args"]["jobs"]["broker"],
+        application["args"]["jobs"]["queue"],
+    )

@@ -20,8 +20,18 @@ def test_the_configured_bearer_token_is_accepted():
 
 @pytest.mark.parametrize(
     "authorization",
-    [None, b"", b"Bearer", b"Bearer ", b"Bearer wrong-key", b"Basic test-key-123", b"test-key-123", "Bearer cl\u00e9".encode("latin-1"),
-     "Bearer \u043a\u043b\u044e\u0447".encode("utf-8"), b"Bearer test-key-123\xff"],
+    [
+        None,
+        b"",
+        b"Bearer",
+        b"Bearer ",
+        b"Bearer wrong-key",
+        b"Basic test-key-123",
+        b"test-key-123",
+        "Bearer cl\u00e9".encode("latin-1"),
+        "Bearer \u043a\u043b\u044e\u0447".encode("utf-8"),
+        b"Bearer test-key-123\xff",
+    ],
 )
 def test_a_missing_wrong_or_malformed_credential_is_refused(authorization):
     assert not authorized(request("/v1/generate", authorization), KEYS)
@@ -32,7 +42,9 @@ def test_the_probes_need_no_key(path):
     assert authorized(request(path, None), KEYS)
 
 
-@pytest.mark.parametrize("path", ["/docs", "/openapi.json", "/redoc", "/metrics", "/generate", "/send", "/status/abc", "/v1/jobs"])
+@pytest.mark.parametrize(
+    "path", ["/docs", "/openapi.json", "/redoc", "/metrics", "/generate", "/send", "/status/abc", "/v1/jobs"]
+)
 def test_every_other_route_needs_a_key(path):
     assert not authorized(request(path, None), KEYS)
 

@@ -12,7 +12,11 @@ from tests.test_serve import png_base64
 
 
 def test_generate_with_text_returns_the_file_bytes(service):
-    response = post(service, "/generate", {"text": "a small red cone", "seed": 3, "octree_resolution": 256, "texture": False, "type": "glb"})
+    response = post(
+        service,
+        "/generate",
+        {"text": "a small red cone", "seed": 3, "octree_resolution": 256, "texture": False, "type": "glb"},
+    )
     assert response.status_code == 200, response.text
     assert len(trimesh.load(io.BytesIO(response.content), file_type="glb", force="mesh").faces) > 0
 

@@ -1,6 +1,7 @@
 """Async jobs over real HTTP: submit, poll, result, cancel, idempotency, and a JobRunner killed with a job in flight."""
 
 import io
+
 import httpx
 import trimesh
 
@@ -14,13 +15,17 @@ def job(service: str, job_id: str) -> dict:
 
 
 def wait_until_ended(service: str, job_id: str, timeout_s: float = 120) -> dict:
-    return wait_for(lambda: (state := job(service, job_id))["status"] in ENDED and state, timeout_s, 0.2, f"job {job_id} ending")
+    return wait_for(
+        lambda: (state := job(service, job_id))["status"] in ENDED and state, timeout_s, 0.2, f"job {job_id} ending"
+    )
 
 
 def submit_long_job(service: str) -> str:
     """A job with the most sampling steps the limits allow (seconds of work), once it is running."""
     job_id = post(service, "/v1/jobs", {"prompt": "a large blue cube", "seed": 5, "steps": 50}).json()["id"]
-    wait_for(lambda: job(service, job_id)["status"] != "queued", timeout_s=60, interval_s=0.02, what=f"job {job_id} starting")
+    wait_for(
+        lambda: job(service, job_id)["status"] != "queued", timeout_s=60, interval_s=0.02, what=f"job {job_id} starting"
+    )
     return job_id
 
 

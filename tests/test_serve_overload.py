@@ -32,9 +32,15 @@ def test_a_decoder_replica_killed_mid_request_costs_that_request_only(service):
         # router may still place it on the replacement. On a loaded machine a request may also end first (refused by
         # admission, or decoded between two looks): then send another, a bounded number of times.
         for _ in range(ATTEMPTS):
-            in_flight = pool.submit(post, service, "/v1/generate", {"prompt": "a blue cube", "seed": 3}, timeout=CLIENT_TIMEOUT_S)
-            wait_for(lambda: in_flight.done() or ongoing_on(decoders) >= 1, timeout_s=CLIENT_TIMEOUT_S, interval_s=0.01,
-                     what="the request accepted by a Decoder replica, or ended")
+            in_flight = pool.submit(
+                post, service, "/v1/generate", {"prompt": "a blue cube", "seed": 3}, timeout=CLIENT_TIMEOUT_S
+            )
+            wait_for(
+                lambda request=in_flight: request.done() or ongoing_on(decoders) >= 1,
+                timeout_s=CLIENT_TIMEOUT_S,
+                interval_s=0.01,
+                what="the request accepted by a Decoder replica, or ended",
+            )
             if not in_flight.done():
                 break
         else:

@@ -1,4 +1,5 @@
-"""How the service waits on a stage call: its errors as HTTP errors, its deadline and cancellation (in-process, no cluster)."""
+"""How the service waits on a stage call: its errors as HTTP errors, its deadline and cancellation (in-process, no "
+"cluster)."""
 
 import asyncio
 import time
@@ -15,7 +16,8 @@ from serve.stage_calls import StageCaller
 
 
 class StageResponse:
-    """Stands in for a DeploymentResponse: awaiting it runs `coroutine`; cancel() is recorded as Serve would act on it."""
+    """Stands in for a DeploymentResponse: awaiting it runs `coroutine`; cancel() is recorded as Serve would act on "
+    "it."""
 
     def __init__(self, coroutine):
         self.coroutine, self.cancelled = coroutine, False
@@ -36,8 +38,18 @@ async def _sleep(seconds: float, value=42):
     return value
 
 
-def call(response: StageResponse, token: CancelToken | None = None, metrics: ServiceMetrics | None = None, timings: dict | None = None):
-    caller = StageCaller(token or CancelToken(time.time() + 60), metrics or ServiceMetrics(), {} if timings is None else timings, deadline_s=60)
+def call(
+    response: StageResponse,
+    token: CancelToken | None = None,
+    metrics: ServiceMetrics | None = None,
+    timings: dict | None = None,
+):
+    caller = StageCaller(
+        token or CancelToken(time.time() + 60),
+        metrics or ServiceMetrics(),
+        {} if timings is None else timings,
+        deadline_s=60,
+    )
     return asyncio.run(caller("decoder", response))
 
 
@@ -104,7 +116,9 @@ def test_a_client_gone_cancels_the_stage_call():
     response = StageResponse(_sleep(30))
 
     async def run():
-        task = asyncio.ensure_future(StageCaller(CancelToken(time.time() + 60), ServiceMetrics(), {}, deadline_s=60)("decoder", response))
+        task = asyncio.ensure_future(
+            StageCaller(CancelToken(time.time() + 60), ServiceMetrics(), {}, deadline_s=60)("decoder", response)
+        )
         await asyncio.sleep(0.3)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

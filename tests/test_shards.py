@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from gap3d import storage
-from miniature.img2dataset import Download, sample_key, write_img2dataset_shard
 from gap3d.data.shards import (
     SKIP_REASONS,
     Sample,
@@ -23,6 +22,7 @@ from gap3d.data.shards import (
     iter_tar_records,
     list_shards,
 )
+from miniature.img2dataset import Download, sample_key, write_img2dataset_shard
 
 
 def encoded_image(size=(80, 80), color=(200, 30, 30), mode="RGB", fmt="PNG") -> bytes:
@@ -107,9 +107,22 @@ def test_members_of_a_sample_are_grouped_by_key_when_not_adjacent():
 
 
 def test_a_second_image_under_an_emitted_key_is_a_duplicate():
-    data = tar_bytes([("a.png", GOOD_PNG), ("a.txt", b"first"), ("b.png", GOOD_PNG), ("b.txt", b"bee"), ("a.png", GOOD_PNG), ("a.txt", b"again")])
+    data = tar_bytes(
+        [
+            ("a.png", GOOD_PNG),
+            ("a.txt", b"first"),
+            ("b.png", GOOD_PNG),
+            ("b.txt", b"bee"),
+            ("a.png", GOOD_PNG),
+            ("a.txt", b"again"),
+        ]
+    )
     records = list(iter_tar_records(io.BytesIO(data)))
-    assert [(r.key, r.caption, r.skip_reason) for r in records] == [("a", "first", None), ("b", "bee", None), ("a", None, "duplicate_key")]
+    assert [(r.key, r.caption, r.skip_reason) for r in records] == [
+        ("a", "first", None),
+        ("b", "bee", None),
+        ("a", None, "duplicate_key"),
+    ]
 
 
 def test_gzipped_tar_shards_are_listed_and_read(tmp_path):
@@ -119,7 +132,10 @@ def test_gzipped_tar_shards_are_listed_and_read(tmp_path):
     for name in ("a.tar.gz", "b.tgz"):
         (tmp_path / name).write_bytes(gzip.compress(payload))
     shards = list_shards(str(tmp_path))
-    assert [(s.shard_id, s.stem, s.format) for s in shards] == [("a.tar.gz", "a", "webdataset"), ("b.tgz", "b", "webdataset")]
+    assert [(s.shard_id, s.stem, s.format) for s in shards] == [
+        ("a.tar.gz", "a", "webdataset"),
+        ("b.tgz", "b", "webdataset"),
+    ]
     assert [decode_record(r).caption for s in shards for r in iter_shard_records(s)] == ["zipped", "zipped"]
 
 
@@ -134,7 +150,8 @@ def test_img2dataset_metadata_parquet_is_the_tars_sidecar_not_a_shard(tmp_path):
     for uri in (str(tmp_path), str(tmp_path / "*.tar")):
         shards = list_shards(uri)
         assert [(s.shard_id, s.metadata_uri) for s in shards] == [
-            ("00000.tar", str(tmp_path / "00000.parquet")), ("00001.tar", str(tmp_path / "00001.parquet")),
+            ("00000.tar", str(tmp_path / "00000.parquet")),
+            ("00001.tar", str(tmp_path / "00001.parquet")),
         ]
 
 
@@ -150,7 +167,10 @@ def test_listing_leaves_out_the_output_directory(tmp_path):
     img2dataset_dir(tmp_path)
     (tmp_path / "features").mkdir()
     pq.write_table(parquet_table([(GOOD_PNG, "x")], with_key=True), tmp_path / "features" / "00000.00000.parquet")
-    assert [s.shard_id for s in list_shards(str(tmp_path), exclude=str(tmp_path / "features"))] == ["00000.tar", "00001.tar"]
+    assert [s.shard_id for s in list_shards(str(tmp_path), exclude=str(tmp_path / "features"))] == [
+        "00000.tar",
+        "00001.tar",
+    ]
 
 
 def test_listed_shards_carry_the_identity_that_changes_with_their_content(tmp_path):
@@ -224,7 +244,10 @@ def test_bytes_that_are_not_a_tar_give_one_corrupt_member():
 
 
 def parquet_table(rows: list[tuple], with_key: bool) -> pa.Table:
-    columns = {"image": pa.array([r[0] for r in rows], pa.binary()), "caption": pa.array([r[1] for r in rows], pa.string())}
+    columns = {
+        "image": pa.array([r[0] for r in rows], pa.binary()),
+        "caption": pa.array([r[1] for r in rows], pa.string()),
+    }
     if with_key:
         columns["key"] = pa.array([f"id{i}" for i in range(len(rows))])
     return pa.table(columns)
@@ -266,7 +289,9 @@ def test_parquet_base64_images_are_decoded(tmp_path):
 
     path = tmp_path / "part.parquet"
     text = base64.b64encode(GOOD_PNG).decode()
-    pq.write_table(pa.table({"image": [text, f"data:image/png;base64,{text}", "not base64 !"], "caption": ["a", "b", "c"]}), path)
+    pq.write_table(
+        pa.table({"image": [text, f"data:image/png;base64,{text}", "not base64 !"], "caption": ["a", "b", "c"]}), path
+    )
     results = decode_all(iter_parquet_records(str(path)))
     assert [getattr(r, "reason", "ok") for r in results] == ["ok", "ok", "undecodable_image"]
 
@@ -274,7 +299,11 @@ def test_parquet_base64_images_are_decoded(tmp_path):
 def test_parquet_rows_with_a_repeated_key_are_duplicates(tmp_path):
     path = tmp_path / "part.parquet"
     pq.write_table(pa.table({"key": ["a", "b", "a"], "image": [GOOD_PNG] * 3, "caption": ["x", "y", "z"]}), path)
-    assert [(r.key, r.skip_reason) for r in iter_parquet_records(str(path))] == [("a", None), ("b", None), ("a", "duplicate_key")]
+    assert [(r.key, r.skip_reason) for r in iter_parquet_records(str(path))] == [
+        ("a", None),
+        ("b", None),
+        ("a", "duplicate_key"),
+    ]
 
 
 def test_parquet_without_caption_column_raises_naming_the_columns(tmp_path):

@@ -8,7 +8,17 @@ import torch
 from gap3d.trellis.decoder import Decoder
 from gap3d.trellis.stage1_training import Stage1Config, Stage1Trainer
 
-TOY = {"resolution": 8, "vae_channels": [4, 8], "flow_width": 16, "flow_blocks": 1, "flow_heads": 2, "vae_steps": 3, "flow_steps": 3, "vae_batch_size": 2, "flow_batch_size": 2}
+TOY = {
+    "resolution": 8,
+    "vae_channels": [4, 8],
+    "flow_width": 16,
+    "flow_blocks": 1,
+    "flow_heads": 2,
+    "vae_steps": 3,
+    "flow_steps": 3,
+    "vae_batch_size": 2,
+    "flow_batch_size": 2,
+}
 
 
 def toy_data(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:

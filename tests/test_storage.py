@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 import s3fs
 
-from gap3d.storage import STAGING_DIR, is_remote, local_dir, remove_partial_files, remove_stale_staging, staging_dir, temp_file_for, upload_dir
+from gap3d.storage import (
+    STAGING_DIR,
+    is_remote,
+    local_dir,
+    remove_partial_files,
+    remove_stale_staging,
+    staging_dir,
+    temp_file_for,
+    upload_dir,
+)
 
 
 def test_remote_schemes_are_recognised():
@@ -113,7 +122,9 @@ def test_a_staging_directory_lives_in_this_processes_staging_and_is_removed_on_e
 
 def test_staging_of_writers_that_are_gone_is_removed_and_of_live_ones_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead, alive = tmp_path / STAGING_DIR / finished.stdout.strip(), tmp_path / STAGING_DIR / str(os.getpid())
     for directory in (dead, alive):
         directory.mkdir(parents=True)

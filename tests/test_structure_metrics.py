@@ -21,7 +21,9 @@ def test_iou_counts_shared_voxels_over_all_occupied_ones():
 
 def test_two_empty_grids_agree_and_an_empty_guess_scores_zero():
     empty, full = grid(), grid((1, 2, 3))
-    torch.testing.assert_close(occupancy_iou(torch.stack([empty, empty]), torch.stack([empty, full])), torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(
+        occupancy_iou(torch.stack([empty, empty]), torch.stack([empty, full])), torch.tensor([1.0, 0.0])
+    )
 
 
 def test_pairwise_iou_matches_the_per_pair_computation():
@@ -42,5 +44,11 @@ def test_nearest_label_is_the_label_of_the_most_overlapping_reference():
 
 def test_structure_metrics_report_iou_shape_accuracy_and_size():
     cube, ring = grid((0, 0, 0), (0, 0, 1)), grid((3, 3, 3), (3, 3, 2))
-    metrics = structure_metrics(torch.stack([cube, cube]), torch.stack([cube, ring]), ["cube", "torus"], torch.stack([cube, ring]), ["cube", "torus"])
+    metrics = structure_metrics(
+        torch.stack([cube, cube]),
+        torch.stack([cube, ring]),
+        ["cube", "torus"],
+        torch.stack([cube, ring]),
+        ["cube", "torus"],
+    )
     assert metrics == {"iou": 0.5, "shape_accuracy": 0.5, "voxels": 2.0}

@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from gap3d import storage
+from gap3d.data.shards import decode_record, iter_shard_records, list_shards
 from gap3d.evaluation import caption_labels
 from miniature import world
-from miniature.shards import write_synth
 from miniature.render import DEFAULT_CAMERA, project, rasterize
-from gap3d.data.shards import decode_record, iter_shard_records, list_shards
+from miniature.shards import write_synth
 
 NUM, SHARD_SIZE, IMAGE_SIZE = 150, 32, 96
 
@@ -121,12 +121,18 @@ def test_every_shape_and_colour_word_occurs_in_train(samples):
 def test_caption_names_the_shape_and_the_colour_and_nothing_else(samples):
     for attributes, _ in samples["train"] + samples["eval"]:
         caption = attributes["caption"]
-        assert caption_labels([caption], world.ATTRIBUTES) == {"shape": [attributes["shape"]], "color": [attributes["color"]]}
+        assert caption_labels([caption], world.ATTRIBUTES) == {
+            "shape": [attributes["shape"]],
+            "color": [attributes["color"]],
+        }
         assert not any(word in caption for word in ("left", "right", "small", "large"))
 
 
 def test_caption_labels_need_exactly_one_value_of_each_attribute_in_every_caption():
-    assert caption_labels(["The cube is RED.", "one blue torus"], world.ATTRIBUTES) == {"shape": ["cube", "torus"], "color": ["red", "blue"]}
+    assert caption_labels(["The cube is RED.", "one blue torus"], world.ATTRIBUTES) == {
+        "shape": ["cube", "torus"],
+        "color": ["red", "blue"],
+    }
     assert caption_labels(["a red cube and a blue cube"], world.ATTRIBUTES) is None
     assert caption_labels(["a red cube", "a photo of a dog"], world.ATTRIBUTES) is None
 
@@ -161,6 +167,7 @@ def test_object_mesh_lies_in_the_unit_cube_with_its_longest_side_one():
 
 def test_shapes_differ_in_silhouette_more_than_one_shape_under_its_turns():
     """What the caption does not say (yaw, elevation, light) changes the image far less than the shape does."""
+
     def mask(scene):
         return world.render_scene(scene, 48).max(axis=2) > 0
 
@@ -169,7 +176,9 @@ def test_shapes_differ_in_silhouette_more_than_one_shape_under_its_turns():
 
     for shape in ("cone", "torus", "cube"):
         within = np.mean([(mask(scene(shape, 0.0)) != mask(scene(shape, yaw))).mean() for yaw in (-40.0, 40.0)])
-        between = np.mean([(mask(scene(shape, 0.0)) != mask(scene(other, 0.0))).mean() for other in world.SHAPES if other != shape])
+        between = np.mean(
+            [(mask(scene(shape, 0.0)) != mask(scene(other, 0.0))).mean() for other in world.SHAPES if other != shape]
+        )
         assert within < between, shape
 
 
@@ -210,7 +219,10 @@ def test_synth_command_writes_shards(tmp_path):
     assert main(["--out", str(tmp_path), "--num", "5", "--seed", "4", "--image-size", "32"]) == 0
     summary = json.loads((tmp_path / "synth.json").read_text())
     assert summary["num"] == 5 and summary["image_size"] == 32 and summary["seed"] == 4
-    assert summary["attributes"] == {"shape": list(world.SHAPES), "color": list(world.COLORS)}  # what evaluation reads captions with
+    assert summary["attributes"] == {
+        "shape": list(world.SHAPES),
+        "color": list(world.COLORS),
+    }  # what evaluation reads captions with
 
 
 def test_importing_the_synthetic_world_does_not_import_torch():

@@ -1,4 +1,5 @@
-"""ray_jobs/train_decoder.py: stage-1 training under Ray Train, checkpointed like the aligner, exported as a TRELLIS release."""
+"""ray_jobs/train_decoder.py: stage-1 training under Ray Train, checkpointed like the aligner, exported as a TRELLIS "
+"release."""
 
 import json
 
@@ -7,16 +8,26 @@ import torch
 import yaml
 
 from gap3d.data.occupancy import downsample, encode_occupancy
-from miniature.shards import ShardWriter
-from miniature.world import sample_scene, scene_occupancy
 from gap3d.trellis.decoder import Decoder
 from gap3d.trellis.stage1_training import Stage1Config, Stage1Trainer
+from miniature.shards import ShardWriter
+from miniature.world import sample_scene, scene_occupancy
 from ray_jobs.train_decoder import STATE_NAME, load_inputs, run_decoder_training
 from tests.support import small_config, write_feature_dir
 
 pytestmark = pytest.mark.slow
 
-TOY = Stage1Config(resolution=8, vae_channels=[4, 8], flow_width=16, flow_blocks=1, flow_heads=2, vae_steps=3, flow_steps=3, vae_batch_size=2, flow_batch_size=2)
+TOY = Stage1Config(
+    resolution=8,
+    vae_channels=[4, 8],
+    flow_width=16,
+    flow_blocks=1,
+    flow_heads=2,
+    vae_steps=3,
+    flow_steps=3,
+    vae_batch_size=2,
+    flow_batch_size=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +63,9 @@ def test_rows_without_occupancy_fail_naming_the_shards(inputs, tmp_path):
 
 def test_the_job_checkpoints_like_the_aligner_and_exports_the_in_process_result(inputs, tmp_path, ray_cluster):
     config, features, shards, _ = inputs
-    result = run_decoder_training(config, TOY, features, shards, str(tmp_path), name="decoder", checkpoint_every=2, worker_cpus=0.5)
+    result = run_decoder_training(
+        config, TOY, features, shards, str(tmp_path), name="decoder", checkpoint_every=2, worker_cpus=0.5
+    )
     checkpoint = result.checkpoint.path
     assert result.metrics["step"] == 6
     saved = yaml.safe_load(open(f"{checkpoint}/config.yaml"))
@@ -70,8 +83,12 @@ def test_the_job_checkpoints_like_the_aligner_and_exports_the_in_process_result(
 
 def test_rerunning_a_finished_run_resumes_at_its_last_step_without_training(inputs, tmp_path, ray_cluster):
     config, features, shards, _ = inputs
-    first = run_decoder_training(config, TOY, features, shards, str(tmp_path), name="again", checkpoint_every=3, worker_cpus=0.5)
-    second = run_decoder_training(config, TOY, features, shards, str(tmp_path), name="again", checkpoint_every=3, worker_cpus=0.5)
+    first = run_decoder_training(
+        config, TOY, features, shards, str(tmp_path), name="again", checkpoint_every=3, worker_cpus=0.5
+    )
+    second = run_decoder_training(
+        config, TOY, features, shards, str(tmp_path), name="again", checkpoint_every=3, worker_cpus=0.5
+    )
     assert second.checkpoint.path == first.checkpoint.path
     history = json.dumps(torch.load(f"{second.checkpoint.path}/{STATE_NAME}", weights_only=False)["history"])
     assert history == json.dumps(torch.load(f"{first.checkpoint.path}/{STATE_NAME}", weights_only=False)["history"])

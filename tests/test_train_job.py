@@ -12,17 +12,25 @@ from ray.data.dataset import MaterializedDataset
 from safetensors.torch import load_file
 
 from gap3d.build import build_aligner
-from miniature.shards import write_synth
 from gap3d.export import load_export
 from gap3d.features.format import MANIFEST_NAME
 from gap3d.features.store import feature_files, load_rows
 from gap3d.prompt_encoder import PromptEncoder
 from gap3d.storage import filesystem
 from gap3d.training import AlignerTrainModule, LRContinuation, lr_multiplier
+from miniature.shards import write_synth
 from ray_jobs.evaluate import evaluate
 from ray_jobs.preprocess import run_preprocess
 from ray_jobs.train import build_dataset, main, result_summary, run_training, trained_checkpoint
-from tests.support import KillTrainWorkerInSave, KillTrainWorkerWhen, checkpoint_complete, small_config, small_job, synthetic_features, upload_features
+from tests.support import (
+    KillTrainWorkerInSave,
+    KillTrainWorkerWhen,
+    checkpoint_complete,
+    small_config,
+    small_job,
+    synthetic_features,
+    upload_features,
+)
 
 NUM_SCENES = 400
 STEPS = 120
@@ -45,8 +53,13 @@ def s3_features(bucket):
 
 def zero1_job(*overrides):
     return small_job(
-        "scaling.zero_stage=1", f"train.max_steps={STEPS}", "train.checkpoint_every=30", "train.eval_every=60",
-        "train.ema_decay=0.9", "train.lr=2e-3", *overrides,
+        "scaling.zero_stage=1",
+        f"train.max_steps={STEPS}",
+        "train.checkpoint_every=30",
+        "train.eval_every=60",
+        "train.ema_decay=0.9",
+        "train.lr=2e-3",
+        *overrides,
     )
 
 
@@ -57,13 +70,27 @@ def zero1_run(ray_cluster, bucket, s3_features):
     train, held_out = s3_features
     config, sections = zero1_job()
     with KillTrainWorkerWhen(checkpoint_complete(f"{bucket}/runs/zero1", 30)) as killer:
-        result = run_training(config, sections["scaling"], f"{bucket}/runs", features=train, eval_features=held_out, name="zero1", max_failures=1)
+        result = run_training(
+            config,
+            sections["scaling"],
+            f"{bucket}/runs",
+            features=train,
+            eval_features=held_out,
+            name="zero1",
+            max_failures=1,
+        )
     assert killer.killed is not None, "no training worker was killed"
     return result
 
 
 def zero2_job(max_steps, *overrides):
-    return small_job("scaling.zero_stage=2", f"train.max_steps={max_steps}", "train.checkpoint_every=10", "train.keep_checkpoints=2", *overrides)
+    return small_job(
+        "scaling.zero_stage=2",
+        f"train.max_steps={max_steps}",
+        "train.checkpoint_every=10",
+        "train.keep_checkpoints=2",
+        *overrides,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,23 +106,34 @@ def straight_and_killed_runs(ray_cluster, many_file_features, tmp_path_factory):
     """The same ZeRO-2 run twice: straight through, and with a worker killed while the ranks save checkpoint 20."""
     storage = tmp_path_factory.mktemp("zero2")
     config, sections = zero2_job(ZERO2_STEPS)
-    straight = run_training(config, sections["scaling"], str(storage), features=str(many_file_features), name="straight")
+    straight = run_training(
+        config, sections["scaling"], str(storage), features=str(many_file_features), name="straight"
+    )
     with KillTrainWorkerInSave(20) as killer:
-        killed = run_training(config, sections["scaling"], str(storage), features=str(many_file_features), name="killed", max_failures=1)
+        killed = run_training(
+            config, sections["scaling"], str(storage), features=str(many_file_features), name="killed", max_failures=1
+        )
     assert killer.killed is not None, "no training worker was killed"
     return storage, straight, killed
 
 
 def untrained_loss(config, features: str) -> float:
     batch = load_rows(features, config, limit=64)[0]
-    module = AlignerTrainModule(build_aligner(config, seed=config.train.seed), config.flow, PromptEncoder.from_pretrained(config.vlm))
+    module = AlignerTrainModule(
+        build_aligner(config, seed=config.train.seed), config.flow, PromptEncoder.from_pretrained(config.vlm)
+    )
     with torch.no_grad():
         return module(batch, torch.Generator().manual_seed(0))["loss"].item()
 
 
 @pytest.mark.parametrize("zero_stage", [0, 3])
 def test_one_worker_with_activation_checkpointing_exports_whole_trained_weights(ray_cluster, tmp_path, zero_stage):
-    config, sections = small_job(f"scaling.zero_stage={zero_stage}", "train.max_steps=4", "scaling.gradient_checkpointing=true", "scaling.num_workers=1")
+    config, sections = small_job(
+        f"scaling.zero_stage={zero_stage}",
+        "train.max_steps=4",
+        "scaling.gradient_checkpointing=true",
+        "scaling.num_workers=1",
+    )
     train, _ = synthetic_features(config, NUM_SCENES)
     result = run_training(config, sections["scaling"], str(tmp_path), features=str(train), name=f"zero{zero_stage}")
     assert result.metrics["step"] == 4 and result.metrics["grad_norm"] > 0
@@ -125,7 +163,9 @@ def test_printed_checkpoint_keeps_the_s3_scheme_and_evaluates_like_its_run_direc
     assert printed == f"{bucket}/runs/zero1/checkpoint_{STEPS:08d}"
     from_checkpoint, from_run = (evaluate(uri, s3_features[1], limit=16) for uri in (printed, f"{bucket}/runs/zero1"))
     assert from_run["checkpoint"] == printed
-    assert {k: v for k, v in from_run.items() if k != "seconds"} == {k: v for k, v in from_checkpoint.items() if k != "seconds"}
+    assert {k: v for k, v in from_run.items() if k != "seconds"} == {
+        k: v for k, v in from_checkpoint.items() if k != "seconds"
+    }
 
 
 def test_evaluation_scores_the_held_out_mean_as_a_prompt_blind_reference(zero1_run, bucket, s3_features):
@@ -138,9 +178,19 @@ def test_evaluation_scores_the_held_out_mean_as_a_prompt_blind_reference(zero1_r
 def test_checkpoint_holds_every_ranks_deepspeed_state_ema_export_and_config(zero1_run, bucket):
     fs, root = filesystem(f"{bucket}/runs/zero1/checkpoint_{STEPS:08d}")
     names = {path[len(root) + 1 :] for path in fs.find(root)}
-    assert {"deepspeed/mp_rank_00_model_states.pt", "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt",
-            "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_rank0.pt", "rng_rank1.pt", "ema.safetensors",
-            "export/model.safetensors", "export/config.yaml", "export/export.json", "config.yaml", "progress.json"} <= names
+    assert {
+        "deepspeed/mp_rank_00_model_states.pt",
+        "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "rng_rank0.pt",
+        "rng_rank1.pt",
+        "ema.safetensors",
+        "export/model.safetensors",
+        "export/config.yaml",
+        "export/export.json",
+        "config.yaml",
+        "progress.json",
+    } <= names
 
 
 def test_zero1_workers_restart_after_a_worker_is_killed_and_reach_the_requested_step(zero1_run):
@@ -161,7 +211,9 @@ def test_a_run_killed_and_resumed_ends_with_the_weights_of_a_straight_run(straig
         torch.testing.assert_close(ema["killed"][key], ema["straight"][key], rtol=0, atol=0, msg=key)
 
 
-def test_rerun_with_more_steps_and_a_new_lr_continues_from_its_last_checkpoint_on_the_continued_schedule(ray_cluster, straight_and_killed_runs, many_file_features):
+def test_rerun_with_more_steps_and_a_new_lr_continues_from_its_last_checkpoint_on_the_continued_schedule(
+    ray_cluster, straight_and_killed_runs, many_file_features
+):
     storage, _, _ = straight_and_killed_runs
     saved = zero2_job(ZERO2_STEPS)[0].train
     config, sections = zero2_job(ZERO2_STEPS + 20, f"train.lr={saved.lr / 2}")
@@ -170,7 +222,9 @@ def test_rerun_with_more_steps_and_a_new_lr_continues_from_its_last_checkpoint_o
     # The LR halves at the checkpoint, then decays by cosine to train.min_lr at the new end (ray_jobs/resume.py).
     continuation = LRContinuation(ZERO2_STEPS, lr_multiplier(ZERO2_STEPS, saved))
     progress = json.loads((storage / "straight" / f"checkpoint_{ZERO2_STEPS + 10:08d}" / "progress.json").read_text())
-    assert progress["metrics"]["lr"] == pytest.approx(config.train.lr * lr_multiplier(ZERO2_STEPS + 10, config.train, continuation))
+    assert progress["metrics"]["lr"] == pytest.approx(
+        config.train.lr * lr_multiplier(ZERO2_STEPS + 10, config.train, continuation)
+    )
     assert progress["lr_continuation"] == {"start_step": ZERO2_STEPS, "start_multiplier": continuation.start_multiplier}
 
 
@@ -221,7 +275,9 @@ def rerun_past_bad_checkpoints(ray_cluster, straight_and_killed_runs, many_file_
     return run, result, "\n".join(messages.lines)
 
 
-def test_a_rerun_past_bad_checkpoints_resumes_the_newest_good_one_and_ends_as_the_straight_run(rerun_past_bad_checkpoints, straight_and_killed_runs):
+def test_a_rerun_past_bad_checkpoints_resumes_the_newest_good_one_and_ends_as_the_straight_run(
+    rerun_past_bad_checkpoints, straight_and_killed_runs
+):
     run, result, _ = rerun_past_bad_checkpoints
     storage, straight, _ = straight_and_killed_runs
     assert (result.metrics["resumed_from_step"], result.metrics["step"]) == (ZERO2_STEPS - 10, ZERO2_STEPS)
@@ -240,7 +296,10 @@ def test_a_rerun_logs_each_checkpoint_it_skips_naming_the_bad_file(rerun_past_ba
 
 def test_skipped_checkpoints_are_moved_out_of_the_run_with_their_reasons(rerun_past_bad_checkpoints):
     run, _, _ = rerun_past_bad_checkpoints
-    assert sorted(path.name for path in run.glob("checkpoint_0*")) == [f"checkpoint_{ZERO2_STEPS - 10:08d}", f"checkpoint_{ZERO2_STEPS:08d}"]
+    assert sorted(path.name for path in run.glob("checkpoint_0*")) == [
+        f"checkpoint_{ZERO2_STEPS - 10:08d}",
+        f"checkpoint_{ZERO2_STEPS:08d}",
+    ]
     reasons = sorted(path.read_text() for path in run.glob("invalid/*/INVALID.txt"))
     assert len(reasons) == 2 and "has 1000 bytes" in reasons[0] and "has no complete.json" in reasons[1]
 
@@ -258,17 +317,31 @@ def test_training_reads_one_split_of_the_preprocessing_jobs_output(ray_cluster, 
     assert {p.name.split("-")[0] for p in (tmp_path / "features").glob("*.parquet")} == {"train", "eval"}
     train = str(tmp_path / "features" / "train-*.parquet")
     assert all("/train-" in path for path in feature_files(train))
-    result = run_training(config, sections["scaling"], str(tmp_path / "runs"), features=train, eval_features=str(tmp_path / "features" / "eval-*.parquet"))
+    result = run_training(
+        config,
+        sections["scaling"],
+        str(tmp_path / "runs"),
+        features=train,
+        eval_features=str(tmp_path / "features" / "eval-*.parquet"),
+    )
     assert result.metrics["step"] == 3
     # The periodic evaluation scored the held-out split exactly as the evaluation job scores the exported weights.
-    report = evaluate(trained_checkpoint(result, str(tmp_path / "runs")), str(tmp_path / "features" / "eval-*.parquet"), limit=config.train.eval_samples)
+    report = evaluate(
+        trained_checkpoint(result, str(tmp_path / "runs")),
+        str(tmp_path / "features" / "eval-*.parquet"),
+        limit=config.train.eval_samples,
+    )
     for metric in ("cosine_mean", "mse_mean", "recall@5"):
         assert result.metrics[f"eval_{metric}"] == pytest.approx(report["trained"][metric], rel=1e-4), metric
 
 
 def test_stream_mode_trains_on_raw_shards_encoded_on_the_fly(ray_cluster, raw_shards, tmp_path):
-    config, sections = small_job("train.max_steps=3", "scaling.zero_stage=1", "train.log_every=1", "scaling.num_workers=1")
-    result = run_training(config, sections["scaling"], str(tmp_path / "runs"), stream=str(raw_shards), encode=sections["encode"])
+    config, sections = small_job(
+        "train.max_steps=3", "scaling.zero_stage=1", "train.log_every=1", "scaling.num_workers=1"
+    )
+    result = run_training(
+        config, sections["scaling"], str(tmp_path / "runs"), stream=str(raw_shards), encode=sections["encode"]
+    )
     # Streamed rows are the preprocessing job's rows: 3 steps of 16 samples came out of the 96 raw ones.
     assert result.metrics["step"] == 3 and result.metrics["samples"] == 3 * config.train.global_batch_size
 
@@ -278,8 +351,12 @@ def test_stream_mode_skips_corrupt_shards_instead_of_failing(ray_cluster, raw_sh
     cut = min((tmp_path / "raw").glob("*.tar"))
     cut.write_bytes(cut.read_bytes()[:3000])
     (tmp_path / "raw" / "garbage.parquet").write_bytes(b"not a parquet file")
-    config, sections = small_job("train.max_steps=3", "scaling.zero_stage=1", "train.log_every=1", "scaling.num_workers=1")
-    result = run_training(config, sections["scaling"], str(tmp_path / "runs"), stream=str(tmp_path / "raw"), encode=sections["encode"])
+    config, sections = small_job(
+        "train.max_steps=3", "scaling.zero_stage=1", "train.log_every=1", "scaling.num_workers=1"
+    )
+    result = run_training(
+        config, sections["scaling"], str(tmp_path / "runs"), stream=str(tmp_path / "raw"), encode=sections["encode"]
+    )
     assert result.metrics["step"] == 3
 
 
@@ -314,7 +391,9 @@ def test_features_from_another_encoder_fail_at_start(tmp_path):
 
 
 def test_a_batch_not_divisible_by_the_workers_fails_at_start(tmp_path):
-    with pytest.raises(ValueError, match="global_batch_size 15 is not divisible by scaling.num_workers x train.grad_accum_steps = 2"):
+    with pytest.raises(
+        ValueError, match="global_batch_size 15 is not divisible by scaling.num_workers x train.grad_accum_steps = 2"
+    ):
         main(["--features", str(tmp_path), "--storage", str(tmp_path), "train.global_batch_size=15"])
 
 

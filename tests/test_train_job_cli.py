@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _stop_session(session_id: int) -> None:
     """SIGTERM, then SIGKILL, every process of the session that `ray start` ran in."""
+
     def members():
         found = []
         for proc in psutil.process_iter():
@@ -49,13 +50,30 @@ def ray_head():
     env.pop("RAY_ADDRESS", None)
     dashboard = free_port()
     ports = {
-        "--port": free_port(), "--dashboard-port": dashboard, "--ray-client-server-port": free_port(),
-        "--node-manager-port": free_port(), "--object-manager-port": free_port(), "--metrics-export-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(), "--runtime-env-agent-port": free_port(),
+        "--port": free_port(),
+        "--dashboard-port": dashboard,
+        "--ray-client-server-port": free_port(),
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
     }
-    command = ["ray", "start", "--head", "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    command = [
+        "ray",
+        "start",
+        "--head",
+        "--num-cpus=4",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
     command += [f"{flag}={port}" for flag, port in ports.items()]
-    starter = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    starter = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = starter.communicate(timeout=120)
         assert starter.returncode == 0, output
@@ -71,8 +89,24 @@ def test_ray_job_submit_trains_and_writes_a_checkpoint(ray_head, tmp_path):
     storage = tmp_path / "runs"
     overrides = [*SMALL_OVERRIDES, "train.max_steps=10"]
     command = [
-        "ray", "job", "submit", f"--address={address}", "--working-dir", ".", "--",
-        "python", "ray_jobs/train.py", "--preset", "tiny", "--features", str(train), "--storage", str(storage), "--name", "cli", *overrides,
+        "ray",
+        "job",
+        "submit",
+        f"--address={address}",
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "ray_jobs/train.py",
+        "--preset",
+        "tiny",
+        "--features",
+        str(train),
+        "--storage",
+        str(storage),
+        "--name",
+        "cli",
+        *overrides,
     ]
     job = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
@@ -86,5 +120,7 @@ def test_ray_job_submit_without_the_token_is_refused(ray_head):
     address, env = ray_head
     without = {key: value for key, value in env.items() if key != "RAY_AUTH_TOKEN"}
     without["HOME"] = tempfile.mkdtemp()  # no ~/.ray/auth_token to fall back on
-    job = subprocess.run(["ray", "job", "list", f"--address={address}"], env=without, capture_output=True, text=True, timeout=120)
+    job = subprocess.run(
+        ["ray", "job", "list", f"--address={address}"], env=without, capture_output=True, text=True, timeout=120
+    )
     assert job.returncode != 0 and "authentication" in (job.stdout + job.stderr).lower()

@@ -14,14 +14,14 @@ import torch
 from gap3d.build import derive_shapes
 from gap3d.config import load_config
 from gap3d.data.occupancy import downsample
-from miniature.world import sample_scene
 from gap3d.dino import DinoTargetEncoder
-from miniature.checkpoints import cached_tiny_checkpoint
-from miniature.checkpoints.trained_trellis import TRAINING_RECORD, world_structures, write_trained_tiny_trellis
-from miniature.checkpoints.trellis import write_tiny_trellis
 from gap3d.trellis.decoder import Decoder
 from gap3d.trellis.stage1_training import Stage1Config
 from gap3d.trellis.structure_metrics import nearest_labels, occupancy_iou
+from miniature.checkpoints import cached_tiny_checkpoint
+from miniature.checkpoints.trained_trellis import TRAINING_RECORD, world_structures, write_trained_tiny_trellis
+from miniature.checkpoints.trellis import write_tiny_trellis
+from miniature.world import sample_scene
 
 pytestmark = pytest.mark.slow
 
@@ -61,16 +61,22 @@ def decoded_iou(decoder: Decoder, occupancy: torch.Tensor, tokens: torch.Tensor)
 
 def test_the_trained_decoder_is_a_release_directory_with_its_training_record(release, trained):
     root = release
-    assert (root / "pipeline.json").is_file() and trained.cond_dim == derive_shapes(load_config("tiny")).aligner.token_dim
+    assert (root / "pipeline.json").is_file() and trained.cond_dim == derive_shapes(
+        load_config("tiny")
+    ).aligner.token_dim
     record = json.loads((root / TRAINING_RECORD).read_text())
     assert record["held_out"]["rows"] > 0 and record["held_out"]["from_true_tokens"]["iou"] > 0.25
-    flow_losses = [entry["flow"] for entry in record["loss_curve"] if "flow" in entry]  # the VAE's come first, on another scale
+    flow_losses = [
+        entry["flow"] for entry in record["loss_curve"] if "flow" in entry
+    ]  # the VAE's come first, on another scale
     assert len(flow_losses) >= 2 and flow_losses[-1] < 0.5 * flow_losses[0]
 
 
 def test_structures_from_true_tokens_beat_a_random_weight_decoder_by_a_wide_margin(trained, unseen_objects, tmp_path):
     occupancy, tokens, _ = unseen_objects
-    random = Decoder.from_pretrained(str(write_tiny_trellis(tmp_path, cond_dim=tokens.shape[-1], stage2=False)), device="cpu", stages="coarse")
+    random = Decoder.from_pretrained(
+        str(write_tiny_trellis(tmp_path, cond_dim=tokens.shape[-1], stage2=False)), device="cpu", stages="coarse"
+    )
     _, trained_iou = decoded_iou(trained, occupancy, tokens)
     _, random_iou = decoded_iou(random, occupancy, tokens)
     assert float(trained_iou.mean()) > 0.25

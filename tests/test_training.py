@@ -47,7 +47,9 @@ def make_module(config, seed=0):
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
-    train = load_config("tiny", overrides=["train.max_steps=100", "train.warmup_ratio=0.1", "train.lr=1e-3", "train.min_lr=1e-4"]).train
+    train = load_config(
+        "tiny", overrides=["train.max_steps=100", "train.warmup_ratio=0.1", "train.lr=1e-3", "train.min_lr=1e-4"]
+    ).train
     lrs = [train.lr * lr_multiplier(step, train) for step in range(100)]
     assert lrs[:10] == pytest.approx([1e-3 * (i + 1) / 10 for i in range(10)])
     reference = [1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * (s - 10) / 90)) for s in range(10, 100)]
@@ -56,7 +58,9 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
 
 
 def test_lr_continuation_follows_a_cosine_from_its_start_factor_to_min_lr_at_the_new_end():
-    train = load_config("tiny", overrides=["train.max_steps=200", "train.warmup_ratio=0.1", "train.lr=1e-3", "train.min_lr=1e-4"]).train
+    train = load_config(
+        "tiny", overrides=["train.max_steps=200", "train.warmup_ratio=0.1", "train.lr=1e-3", "train.min_lr=1e-4"]
+    ).train
     continuation = LRContinuation(start_step=60, start_multiplier=0.8)
     before = [lr_multiplier(step, train, continuation) for step in range(60)]
     assert before == [lr_multiplier(step, train) for step in range(60)]
@@ -120,7 +124,9 @@ def test_loss_is_flow_matching_on_the_soft_token_condition(config, batch):
     module = make_module(config)
     losses = module(batch, torch.Generator().manual_seed(3))
     cond = batch_condition(batch, module.prompt_encoder)
-    reference = flow_matching_loss(module.aligner, batch.dino, cond, config.flow, num_registers=4, generator=torch.Generator().manual_seed(3))
+    reference = flow_matching_loss(
+        module.aligner, batch.dino, cond, config.flow, num_registers=4, generator=torch.Generator().manual_seed(3)
+    )
     torch.testing.assert_close(losses["loss"], reference["loss"])
 
 
@@ -205,7 +211,9 @@ def test_the_recipes_fused_optimizer_steps_like_the_reference_adamw(config, batc
     train = load_config("tiny", overrides=["train.lr=1e-2", "train.weight_decay=0.5"]).train
     fused_module, reference_module = make_module(config), make_module(config)
     fused = build_optimizer(fused_module, train)
-    reference = torch.optim.AdamW(optimizer_groups(reference_module, train), lr=train.lr, weight_decay=train.weight_decay, foreach=False)
+    reference = torch.optim.AdamW(
+        optimizer_groups(reference_module, train), lr=train.lr, weight_decay=train.weight_decay, foreach=False
+    )
     # Both step on the very same gradients (one backward, copied), so only the optimisers' arithmetic can differ:
     # two backward passes may round differently, and Adam turns a near-zero gradient's rounding into a full lr step.
     for step in range(3):

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from miniature.checkpoints.trellis import write_tiny_trellis
 from gap3d.trellis.decoder import Decoder, EmptyStructureError
 from gap3d.trellis.mesh_export import export_mesh, load_mesh
+from miniature.checkpoints.trellis import write_tiny_trellis
 
 COND_DIM = 16
 

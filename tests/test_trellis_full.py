@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from miniature.checkpoints.trellis import tiny_stage2_specs, write_tiny_trellis
 from gap3d.trellis.config import STAGE1_MODELS, STAGE2_MODELS
 from gap3d.trellis.decoder import Decoder, EmptyStructureError, SparseStructure
 from gap3d.trellis.loading import CheckpointMismatchError, load_pipeline
 from gap3d.trellis.mesh_export import load_mesh
+from miniature.checkpoints.trellis import tiny_stage2_specs, write_tiny_trellis
 
 COND_DIM = 16
 
@@ -72,7 +72,9 @@ def test_full_stage_is_deterministic_for_a_seed_and_varies_with_it(decoder):
 
 def test_a_sample_decoded_in_a_batch_equals_it_decoded_alone(decoder):
     cond = conditions(2)
-    batch = decoder.sample_structured_latent(cond, [torch.argwhere(torch.ones(3, 3, 3)) + 20, torch.argwhere(torch.ones(4, 2, 3)) + 30], [3, 9])
+    batch = decoder.sample_structured_latent(
+        cond, [torch.argwhere(torch.ones(3, 3, 3)) + 20, torch.argwhere(torch.ones(4, 2, 3)) + 30], [3, 9]
+    )
     alone = decoder.sample_structured_latent(cond[1:], [torch.argwhere(torch.ones(4, 2, 3)) + 30], [9])
     torch.testing.assert_close(batch.feats[27:], alone.feats, rtol=1e-4, atol=1e-5)
 
@@ -159,7 +161,9 @@ def test_reshaped_stage2_tensor_fails_naming_the_key_and_both_shapes(tiny_copy):
     state = load_file(str(path))
     state["out_layer.weight"] = torch.zeros(53, 32)
     save_file(state, str(path))
-    with pytest.raises(CheckpointMismatchError, match=r"shape conflict at out_layer.weight: checkpoint \(53, 32\), model \(101, 32\)"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"shape conflict at out_layer.weight: checkpoint \(53, 32\), model \(101, 32\)"
+    ):
         Decoder.from_pretrained(str(tiny_copy), device="cpu")
 
 

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gap3d import storage
-from miniature.checkpoints.trellis import tiny_model_specs, write_tiny_trellis
 from gap3d.trellis.config import STAGE1_MODELS, PipelineConfig
 from gap3d.trellis.loading import CheckpointMismatchError, load_model, load_pipeline
+from miniature.checkpoints.trellis import tiny_model_specs, write_tiny_trellis
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,9 @@ def test_reshaped_tensor_fails_naming_the_key_and_both_shapes(tiny_dir):
     state = load_file(str(path))
     state["out_layer.2.bias"] = torch.zeros(2)
     save_file(state, str(path))
-    with pytest.raises(CheckpointMismatchError, match=r"shape conflict at out_layer.2.bias: checkpoint \(2,\), model \(1,\)"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"shape conflict at out_layer.2.bias: checkpoint \(2,\), model \(1,\)"
+    ):
         load_model(tiny_dir, tiny_model_specs()["sparse_structure_decoder"].stem)
 
 
@@ -93,7 +95,11 @@ def test_pipeline_without_a_stage1_model_is_rejected(tiny_dir):
 def test_release_pipeline_json_is_parsed(tmp_path):
     # Sampler blocks as the TRELLIS-image-large pipeline.json writes them.
     def entry(strength):
-        return {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": 1e-5}, "params": {"steps": 25, "cfg_strength": strength, "cfg_interval": [0.5, 1.0], "rescale_t": 3.0}}
+        return {
+            "name": "FlowEulerGuidanceIntervalSampler",
+            "args": {"sigma_min": 1e-5},
+            "params": {"steps": 25, "cfg_strength": strength, "cfg_interval": [0.5, 1.0], "rescale_t": 3.0},
+        }
 
     args = {
         "models": {name: f"ckpts/{name}" for name in STAGE1_MODELS},
@@ -105,7 +111,13 @@ def test_release_pipeline_json_is_parsed(tmp_path):
     (tmp_path / "pipeline.json").write_text(json.dumps({"name": "TrellisImageTo3DPipeline", "args": args}))
     config = PipelineConfig.load(tmp_path)
     sampler = config.sparse_structure_sampler
-    assert (sampler.steps, sampler.cfg_strength, sampler.cfg_interval, sampler.rescale_t, sampler.sigma_min) == (25, 7.5, (0.5, 1.0), 3.0, 1e-5)
+    assert (sampler.steps, sampler.cfg_strength, sampler.cfg_interval, sampler.rescale_t, sampler.sigma_min) == (
+        25,
+        7.5,
+        (0.5, 1.0),
+        3.0,
+        1e-5,
+    )
     assert config.slat_sampler.cfg_strength == 3.0
     assert config.slat_normalization == {"mean": [0.5], "std": [2.0]}
     assert config.models["sparse_structure_flow_model"] == "ckpts/sparse_structure_flow_model"
@@ -117,4 +129,6 @@ def test_loads_from_s3(tiny_dir, s3_bucket, monkeypatch, tmp_path):
     pipeline, models = load_pipeline(f"{s3_bucket}/trellis-tiny", STAGE1_MODELS)
     assert pipeline.sparse_structure_sampler.cfg_interval == (0.5, 1.0)
     expected = load_file(str(weights_path(tiny_dir, "sparse_structure_decoder")))
-    torch.testing.assert_close(models["sparse_structure_decoder"].state_dict()["out_layer.2.weight"], expected["out_layer.2.weight"])
+    torch.testing.assert_close(
+        models["sparse_structure_decoder"].state_dict()["out_layer.2.weight"], expected["out_layer.2.weight"]
+    )

@@ -11,8 +11,24 @@ from gap3d.trellis.sparse_structure_decoder import ChannelLayerNorm32, pixel_shu
 from gap3d.trellis.sparse_structure_flow import SparseStructureFlowConfig, patchify, unpatchify
 from gap3d.trellis.transformer import MultiHeadAttention, TimestepEmbedder, absolute_position_embedding
 
-FLOW_ARGS = {"resolution": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32, "cond_channels": 24, "num_blocks": 2, "num_heads": 4, "patch_size": 2, "qk_rms_norm": True}
-DECODER_ARGS = {"out_channels": 1, "latent_channels": 4, "num_res_blocks": 1, "num_res_blocks_middle": 1, "channels": [16, 8, 8]}
+FLOW_ARGS = {
+    "resolution": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "cond_channels": 24,
+    "num_blocks": 2,
+    "num_heads": 4,
+    "patch_size": 2,
+    "qk_rms_norm": True,
+}
+DECODER_ARGS = {
+    "out_channels": 1,
+    "latent_channels": 4,
+    "num_res_blocks": 1,
+    "num_res_blocks_middle": 1,
+    "channels": [16, 8, 8],
+}
 
 
 @pytest.mark.parametrize("num_tokens", [1, 7, 261])

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from gap3d.trellis.config import SamplerConfig
-from gap3d.trellis.objectives import diffuse, drop_condition, flow_loss, kl_to_standard_normal, sample_time, velocity_target
+from gap3d.trellis.objectives import (
+    diffuse,
+    drop_condition,
+    flow_loss,
+    kl_to_standard_normal,
+    sample_time,
+    velocity_target,
+)
 from gap3d.trellis.sampler import MODEL_TIME_SCALE, FlowEulerSampler
 
 SIGMA_MIN = 1e-5
@@ -33,7 +40,11 @@ def test_diffusion_is_data_at_time_zero_and_noise_at_time_one():
 
 
 def test_velocity_target_is_the_time_derivative_of_the_diffusion():
-    x0, noise, t = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64), torch.tensor([0.3, 0.8], dtype=torch.float64)
+    x0, noise, t = (
+        torch.randn(2, 5, dtype=torch.float64),
+        torch.randn(2, 5, dtype=torch.float64),
+        torch.tensor([0.3, 0.8], dtype=torch.float64),
+    )
     step = 1e-6
     derivative = (diffuse(x0, noise, t + step, SIGMA_MIN) - diffuse(x0, noise, t - step, SIGMA_MIN)) / (2 * step)
     torch.testing.assert_close(velocity_target(x0, noise, SIGMA_MIN), derivative)
@@ -59,7 +70,12 @@ def test_the_exact_velocity_field_has_zero_training_loss():
 def test_a_reversed_time_convention_has_a_large_training_loss():
     c = torch.randn(4, 8, 2, 2, 2)
     reversed_flow = PointMassFlow(c)
-    loss = flow_loss(lambda x, times, cond: -reversed_flow(x, MODEL_TIME_SCALE - times, cond), c, torch.zeros(4, 3, 8), torch.Generator().manual_seed(0))
+    loss = flow_loss(
+        lambda x, times, cond: -reversed_flow(x, MODEL_TIME_SCALE - times, cond),
+        c,
+        torch.zeros(4, 3, 8),
+        torch.Generator().manual_seed(0),
+    )
     assert float(loss) > 0.1
 
 

@@ -51,7 +51,9 @@ def official_flow_shapes(width=1024, cond=1024, blocks=24, heads=16, channels=8,
         "out_layer.bias": (channels,),
     }
     for i in range(blocks):
-        expected.update({f"blocks.{i}.{key}": shape for key, shape in modulated_cross_block(width, cond, heads, mlp).items()})
+        expected.update(
+            {f"blocks.{i}.{key}": shape for key, shape in modulated_cross_block(width, cond, heads, mlp).items()}
+        )
     return expected
 
 
@@ -145,20 +147,25 @@ def official_encoder_shapes() -> dict:
 
 
 def test_official_sparse_structure_encoder_args_give_the_official_state_dict():
-    model = build_model({"name": "SparseStructureEncoder", "args": OFFICIAL_SPARSE_STRUCTURE_ENCODER_ARGS}, device="meta")
+    model = build_model(
+        {"name": "SparseStructureEncoder", "args": OFFICIAL_SPARSE_STRUCTURE_ENCODER_ARGS}, device="meta"
+    )
     assert shapes(model) == official_encoder_shapes()
     assert len(shapes(model)) == 74 and sum(p.numel() for p in model.parameters()) == pytest.approx(59.3e6, rel=0.01)
 
 
 def test_official_sparse_structure_flow_args_give_the_official_state_dict():
-    model = build_model({"name": "SparseStructureFlowModel", "args": OFFICIAL_SPARSE_STRUCTURE_FLOW_ARGS}, device="meta")
+    model = build_model(
+        {"name": "SparseStructureFlowModel", "args": OFFICIAL_SPARSE_STRUCTURE_FLOW_ARGS}, device="meta"
+    )
     assert shapes(model) == official_flow_shapes()
 
 
 def test_official_sparse_structure_decoder_args_give_the_official_state_dict():
-    model = build_model({"name": "SparseStructureDecoder", "args": OFFICIAL_SPARSE_STRUCTURE_DECODER_ARGS}, device="meta")
+    model = build_model(
+        {"name": "SparseStructureDecoder", "args": OFFICIAL_SPARSE_STRUCTURE_DECODER_ARGS}, device="meta"
+    )
     assert shapes(model) == official_decoder_shapes()
-
 
 
 def sparse_res_block(prefix: str, channels: int, out: int, emb: int = 1024) -> dict:
@@ -202,7 +209,9 @@ def official_slat_flow_shapes(width=1024, cond=1024, blocks=24, heads=16, mlp=40
         "out_layer.bias": (channels,),
     }
     for i in range(blocks):
-        expected.update({f"blocks.{i}.{key}": shape for key, shape in modulated_cross_block(width, cond, heads, mlp).items()})
+        expected.update(
+            {f"blocks.{i}.{key}": shape for key, shape in modulated_cross_block(width, cond, heads, mlp).items()}
+        )
     return expected
 
 
@@ -263,7 +272,10 @@ def test_official_slat_mesh_decoder_args_give_the_official_state_dict():
 
 def test_official_slat_models_hold_no_buffers():
     """TRELLIS's stage-2 models register no buffers, so a state dict is exactly their parameters."""
-    for name, args in (("SLatFlowModel", OFFICIAL_SLAT_FLOW_ARGS), ("SLatMeshDecoder", OFFICIAL_SLAT_MESH_DECODER_ARGS)):
+    for name, args in (
+        ("SLatFlowModel", OFFICIAL_SLAT_FLOW_ARGS),
+        ("SLatMeshDecoder", OFFICIAL_SLAT_MESH_DECODER_ARGS),
+    ):
         assert list(build_model({"name": name, "args": args}, device="meta").buffers()) == []
 
 

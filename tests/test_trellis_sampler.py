@@ -68,7 +68,9 @@ def test_overrides_take_precedence_over_pipeline_settings():
 
 def test_plain_euler_sampler_never_guides():
     model = RecordingLinearFlow()
-    FlowEulerSampler(SamplerConfig(name="FlowEulerSampler", steps=2, cfg_strength=3.0)).sample(model, torch.ones(1, 2), torch.ones(1, 3, 4))
+    FlowEulerSampler(SamplerConfig(name="FlowEulerSampler", steps=2, cfg_strength=3.0)).sample(
+        model, torch.ones(1, 2), torch.ones(1, 3, 4)
+    )
     assert not any(is_negative for _, is_negative in model.calls)
 
 
@@ -80,7 +82,11 @@ def test_negative_condition_must_match_condition_shape():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"name": "DDIMSampler"}, "not supported"), ({"steps": 0}, "steps"), ({"cfg_interval": (0.8, 0.2)}, "cfg_interval")],
+    [
+        ({"name": "DDIMSampler"}, "not supported"),
+        ({"steps": 0}, "steps"),
+        ({"cfg_interval": (0.8, 0.2)}, "cfg_interval"),
+    ],
 )
 def test_bad_sampler_settings_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -7,7 +7,6 @@ import pytest
 import torch
 import trimesh
 
-from miniature.checkpoints.trellis import TINY_SLAT_FLOW_ARGS, TINY_SLAT_MESH_DECODER_ARGS
 from gap3d.trellis.config import SamplerConfig
 from gap3d.trellis.loading import build_model
 from gap3d.trellis.mesh_extraction import cube_feature_channels, extract_mesh
@@ -15,21 +14,40 @@ from gap3d.trellis.sampler import FlowEulerSampler
 from gap3d.trellis.sparse import SparseTensor
 from gap3d.trellis.structured_latent_decoder import SLatMeshDecoder, SLatMeshDecoderConfig
 from gap3d.trellis.structured_latent_flow import SLatFlowConfig, SLatFlowModel, sample_structured_latent
+from miniature.checkpoints.trellis import TINY_SLAT_FLOW_ARGS, TINY_SLAT_MESH_DECODER_ARGS
 
 # args of the released ckpts/slat_flow_img_dit_L_64l8p2_fp16.json and slat_dec_mesh_swin8_B_64l8m256c_fp16.json
 RELEASED_FLOW = {
     "name": "SLatFlowModel",
     "args": {
-        "resolution": 64, "in_channels": 8, "out_channels": 8, "model_channels": 1024, "cond_channels": 1024,
-        "num_blocks": 24, "num_heads": 16, "mlp_ratio": 4, "patch_size": 2, "num_io_res_blocks": 2,
-        "io_block_channels": [128], "pe_mode": "ape", "qk_rms_norm": True, "use_fp16": True,
+        "resolution": 64,
+        "in_channels": 8,
+        "out_channels": 8,
+        "model_channels": 1024,
+        "cond_channels": 1024,
+        "num_blocks": 24,
+        "num_heads": 16,
+        "mlp_ratio": 4,
+        "patch_size": 2,
+        "num_io_res_blocks": 2,
+        "io_block_channels": [128],
+        "pe_mode": "ape",
+        "qk_rms_norm": True,
+        "use_fp16": True,
     },
 }
 RELEASED_MESH_DECODER = {
     "name": "SLatMeshDecoder",
     "args": {
-        "resolution": 64, "model_channels": 768, "latent_channels": 8, "num_blocks": 12, "num_heads": 12,
-        "mlp_ratio": 4, "attn_mode": "swin", "window_size": 8, "use_fp16": True,
+        "resolution": 64,
+        "model_channels": 768,
+        "latent_channels": 8,
+        "num_blocks": 12,
+        "num_heads": 12,
+        "mlp_ratio": 4,
+        "attn_mode": "swin",
+        "window_size": 8,
+        "use_fp16": True,
         "representation_config": {"use_color": True},
     },
 }
@@ -51,9 +69,7 @@ def shell_coords(batch_size: int = 1, res: int = 16, radius: float = 4.0) -> tor
     axis = torch.arange(res)
     grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
     shell = grid[((grid.float() - (res - 1) / 2).norm(dim=1) - radius).abs() < 0.8]
-    return torch.cat(
-        [torch.cat([torch.full((shell.shape[0], 1), b), shell], dim=1) for b in range(batch_size)]
-    ).int()
+    return torch.cat([torch.cat([torch.full((shell.shape[0], 1), b), shell], dim=1) for b in range(batch_size)]).int()
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +206,9 @@ def run_stage2(flow, decoder, coords, seed, steps=2):
 
 
 def test_stage2_turns_a_handful_of_voxels_into_a_coloured_mesh(tiny_flow, tiny_decoder):
-    coords = torch.tensor([[0, 7, 7, 7], [0, 7, 7, 8], [0, 7, 8, 7], [0, 8, 7, 7], [0, 8, 8, 8], [0, 6, 7, 7]], dtype=torch.int32)
+    coords = torch.tensor(
+        [[0, 7, 7, 7], [0, 7, 7, 8], [0, 7, 8, 7], [0, 8, 7, 7], [0, 8, 8, 8], [0, 6, 7, 7]], dtype=torch.int32
+    )
     _, meshes = run_stage2(tiny_flow, tiny_decoder, coords, seed=0)
     assert len(meshes) == 1
     mesh = meshes[0]
@@ -219,9 +237,13 @@ def test_stage2_applies_slat_normalization(tiny_flow):
         generator = torch.Generator().manual_seed(3)
         return sample_structured_latent(tiny_flow, tiny_sampler(), coords, cond, normalization, generator).feats
 
-    torch.testing.assert_close(sample({"mean": mean, "std": std}), sample(None) * torch.tensor(std) + torch.tensor(mean))
+    torch.testing.assert_close(
+        sample({"mean": mean, "std": std}), sample(None) * torch.tensor(std) + torch.tensor(mean)
+    )
 
 
 def test_stage2_with_no_voxels_raises_a_clear_error(tiny_flow):
     with pytest.raises(ValueError, match="sparse structure from stage 1 is empty"):
-        sample_structured_latent(tiny_flow, tiny_sampler(), torch.zeros(0, 4, dtype=torch.int32), torch.randn(1, 5, COND_CHANNELS), None)
+        sample_structured_latent(
+            tiny_flow, tiny_sampler(), torch.zeros(0, 4, dtype=torch.int32), torch.randn(1, 5, COND_CHANNELS), None
+        )

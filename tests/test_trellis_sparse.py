@@ -11,7 +11,9 @@ import gap3d.trellis.sparse as sp
 RES = 8
 
 
-def random_voxels(batch_size: int = 2, res: int = RES, density: float = 0.3, channels: int = 5, seed: int = 0) -> sp.SparseTensor:
+def random_voxels(
+    batch_size: int = 2, res: int = RES, density: float = 0.3, channels: int = 5, seed: int = 0
+) -> sp.SparseTensor:
     """Random occupied voxels of a res^3 grid per batch element, with random features."""
     generator = torch.Generator().manual_seed(seed)
     occupied = torch.rand(batch_size, res, res, res, generator=generator) < density
@@ -165,7 +167,14 @@ def test_attention_module_keys_follow_trellis_names():
         "to_out.weight": (16, 16),
         "to_out.bias": (16,),
     }
-    assert sorted(cross_attn.state_dict()) == ["to_kv.bias", "to_kv.weight", "to_out.bias", "to_out.weight", "to_q.bias", "to_q.weight"]
+    assert sorted(cross_attn.state_dict()) == [
+        "to_kv.bias",
+        "to_kv.weight",
+        "to_out.bias",
+        "to_out.weight",
+        "to_q.bias",
+        "to_q.weight",
+    ]
     assert cross_attn.state_dict()["to_kv.weight"].shape == (32, 12)
 
 

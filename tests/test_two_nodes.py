@@ -28,8 +28,19 @@ def two_node_run(s3_server, tmp_path_factory):
     ray_dir = tempfile.mkdtemp(prefix="/tmp/g2n-")  # short: Ray's socket paths must fit in 107 bytes
     env = {**os.environ, "RAY_TMPDIR": ray_dir}
     env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "tests.two_nodes", "--features", features, "--storage", "s3://gap3d-two-nodes/runs",
-               "--local-storage", str(out.parent / "runs"), "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "tests.two_nodes",
+        "--features",
+        features,
+        "--storage",
+        "s3://gap3d-two-nodes/runs",
+        "--local-storage",
+        str(out.parent / "runs"),
+        "--out",
+        str(out),
+    ]
     try:
         driver = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     finally:
@@ -44,7 +55,11 @@ def test_local_storage_on_two_nodes_fails_at_start_naming_it(two_node_run):
 
 
 def test_each_checkpoint_before_the_loss_is_written_from_both_nodes(two_node_run):
-    before = {step: nodes for step, nodes in two_node_run["writers"].items() if int(step) <= two_node_run["metrics"]["resumed_from_step"]}
+    before = {
+        step: nodes
+        for step, nodes in two_node_run["writers"].items()
+        if int(step) <= two_node_run["metrics"]["resumed_from_step"]
+    }
     assert before and all(nodes == sorted([two_node_run["head"], two_node_run["lost"]]) for nodes in before.values())
 
 

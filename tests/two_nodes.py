@@ -28,7 +28,10 @@ STEPS = 30
 
 def job():
     return small_job(
-        f"train.max_steps={STEPS}", "train.checkpoint_every=10", "scaling.zero_stage=1", "scaling.worker_cpus=2",
+        f"train.max_steps={STEPS}",
+        "train.checkpoint_every=10",
+        "scaling.zero_stage=1",
+        "scaling.worker_cpus=2",
         "scaling.materialize_features=false",  # read per epoch: materialising first costs more than these short epochs
     )
 
@@ -47,7 +50,9 @@ def main() -> None:
     for flag in ("--features", "--storage", "--local-storage", "--out"):
         parser.add_argument(flag, required=True)
     args = parser.parse_args()
-    cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": NODE_CPUS, "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True, connect=True, head_node_args={"num_cpus": NODE_CPUS, "include_dashboard": False}
+    )
     second = cluster.add_node(num_cpus=NODE_CPUS)
     cluster.wait_for_nodes()
     out = {"head": cluster.head_node.node_id, "lost": second.node_id}
@@ -58,7 +63,15 @@ def main() -> None:
         out["local_error"] = str(error)
 
     with ThreadPoolExecutor(1) as pool:
-        training = pool.submit(run_training, config, sections["scaling"], args.storage, features=args.features, name="two-nodes", max_failures=1)
+        training = pool.submit(
+            run_training,
+            config,
+            sections["scaling"],
+            args.storage,
+            features=args.features,
+            name="two-nodes",
+            max_failures=1,
+        )
         registered = checkpoint_complete(storage.join(args.storage, "two-nodes"), KILL_AFTER)
         while not training.done() and not registered():
             time.sleep(0.2)

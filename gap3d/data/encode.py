@@ -33,7 +33,8 @@ ClaimKeys = Callable[[list[str]], list[bool]]
 
 @dataclass
 class DecodedChunk:
-    """Up to chunk_size consecutive records of one input shard: the valid ones resized for DINOv2, and what was skipped."""
+    """Up to chunk_size consecutive records of one input shard: the valid ones resized for DINOv2, and what was "
+    "skipped."""
 
     index: int  # chunk number within the shard, from 0
     last: bool  # whether this is the shard's final chunk
@@ -59,7 +60,9 @@ def _record_chunks(records: Iterator[RawRecord], chunk_size: int) -> Iterator[tu
         chunk = following
 
 
-def _decode_chunk(index: int, last: bool, records: list[RawRecord], image_size: int, min_side: int, claim: ClaimKeys | None) -> DecodedChunk:
+def _decode_chunk(
+    index: int, last: bool, records: list[RawRecord], image_size: int, min_side: int, claim: ClaimKeys | None
+) -> DecodedChunk:
     samples, skipped = [], Counter()
     for record in records:
         result = decode_record(record, min_side=min_side, image_size=image_size)
@@ -71,11 +74,19 @@ def _decode_chunk(index: int, last: bool, records: list[RawRecord], image_size: 
         kept = claim([sample.key for sample in samples])
         skipped["duplicate_key"] += kept.count(False)
         samples = [sample for sample, keep in zip(samples, kept) if keep]
-    images = np.stack([resize_and_center_crop(s.image, image_size) for s in samples]) if samples else np.zeros((0, image_size, image_size, 3), np.uint8)
-    return DecodedChunk(index, last, [s.key for s in samples], [s.caption for s in samples], images, len(records), dict(+skipped))
+    images = (
+        np.stack([resize_and_center_crop(s.image, image_size) for s in samples])
+        if samples
+        else np.zeros((0, image_size, image_size, 3), np.uint8)
+    )
+    return DecodedChunk(
+        index, last, [s.key for s in samples], [s.caption for s in samples], images, len(records), dict(+skipped)
+    )
 
 
-def decode_chunks(shard: Shard, image_size: int, min_side: int, chunk_size: int, claim: ClaimKeys | None = None) -> Iterator[DecodedChunk]:
+def decode_chunks(
+    shard: Shard, image_size: int, min_side: int, chunk_size: int, claim: ClaimKeys | None = None
+) -> Iterator[DecodedChunk]:
     """Read one raw shard as chunks of `chunk_size` records, bad ones dropped by reason, images (S, S, 3).
 
     An empty shard gives one empty chunk, so every shard has a last chunk. A file that is not a shard gives
@@ -119,12 +130,16 @@ class FeatureEncoder:
     def encode(self, keys: list[str], captions: list[str], images: np.ndarray) -> pa.Table:
         """Encode one batch: images uint8 (B, S, S, 3) -> Arrow table of B feature rows."""
         batch = self.prompt_encoder.tokenize(captions)
-        input_ids = [ids[mask.bool()].to(torch.int32).numpy() for ids, mask in zip(batch.input_ids, batch.attention_mask)]
+        input_ids = [
+            ids[mask.bool()].to(torch.int32).numpy() for ids, mask in zip(batch.input_ids, batch.attention_mask)
+        ]
         dino = self.dino.encode(images).float().cpu().numpy()  # (B, N, D)
         rows = {"key": list(keys), "caption": list(captions), "input_ids": input_ids, "dino": list(dino)}
         if self.mode == "prompt_cache":
             caches = self.prompt_encoder.encode_prompt_cache(captions)
-            rows["prompt_cache"] = [cache.key_values.float().cpu().numpy() for cache in caches]  # each (layers, 2, kv, L, hd)
+            rows["prompt_cache"] = [
+                cache.key_values.float().cpu().numpy() for cache in caches
+            ]  # each (layers, 2, kv, L, hd)
             rows["next_position"] = [cache.next_position for cache in caches]
         else:
             rows["soft_latents"] = list(self.prompt_encoder(captions).float().cpu().numpy())  # each (s, d_vlm)
@@ -143,7 +158,10 @@ class FeatureEncoder:
         for name, shapes in expected.items():
             actual = [tuple(value.shape) for value in rows[name]]
             if actual != shapes:
-                raise ValueError(f"encoders produced {name} of shape {actual[0]}, manifest expects {shapes[0]}; check the checkpoints' config.json")
+                raise ValueError(
+                    f"encoders produced {name} of shape {actual[0]}, manifest expects {shapes[0]}; check the "
+                    "checkpoints' config.json"
+                )
 
     def encode_chunk(self, chunk: DecodedChunk, batch_size: int) -> Iterator[tuple[pa.Table, dict[str, int]]]:
         """Yield (feature table, skipped-by-reason) per batch of `batch_size` samples of a decoded chunk."""
@@ -153,7 +171,9 @@ class FeatureEncoder:
             keep = [start + i for i, ok in enumerate(fits) if ok]
             skipped = {PROMPT_TOO_LONG: len(fits) - len(keep)} if len(keep) < len(fits) else {}
             if keep:
-                table = self.encode([chunk.keys[i] for i in keep], [chunk.captions[i] for i in keep], chunk.images[keep])
+                table = self.encode(
+                    [chunk.keys[i] for i in keep], [chunk.captions[i] for i in keep], chunk.images[keep]
+                )
             else:
                 table = empty_table(self.mode)
             yield table, skipped

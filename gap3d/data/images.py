@@ -64,6 +64,7 @@ _TRANSPOSES = {
     8: Image.Transpose.ROTATE_90,
 }
 
+
 def decode_image(data: bytes, min_short_side: int | None = None) -> Image.Image:
     """Fully loaded RGB image of encoded `data` (first frame, oriented, alpha on black); ValueError if undecodable.
 

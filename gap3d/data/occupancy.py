@@ -17,7 +17,9 @@ SURFACE_RESOLUTION = 64  # TRELLIS's sparse-structure grid side
 def surface_voxels(vertices: np.ndarray, faces: np.ndarray, resolution: int = SURFACE_RESOLUTION) -> np.ndarray:
     """Vertices (V, 3) in [-0.5, 0.5]^3 and faces (F, 3) -> bool (R, R, R): voxels the surface crosses."""
     if vertices.size and np.abs(vertices).max() > 0.5 + 1e-6:
-        raise ValueError(f"vertices must lie in TRELLIS's unit cube [-0.5, 0.5]^3, got extent {np.abs(vertices).max():.3f}")
+        raise ValueError(
+            f"vertices must lie in TRELLIS's unit cube [-0.5, 0.5]^3, got extent {np.abs(vertices).max():.3f}"
+        )
     corners = vertices[faces]  # (F, 3 corners, 3)
     longest = np.linalg.norm(corners - np.roll(corners, 1, axis=1), axis=-1).max(axis=1)  # (F,)
     # A barycentric lattice with spacing under a third of a voxel leaves no crossed voxel unmarked.
@@ -54,8 +56,16 @@ def decode_occupancy(payload: bytes, where: str = "occupancy member") -> np.ndar
         packed = np.load(io.BytesIO(payload), allow_pickle=False)
     except (OSError, ValueError) as err:
         raise ValueError(f"{where} is not an .npy array: {err}") from err
-    if packed.dtype != np.uint8 or packed.ndim != 3 or packed.shape[0] != packed.shape[1] or packed.shape[2] * 8 != packed.shape[0]:
-        raise ValueError(f"{where} holds {packed.dtype} {packed.shape}; expected uint8 (R, R, R/8), a bool cube packed along the last axis")
+    if (
+        packed.dtype != np.uint8
+        or packed.ndim != 3
+        or packed.shape[0] != packed.shape[1]
+        or packed.shape[2] * 8 != packed.shape[0]
+    ):
+        raise ValueError(
+            f"{where} holds {packed.dtype} {packed.shape}; expected uint8 (R, R, R/8), a bool cube packed along the "
+            "last axis"
+        )
     return np.unpackbits(packed, axis=-1).astype(bool)
 
 

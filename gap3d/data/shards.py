@@ -28,8 +28,14 @@ from gap3d.data.images import decode_image
 logger = logging.getLogger(__name__)
 
 SKIP_REASONS = (
-    "missing_image", "missing_caption", "empty_caption", "undecodable_image", "image_too_small", "corrupt_member",
-    "duplicate_key", "unreadable_shard",
+    "missing_image",
+    "missing_caption",
+    "empty_caption",
+    "undecodable_image",
+    "image_too_small",
+    "corrupt_member",
+    "duplicate_key",
+    "unreadable_shard",
 )
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHARD_SUFFIXES = {".tar.gz": "webdataset", ".tgz": "webdataset", ".tar": "webdataset", ".parquet": "parquet"}
@@ -104,7 +110,9 @@ def _listing(fs, path: str) -> tuple[str, dict[str, dict]]:
         return path, fs.find(path, detail=True)
     if fs.isfile(path):
         return posixpath.dirname(path), {path: fs.info(path)}
-    raise FileNotFoundError(f"no shards at {path}: give a directory, a glob like .../train-*.tar, or a .tar/.tar.gz/.parquet file")
+    raise FileNotFoundError(
+        f"no shards at {path}: give a directory, a glob like .../train-*.tar, or a .tar/.tar.gz/.parquet file"
+    )
 
 
 def _metadata_sidecars(fs, tars: list[str], found: dict[str, dict]) -> dict[str, str]:
@@ -135,7 +143,11 @@ def list_shards(uri: str, exclude: str | None = None) -> list[Shard]:
     fs, path = storage.filesystem(uri)
     root, found = _listing(fs, path.rstrip("/"))
     excluded = storage.filesystem(exclude)[1].rstrip("/") if exclude and storage.same_filesystem(uri, exclude) else None
-    candidates = {p: info for p, info in found.items() if _shard_format(p) and info.get("type", "file") == "file" and not _inside(p, excluded)}
+    candidates = {
+        p: info
+        for p, info in found.items()
+        if _shard_format(p) and info.get("type", "file") == "file" and not _inside(p, excluded)
+    }
     tars = [p for p in candidates if _shard_format(p) == "webdataset"]
     sidecars = _metadata_sidecars(fs, tars, found)
     shards = []
@@ -144,15 +156,19 @@ def list_shards(uri: str, exclude: str | None = None) -> list[Shard]:
         relative = posixpath.relpath(found_path, root) if root else found_path
         version = info.get("ETag") or info.get("mtime") or info.get("LastModified")
         metadata = sidecars.get(found_path)
-        shards.append(Shard(
-            uri=storage.with_scheme(uri, found_path), shard_id=relative.replace("/", "__"), format=_shard_format(found_path),
-            size=info.get("size"), version=None if version is None else str(version),
-            metadata_uri=None if metadata is None else storage.with_scheme(uri, metadata),
-        ))
+        shards.append(
+            Shard(
+                uri=storage.with_scheme(uri, found_path),
+                shard_id=relative.replace("/", "__"),
+                format=_shard_format(found_path),
+                size=info.get("size"),
+                version=None if version is None else str(version),
+                metadata_uri=None if metadata is None else storage.with_scheme(uri, metadata),
+            )
+        )
     if not shards:
         logger.warning("no .tar, .tar.gz, .tgz or .parquet shards found at %s", uri)
     return shards
-
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -163,7 +179,8 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def _caption_from_members(members: dict[str, bytes], fallback: str | None = None) -> str | None:
-    """The first non-blank of: .txt, the .json's "caption", `fallback`; "" when only blank ones exist, None when none."""
+    """The first non-blank of: .txt, the .json's "caption", `fallback`; "" when only blank ones exist, None when "
+    "none."""
     candidates = []
     if "txt" in members:
         candidates.append(members["txt"].decode("utf-8", errors="replace"))
@@ -269,7 +286,9 @@ class _TarSamples:
         self.pending = {}
 
 
-def iter_tar_records(fileobj: BinaryIO, captions: dict[str, str] | None = None, where: str = "tar") -> Iterator[RawRecord]:
+def iter_tar_records(
+    fileobj: BinaryIO, captions: dict[str, str] | None = None, where: str = "tar"
+) -> Iterator[RawRecord]:
     """Records of a WebDataset tar stream (plain or gzipped); a broken archive ends with one `corrupt_member` record.
 
     The corrupt record carries the key of the member group being read when the archive broke (truncated data,
@@ -325,7 +344,10 @@ def iter_parquet_records(source: str | BinaryIO, where: str | None = None) -> It
     names = parquet.schema_arrow.names
     missing = {"image", "caption"} - set(names)
     if missing:
-        raise UnreadableShard(f"Parquet file {where} lacks column(s) {sorted(missing)} (it has {names}), so it is not an image-caption shard")
+        raise UnreadableShard(
+            f"Parquet file {where} lacks column(s) {sorted(missing)} (it has {names}), so it is not an image-caption "
+            "shard"
+        )
     columns = ["image", "caption"] + (["key"] if "key" in names else [])
     row, seen = 0, set()
     try:
@@ -337,7 +359,9 @@ def iter_parquet_records(source: str | BinaryIO, where: str | None = None) -> It
                     yield RawRecord(key=key, image=None, caption=None, skip_reason="duplicate_key")
                     continue
                 seen.add(key)
-                yield RawRecord(key=key, image=_image_bytes(image), caption=caption if isinstance(caption, str) else None)
+                yield RawRecord(
+                    key=key, image=_image_bytes(image), caption=caption if isinstance(caption, str) else None
+                )
             row += batch.num_rows
     except pa.ArrowInvalid as error:
         logger.warning("corrupt Parquet shard %s after row %d: %s", where, row, error)
@@ -359,7 +383,11 @@ def read_metadata_captions(uri: str) -> dict[str, str]:
     except (OSError, pa.ArrowException) as error:
         logger.warning("metadata %s is unreadable (%s); its captions are not used", uri, error)
         return {}
-    return {str(k): c for k, c in zip(table.column("key").to_pylist(), table.column("caption").to_pylist()) if isinstance(c, str)}
+    return {
+        str(k): c
+        for k, c in zip(table.column("key").to_pylist(), table.column("caption").to_pylist())
+        if isinstance(c, str)
+    }
 
 
 def iter_shard_records(shard: Shard) -> Iterator[RawRecord]:

@@ -37,8 +37,12 @@ class FeatureManifest:
     dino_shape: list[int]  # [N, D]
     cache_shape: list[int] | None = None  # [layers, 2, kv_heads, head_dim] in prompt_cache mode
     latents_shape: list[int] | None = None  # [s, d_vlm] in soft_latents mode
-    shards: dict[str, dict] = field(default_factory=dict)  # input shard stem -> completion record ({"files": [...], "rows": n, ...})
-    totals: dict = field(default_factory=dict)  # over all shards, from every run: {"rows_in", "rows", "skipped": {reason: n}}
+    shards: dict[str, dict] = field(
+        default_factory=dict
+    )  # input shard stem -> completion record ({"files": [...], "rows": n, ...})
+    totals: dict = field(
+        default_factory=dict
+    )  # over all shards, from every run: {"rows_in", "rows", "skipped": {reason: n}}
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -52,7 +56,11 @@ class FeatureManifest:
             for reason, count in record.get("skipped", {}).items():
                 skipped[reason] = skipped.get(reason, 0) + count
         rows_in = sum(record.get("rows_in", 0) for record in self.shards.values())
-        self.totals = {"rows_in": rows_in, "rows": sum(record.get("rows", 0) for record in self.shards.values()), "skipped": dict(sorted(skipped.items()))}
+        self.totals = {
+            "rows_in": rows_in,
+            "rows": sum(record.get("rows", 0) for record in self.shards.values()),
+            "skipped": dict(sorted(skipped.items())),
+        }
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -61,7 +69,10 @@ class FeatureManifest:
     def from_json(cls, text: str, where: str) -> "FeatureManifest":
         values = json.loads(text)
         if values.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"{where} has schema_version {values.get('schema_version')}, this code reads {SCHEMA_VERSION}; re-run preprocessing")
+            raise ValueError(
+                f"{where} has schema_version {values.get('schema_version')}, this code reads {SCHEMA_VERSION}; re-run "
+                "preprocessing"
+            )
         return cls(**values)
 
 
@@ -69,21 +80,25 @@ def feature_schema(mode: str) -> pa.Schema:
     """Arrow schema of a feature shard for soft-token mode `mode`."""
     if mode not in MODES:
         raise ValueError(f"soft-token mode must be one of {MODES}, got {mode!r}")
-    return pa.schema([
-        pa.field("key", pa.string()),
-        pa.field("caption", pa.string()),
-        pa.field("input_ids", pa.list_(pa.int32())),
-        pa.field("dino", pa.list_(pa.float16())),
-        pa.field("next_position", pa.int32()),
-        pa.field(mode, pa.list_(pa.float16())),
-    ])
+    return pa.schema(
+        [
+            pa.field("key", pa.string()),
+            pa.field("caption", pa.string()),
+            pa.field("input_ids", pa.list_(pa.int32())),
+            pa.field("dino", pa.list_(pa.float16())),
+            pa.field("next_position", pa.int32()),
+            pa.field(mode, pa.list_(pa.float16())),
+        ]
+    )
 
 
 def rows_to_table(rows: dict[str, list], mode: str) -> pa.Table:
     """Column dict (one tensor or value per row) -> Arrow table in the feature schema, tensors flattened to fp16."""
     schema = feature_schema(mode)
     arrays = {
-        name: [np.asarray(value, dtype=np.float16).reshape(-1) for value in rows[name]] if name in ("dino", mode) else rows[name]
+        name: [np.asarray(value, dtype=np.float16).reshape(-1) for value in rows[name]]
+        if name in ("dino", mode)
+        else rows[name]
         for name in schema.names
     }
     return pa.table(arrays, schema=schema)
@@ -106,9 +121,14 @@ class FeatureBatch:
         return self.dino.shape[0]
 
     def to(self, device: torch.device, dtype: torch.dtype, cache_dtype: torch.dtype | None = None) -> "FeatureBatch":
-        """Move to `device`; targets and latents take `dtype`, prompt caches `cache_dtype` (the VLM's; default `dtype`)."""
+        """Move to `device`; targets and latents take `dtype`, prompt caches `cache_dtype` (the VLM's; default "
+        "`dtype`)."""
         cache_dtype = cache_dtype or dtype
-        caches = None if self.caches is None else [PromptCache(c.key_values.to(device, cache_dtype), c.next_position) for c in self.caches]
+        caches = (
+            None
+            if self.caches is None
+            else [PromptCache(c.key_values.to(device, cache_dtype), c.next_position) for c in self.caches]
+        )
         latents = None if self.latents is None else self.latents.to(device, dtype)
         return FeatureBatch(self.dino.to(device, dtype), caches, latents)
 
@@ -122,12 +142,16 @@ def batch_from_rows(rows: dict, manifest: FeatureManifest) -> FeatureBatch:
     count = len(rows["dino"])
     dino = torch.from_numpy(_stack_fp16(list(rows["dino"]))).view(count, *manifest.dino_shape)  # (B, N, D)
     if manifest.mode == "soft_latents":
-        latents = torch.from_numpy(_stack_fp16(list(rows["soft_latents"]))).view(count, *manifest.latents_shape)  # (B, s, d_vlm)
+        latents = torch.from_numpy(_stack_fp16(list(rows["soft_latents"]))).view(
+            count, *manifest.latents_shape
+        )  # (B, s, d_vlm)
         return FeatureBatch(dino=dino, latents=latents)
     layers, two, kv_heads, head_dim = manifest.cache_shape
     caches = [
         PromptCache(
-            key_values=torch.from_numpy(np.asarray(flat, dtype=np.float16).astype(np.float32)).view(layers, two, kv_heads, len(ids), head_dim),
+            key_values=torch.from_numpy(np.asarray(flat, dtype=np.float16).astype(np.float32)).view(
+                layers, two, kv_heads, len(ids), head_dim
+            ),
             next_position=int(position),
         )
         for flat, ids, position in zip(rows["prompt_cache"], rows["input_ids"], rows["next_position"])

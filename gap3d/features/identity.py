@@ -7,7 +7,7 @@ from gap3d.features.format import FeatureManifest
 
 
 def soft_token_mode(config: Gap3DConfig) -> str:
-    """"prompt_cache" when the soft tokens train, "soft_latents" when they are frozen."""
+    """The soft-token mode: "prompt_cache" when the soft tokens train, "soft_latents" when they are frozen."""
     return "prompt_cache" if config.vlm.trainable else "soft_latents"
 
 
@@ -24,7 +24,11 @@ def encoder_identity(config: Gap3DConfig) -> dict:
         "soft_token_mode": soft_token_mode(config),
     }
     if not config.vlm.trainable:
-        identity.update(num_soft_tokens=config.vlm.num_soft_tokens, soft_token_init_seed=config.vlm.init_seed, soft_token_init_scale=config.vlm.init_scale)
+        identity.update(
+            num_soft_tokens=config.vlm.num_soft_tokens,
+            soft_token_init_seed=config.vlm.init_seed,
+            soft_token_init_scale=config.vlm.init_scale,
+        )
     return identity
 
 
@@ -50,11 +54,15 @@ def check_compatible(manifest: FeatureManifest, config: Gap3DConfig) -> None:
     expected = expected_manifest(config)
     paths = {"vlm": config.vlm.path, "dino": config.dino.path}
     differences = [
-        f"{key}: features have {manifest.encoders.get(key)!r}, config has {value!r}" + (f" (the checkpoint at {paths[key]})" if key in paths else "")
+        f"{key}: features have {manifest.encoders.get(key)!r}, config has {value!r}"
+        + (f" (the checkpoint at {paths[key]})" if key in paths else "")
         for key, value in expected.encoders.items()
         if manifest.encoders.get(key) != value
     ]
     if differences:
         raise ValueError("features were written by different encoders than configured; " + "; ".join(differences))
     if list(manifest.dino_shape) != expected.dino_shape:
-        raise ValueError(f"features hold DINOv2 targets of shape {manifest.dino_shape} but the configured encoders give {expected.dino_shape}")
+        raise ValueError(
+            f"features hold DINOv2 targets of shape {manifest.dino_shape} but the configured encoders give "
+            f"{expected.dino_shape}"
+        )

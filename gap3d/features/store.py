@@ -34,13 +34,16 @@ _FOOTER_READERS = 16  # footers are tiny; object-storage latency dominates, so r
 
 
 def split_pattern(uri: str) -> tuple[str, str]:
-    """(feature directory, file pattern): "d/train-*.parquet" -> ("d", "train-*.parquet"); "d" -> ("d", "**/*.parquet")."""
+    """(feature directory, file pattern): "d/train-*.parquet" -> ("d", "train-*.parquet"); "d" -> ("d", "
+    ""**/*.parquet")."""
     uri = str(uri).rstrip("/")
     if not storage.has_glob(uri):
         return uri, "**/*.parquet"
     directory, pattern = uri.rsplit("/", 1)
     if storage.has_glob(directory):
-        raise ValueError(f"feature URI {uri}: only the file name may hold a glob, e.g. s3://bucket/features/train-*.parquet")
+        raise ValueError(
+            f"feature URI {uri}: only the file name may hold a glob, e.g. s3://bucket/features/train-*.parquet"
+        )
     return directory, pattern
 
 
@@ -50,7 +53,10 @@ def read_manifest(uri: str) -> FeatureManifest:
     fs, root = storage.filesystem(directory)
     path = storage.join(root, MANIFEST_NAME)
     if not fs.isfile(path):
-        raise FileNotFoundError(f"no feature manifest at {storage.join(directory, MANIFEST_NAME)}; run ray_jobs/preprocess.py to write features there")
+        raise FileNotFoundError(
+            f"no feature manifest at {storage.join(directory, MANIFEST_NAME)}; run ray_jobs/preprocess.py to write "
+            "features there"
+        )
     with fs.open(path, "r") as handle:
         return FeatureManifest.from_json(handle.read(), storage.join(directory, MANIFEST_NAME))
 
@@ -65,12 +71,17 @@ def write_manifest(output_uri: str, manifest: FeatureManifest) -> None:
 
 
 def feature_files(uri: str) -> list[str]:
-    """URIs of the feature files of a directory or file-name glob that its manifest lists (complete shards only), sorted.
+    """URIs of the feature files of a directory or file-name glob that its manifest lists (complete shards only),
+    sorted.
 
     A listed file whose size is not the one its shard record gives (truncated, or rewritten since) fails, naming it.
     """
     directory, pattern = split_pattern(uri)
-    listed = {name: size for entry in read_manifest(directory).shards.values() for name, size in entry.get("files", {}).items()}
+    listed = {
+        name: size
+        for entry in read_manifest(directory).shards.values()
+        for name, size in entry.get("files", {}).items()
+    }
     fs, root = storage.filesystem(directory)
     found = fs.glob(storage.join(root, pattern), detail=True)
     files = sorted(path for path in found if posixpath.relpath(path, root) in listed)
@@ -78,11 +89,15 @@ def feature_files(uri: str) -> list[str]:
         recorded = listed[posixpath.relpath(path, root)]
         if found[path]["size"] != recorded:
             raise ValueError(
-                f"feature file {storage.with_scheme(uri, path)} has {found[path]['size']} bytes, its shard record {recorded}: it was cut short "
-                "or changed after preprocessing; rerun ray_jobs/preprocess.py with the same --input and --output to encode its shard again"
+                f"feature file {storage.with_scheme(uri, path)} has {found[path]['size']} bytes, its shard record "
+                f"{recorded}: it was cut short "
+                "or changed after preprocessing; rerun ray_jobs/preprocess.py with the same --input and --output to "
+                "encode its shard again"
             )
     if not files:
-        raise FileNotFoundError(f"no *.parquet feature shards of complete input shards at {uri}; run ray_jobs/preprocess.py to write them")
+        raise FileNotFoundError(
+            f"no *.parquet feature shards of complete input shards at {uri}; run ray_jobs/preprocess.py to write them"
+        )
     return [storage.with_scheme(uri, path) for path in files]
 
 
@@ -120,10 +135,16 @@ def load_rows(uri: str, config: Gap3DConfig, limit: int | None = None) -> tuple[
             break
     table = pa.concat_tables(tables)
     rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in columns}
-    return batch_from_rows(rows, manifest), [str(caption) for caption in rows["caption"]], [str(key) for key in rows["key"]]
+    return (
+        batch_from_rows(rows, manifest),
+        [str(caption) for caption in rows["caption"]],
+        [str(key) for key in rows["key"]],
+    )
 
 
-def write_feature_file(output_uri: str, name: str, schema: pa.Schema, batches: Iterable[tuple[pa.Table, dict]], stats: dict) -> dict:
+def write_feature_file(
+    output_uri: str, name: str, schema: pa.Schema, batches: Iterable[tuple[pa.Table, dict]], stats: dict
+) -> dict:
     """Write (table, skipped-by-reason) batches as output_uri/name, published atomically; returns the final stats.
 
     `stats` holds what is known before encoding ("input", "rows_in", "skipped", "encoders"); rows written and
@@ -174,7 +195,8 @@ def _read_json(fs, path: str) -> dict | None:
 
 
 def read_shard_records(output_uri: str) -> dict[str, dict]:
-    """Completion records under output_uri, by stem, whose chunk files all exist at their recorded sizes ({} for a new output)."""
+    """Completion records under output_uri, by stem, whose chunk files all exist at their recorded sizes ({} for a new "
+    "output)."""
     fs, root = storage.filesystem(output_uri)
     fs.invalidate_cache(root)  # other processes (the encoder actors) wrote there since this one last listed it
     records_dir = storage.join(root, RECORDS_DIR)
@@ -191,7 +213,9 @@ def read_shard_records(output_uri: str) -> dict[str, dict]:
             continue
         damaged = [name for name, size in record.get("files", {}).items() if sizes.get(name) != size]
         if damaged:
-            logger.warning("feature files %s of shard %s are missing or changed; the shard will be encoded again", damaged, stem)
+            logger.warning(
+                "feature files %s of shard %s are missing or changed; the shard will be encoded again", damaged, stem
+            )
         else:
             complete[stem] = record
     return complete
@@ -205,7 +229,11 @@ def remove_shard_outputs(output_uri: str, stems: list[str]) -> int:
     records = {storage.join(root, RECORDS_DIR, f"{stem}.json") for stem in stems}
     chunk = re.compile(r"(.+)\.\d{5}\.parquet")
     wanted = set(stems)
-    chunks = [path for path in fs.ls(root, detail=False) if (match := chunk.fullmatch(posixpath.basename(path))) and match.group(1) in wanted]
+    chunks = [
+        path
+        for path in fs.ls(root, detail=False)
+        if (match := chunk.fullmatch(posixpath.basename(path))) and match.group(1) in wanted
+    ]
     stale = [path for path in records if fs.exists(path)] + chunks
     for path in stale:
         fs.rm_file(path)

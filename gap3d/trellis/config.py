@@ -57,7 +57,12 @@ class SamplerConfig:
             raise ValueError(f"{where}: bad sampler entry {entry!r}: {err}") from err
 
     def to_json(self) -> dict:
-        params = {"steps": self.steps, "cfg_strength": self.cfg_strength, "cfg_interval": list(self.cfg_interval), "rescale_t": self.rescale_t}
+        params = {
+            "steps": self.steps,
+            "cfg_strength": self.cfg_strength,
+            "cfg_interval": list(self.cfg_interval),
+            "rescale_t": self.rescale_t,
+        }
         return {"name": self.name, "args": {"sigma_min": self.sigma_min}, "params": params}
 
 
@@ -71,11 +76,15 @@ class PipelineConfig:
     def __post_init__(self):
         missing = [name for name in STAGE1_MODELS if name not in self.models]
         if missing:
-            raise ValueError(f"pipeline.json lists no {', '.join(missing)} under args.models (has {sorted(self.models)})")
+            raise ValueError(
+                f"pipeline.json lists no {', '.join(missing)} under args.models (has {sorted(self.models)})"
+            )
         if self.slat_normalization is not None:
             for key in ("mean", "std"):
                 if not isinstance(self.slat_normalization.get(key), list):
-                    raise ValueError(f"pipeline.json slat_normalization needs a list under {key!r}, got {self.slat_normalization!r}")
+                    raise ValueError(
+                        f"pipeline.json slat_normalization needs a list under {key!r}, got {self.slat_normalization!r}"
+                    )
 
     @property
     def has_stage2(self) -> bool:
@@ -91,7 +100,11 @@ class PipelineConfig:
         args = json.loads(path.read_text()).get("args")
         if not isinstance(args, dict) or not isinstance(args.get("models"), dict):
             raise ValueError(f"{path}: expected {{'args': {{'models': {{...}}, ...}}}}")
-        samplers = {key: SamplerConfig.from_json(args[key], f"{path} args.{key}") for key in ("sparse_structure_sampler", "slat_sampler") if key in args}
+        samplers = {
+            key: SamplerConfig.from_json(args[key], f"{path} args.{key}")
+            for key in ("sparse_structure_sampler", "slat_sampler")
+            if key in args
+        }
         return cls(models=dict(args["models"]), slat_normalization=args.get("slat_normalization"), **samplers)
 
     def to_json(self) -> dict:
@@ -137,7 +150,8 @@ OFFICIAL_SPARSE_STRUCTURE_ENCODER_ARGS = {
     "channels": [32, 128, 512],
     "use_fp16": True,
 }
-# The release's stage-2 architectures (ckpts/slat_flow_img_dit_L_64l8p2_fp16.json, slat_dec_mesh_swin8_B_64l8m256c_fp16.json).
+# The release's stage-2 architectures (ckpts/slat_flow_img_dit_L_64l8p2_fp16.json,
+# slat_dec_mesh_swin8_B_64l8m256c_fp16.json).
 OFFICIAL_SLAT_FLOW_ARGS = {
     **OFFICIAL_SPARSE_STRUCTURE_FLOW_ARGS,
     "resolution": 64,

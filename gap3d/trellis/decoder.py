@@ -20,8 +20,8 @@ import torch.nn.functional as F
 import trimesh
 from torch import nn
 
-from gap3d.cancellation import raise_if_cancelled
 import gap3d.trellis.sparse as sp
+from gap3d.cancellation import raise_if_cancelled
 from gap3d.trellis.config import (
     SLAT_DECODER_MESH,
     SLAT_FLOW,
@@ -76,7 +76,11 @@ class SparseStructure:
 
 def per_sample_seeds(seed: int | Sequence[int], batch_size: int) -> list[int]:
     """One seed per sample: an int gives seed, seed + 1, ...; a sequence is taken as is."""
-    seeds = [int(seed) + index for index in range(batch_size)] if isinstance(seed, numbers.Integral) else [int(s) for s in seed]
+    seeds = (
+        [int(seed) + index for index in range(batch_size)]
+        if isinstance(seed, numbers.Integral)
+        else [int(s) for s in seed]
+    )
     if len(seeds) != batch_size:
         raise ValueError(f"got {len(seeds)} seeds for a batch of {batch_size} conditions")
     return seeds
@@ -140,9 +144,15 @@ class Decoder:
         resolution = self.structure_resolution
         for name in STAGE2_MODELS:
             if self.models[name].config.resolution != resolution:
-                raise ValueError(f"{name} has resolution {self.models[name].config.resolution}, but stage 1 decodes a {resolution}^3 grid; they must match")
+                raise ValueError(
+                    f"{name} has resolution {self.models[name].config.resolution}, but stage 1 decodes a "
+                    f"{resolution}^3 grid; they must match"
+                )
         if self.models[SLAT_FLOW].config.cond_channels != self.cond_dim:
-            raise ValueError(f"{SLAT_FLOW} takes cond_channels {self.models[SLAT_FLOW].config.cond_channels}, stage 1 takes {self.cond_dim}; they must match")
+            raise ValueError(
+                f"{SLAT_FLOW} takes cond_channels {self.models[SLAT_FLOW].config.cond_channels}, stage 1 takes "
+                f"{self.cond_dim}; they must match"
+            )
 
     @property
     def flow_model(self) -> nn.Module:
@@ -160,7 +170,7 @@ class Decoder:
 
     @property
     def default_stage(self) -> str:
-        """"full" when the stage-2 models are loaded, "coarse" otherwise."""
+        """The stage generate() runs by default: "full" when the stage-2 models are loaded, "coarse" otherwise."""
         return "full" if self.has_stage2 else "coarse"
 
     @property
@@ -174,7 +184,9 @@ class Decoder:
 
     def noise(self, seeds: list[int]) -> torch.Tensor:
         """(B, C, R, R, R) float32 stage-1 noise, each sample from its own seed (same on CPU and GPU)."""
-        samples = [torch.randn(self._stage1_noise_shape(), generator=torch.Generator().manual_seed(seed)) for seed in seeds]
+        samples = [
+            torch.randn(self._stage1_noise_shape(), generator=torch.Generator().manual_seed(seed)) for seed in seeds
+        ]
         return torch.stack(samples).to(self.device)
 
     def stage2_noise(self, seed: int, num_voxels: int) -> torch.Tensor:
@@ -218,21 +230,30 @@ class Decoder:
     def _finish(self, mesh: trimesh.Trimesh, label: str, what: str, allow_empty: bool) -> trimesh.Trimesh:
         """Drop cavity walls and specks; an empty mesh raises EmptyStructureError unless allow_empty."""
         if len(mesh.faces) == 0 and not allow_empty:
-            raise EmptyStructureError(f"{label} {what}; try another seed or condition, or pass allow_empty=True to get an empty mesh")
+            raise EmptyStructureError(
+                f"{label} {what}; try another seed or condition, or pass allow_empty=True to get an empty mesh"
+            )
         return remove_hidden_components(mesh, self.min_component_faces)
 
     def coarse_meshes(self, structure: SparseStructure, allow_empty: bool = False) -> list[trimesh.Trimesh]:
         """One watertight mesh per sample from its occupancy logits; an empty grid raises unless allow_empty."""
         return [
-            self._finish(occupancy_mesh(logits), f"sample {index} (seed {seed})", "decoded to an empty occupancy grid", allow_empty)
+            self._finish(
+                occupancy_mesh(logits),
+                f"sample {index} (seed {seed})",
+                "decoded to an empty occupancy grid",
+                allow_empty,
+            )
             for index, (logits, seed) in enumerate(zip(structure.logits, structure.seeds))
         ]
 
     def _require_stage2(self) -> None:
         if not self.has_stage2:
             raise ValueError(
-                f"stage 'full' needs the stage-2 models {', '.join(n for n in STAGE2_MODELS if n not in self.models)}, which are not loaded "
-                f"(pipeline.json lists {sorted(self.pipeline.models)}; from_pretrained(stages='coarse') skips them); use stage='coarse'"
+                f"stage 'full' needs the stage-2 models {', '.join(n for n in STAGE2_MODELS if n not in self.models)}, "
+                "which are not loaded "
+                f"(pipeline.json lists {sorted(self.pipeline.models)}; from_pretrained(stages='coarse') skips them); "
+                "use stage='coarse'"
             )
 
     def _stage2_params(self, params: dict | None) -> dict:
@@ -242,17 +263,29 @@ class Decoder:
         return dict(params or {})
 
     @torch.no_grad()
-    def sample_structured_latent(self, cond: torch.Tensor, voxels: list[torch.Tensor], seeds: list[int], params: dict | None = None) -> sp.SparseTensor:
-        """Stage-2 flow: cond (B, N, D) and per-sample voxels (N_i, 3) -> un-normalised latent on (sum N_i, 4) coords."""
+    def sample_structured_latent(
+        self, cond: torch.Tensor, voxels: list[torch.Tensor], seeds: list[int], params: dict | None = None
+    ) -> sp.SparseTensor:
+        """Stage-2 flow: cond (B, N, D) and per-sample voxels (N_i, 3) -> un-normalised latent on (sum N_i, 4) "
+        "coords."""
         coords = torch.cat([F.pad(v.int(), (1, 0), value=index) for index, v in enumerate(voxels)])  # (M, 4)
         noise = torch.cat([self.stage2_noise(seed, v.shape[0]) for seed, v in zip(seeds, voxels)])
         return sample_structured_latent(
-            self.models[SLAT_FLOW], self.slat_sampler, coords, self._check_cond(cond), self.pipeline.slat_normalization,
-            noise=noise, **self._stage2_params(params),
+            self.models[SLAT_FLOW],
+            self.slat_sampler,
+            coords,
+            self._check_cond(cond),
+            self.pipeline.slat_normalization,
+            noise=noise,
+            **self._stage2_params(params),
         )
 
     def full_meshes(
-        self, cond: torch.Tensor, structure: SparseStructure, allow_empty: bool = False, slat_sampler_params: dict | None = None
+        self,
+        cond: torch.Tensor,
+        structure: SparseStructure,
+        allow_empty: bool = False,
+        slat_sampler_params: dict | None = None,
     ) -> list[trimesh.Trimesh]:
         """Stage 2 on a stage-1 result: one coloured mesh per sample, in passes of at most max_stage2_voxels voxels."""
         self._require_stage2()
@@ -269,11 +302,20 @@ class Decoder:
         for group in voxel_budget_groups({index: v.shape[0] for index, v in voxels.items()}, self.max_stage2_voxels):
             raise_if_cancelled()
             start = time.perf_counter()
-            latent = self.sample_structured_latent(cond[group], [voxels[i] for i in group], [structure.seeds[i] for i in group], params)
+            latent = self.sample_structured_latent(
+                cond[group], [voxels[i] for i in group], [structure.seeds[i] for i in group], params
+            )
             decoded = self.models[SLAT_DECODER_MESH].decode(latent)
             for index, mesh in zip(group, decoded):
-                meshes[index] = self._finish(mesh, labels[index], f"gave no surface from its {voxels[index].shape[0]} voxels", allow_empty)
-            logger.info("stage 2: samples %s, voxels %s, %.2f s", group, [voxels[i].shape[0] for i in group], time.perf_counter() - start)
+                meshes[index] = self._finish(
+                    mesh, labels[index], f"gave no surface from its {voxels[index].shape[0]} voxels", allow_empty
+                )
+            logger.info(
+                "stage 2: samples %s, voxels %s, %.2f s",
+                group,
+                [voxels[i].shape[0] for i in group],
+                time.perf_counter() - start,
+            )
         return meshes
 
     def generate(

@@ -40,7 +40,9 @@ def model_class(name: str) -> type[nn.Module]:
     try:
         module = importlib.import_module(MODEL_MODULES[name])
     except ModuleNotFoundError as err:
-        raise NotImplementedError(f"TRELLIS model class {name} ({MODEL_MODULES[name]}) is not available in this build") from err
+        raise NotImplementedError(
+            f"TRELLIS model class {name} ({MODEL_MODULES[name]}) is not available in this build"
+        ) from err
     return getattr(module, name)
 
 
@@ -88,7 +90,9 @@ def load_model(root: Path, stem: str, device: torch.device | str = "cpu") -> nn.
     model = build_model(json.loads(json_path.read_text()), str(json_path), device="meta")
     model.to_empty(device=device)  # every tensor is then overwritten by the strict load
     load_state_dict_strict(model, load_file(str(weights_path), device=str(device)), str(weights_path))
-    logger.info("loaded %s (%s, %.1fM parameters)", stem, type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6)
+    logger.info(
+        "loaded %s (%s, %.1fM parameters)", stem, type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6
+    )
     return model.eval().requires_grad_(False)
 
 
@@ -114,7 +118,9 @@ class ModelSpec:
     args: dict = field(default_factory=dict)  # constructor args, the JSON "args"
 
 
-def write_trellis_checkpoint(out_dir: str | Path, specs: dict[str, ModelSpec], models: dict[str, nn.Module], pipeline: PipelineConfig) -> Path:
+def write_trellis_checkpoint(
+    out_dir: str | Path, specs: dict[str, ModelSpec], models: dict[str, nn.Module], pipeline: PipelineConfig
+) -> Path:
     """Write pipeline.json and, per model, <stem>.json + <stem>.safetensors under `out_dir`."""
     root = Path(out_dir)
     for name, spec in specs.items():

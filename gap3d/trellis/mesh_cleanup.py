@@ -48,7 +48,12 @@ def remove_hidden_components(mesh: trimesh.Trimesh, min_faces: int = DEFAULT_MIN
         return mesh
     if not keep_component.any():
         keep_component[np.argmax(sizes)] = True  # never clean a mesh away entirely
-    logger.debug("mesh cleanup: dropped %d cavity walls and %d specks of %d components", int(cavity.sum()), int((~keep_component & ~cavity).sum()), count)
+    logger.debug(
+        "mesh cleanup: dropped %d cavity walls and %d specks of %d components",
+        int(cavity.sum()),
+        int((~keep_component & ~cavity).sum()),
+        count,
+    )
     cleaned = mesh.copy()
     cleaned.update_faces(keep_component[labels])
     cleaned.remove_unreferenced_vertices()

@@ -25,17 +25,23 @@ _SIMPLIFY_LOCK = threading.Lock()
 
 
 def simplify(mesh: trimesh.Trimesh, target_faces: int) -> trimesh.Trimesh:
-    """Quadric-decimate `mesh` to at most about `target_faces` faces (unchanged if already below), keeping vertex colours."""
+    """Quadric-decimate `mesh` to at most about `target_faces` faces (unchanged if already below), keeping vertex "
+    "colours."""
     if target_faces <= 0:
         raise ValueError(f"target_faces must be positive, got {target_faces}")
     if len(mesh.faces) <= target_faces:
         return mesh
     if importlib.util.find_spec("fast_simplification") is None:
-        raise RuntimeError("mesh simplification needs the fast-simplification package: pip install fast-simplification (or pass target_faces=None)")
+        raise RuntimeError(
+            "mesh simplification needs the fast-simplification package: pip install fast-simplification (or pass "
+            "target_faces=None)"
+        )
     fast_simplification = importlib.import_module("fast_simplification")
     points, triangles = np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces, dtype=np.int64)
     with _SIMPLIFY_LOCK:
-        _, _, collapses = fast_simplification.simplify(points, triangles, target_count=target_faces, return_collapses=True)
+        _, _, collapses = fast_simplification.simplify(
+            points, triangles, target_count=target_faces, return_collapses=True
+        )
         # Replaying the collapses gives the same mesh plus the kept vertex each original vertex merged into.
         vertices, faces, merged_into = fast_simplification.replay_simplification(points, triangles, collapses)
     colors = None
@@ -60,7 +66,9 @@ def _unfolded(faces: np.ndarray) -> np.ndarray:
     return counts[inverse.ravel()] == 1
 
 
-def export_mesh(mesh: trimesh.Trimesh, file_format: str = "glb", target_faces: int | None = DEFAULT_TARGET_FACES) -> bytes:
+def export_mesh(
+    mesh: trimesh.Trimesh, file_format: str = "glb", target_faces: int | None = DEFAULT_TARGET_FACES
+) -> bytes:
     """`mesh` as GLB / OBJ / PLY bytes, simplified to about `target_faces` faces first (None: keep all)."""
     file_format = file_format.lower()
     if file_format not in EXPORT_FORMATS:

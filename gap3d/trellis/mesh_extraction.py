@@ -76,7 +76,9 @@ def _vertex_attributes(coords: torch.Tensor, corner_attrs: torch.Tensor) -> tupl
     return vertices, sums / counts[:, None]
 
 
-def _sign_change_edges(vertices: torch.Tensor, sdf: torch.Tensor, resolution: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sign_change_edges(
+    vertices: torch.Tensor, sdf: torch.Tensor, resolution: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grid edges (vertices 0..resolution) from an inside to an outside end: (E, 3) lower end, (E,) axis,
     (E,) whether the inside end is the lower one. Each such edge is found once, from its inside end."""
     inside = torch.nonzero(sdf < 0).squeeze(1)
@@ -132,7 +134,9 @@ def _dual_vertices(
     crosses = (s0 < 0) != (s1 < 0)
     denominator = torch.where(crosses, w1 - w0, torch.ones_like(w0))
     values = torch.cat([position, attrs[..., 4:]], dim=-1)  # (C, 8, 3 + colour)
-    crossing = (values[:, edges[:, 0]] * w1[..., None] - values[:, edges[:, 1]] * w0[..., None]) / denominator[..., None]
+    crossing = (values[:, edges[:, 0]] * w1[..., None] - values[:, edges[:, 1]] * w0[..., None]) / denominator[
+        ..., None
+    ]
     edge_weight = beta * crosses
     dual = (crossing * edge_weight[..., None]).sum(dim=1) / edge_weight.sum(dim=1, keepdim=True).clamp(min=1e-12)
     return dual[:, :3], dual[:, 3:], gamma

@@ -108,14 +108,20 @@ class SparseStructureDecoder(nn.Module):
         self.config = config
         channels = config.channels
         self.input_layer = nn.Conv3d(config.latent_channels, channels[0], 3, padding=1)
-        self.middle_block = nn.Sequential(*(ResBlock3d(channels[0], channels[0], config.norm_type) for _ in range(config.num_res_blocks_middle)))
+        self.middle_block = nn.Sequential(
+            *(ResBlock3d(channels[0], channels[0], config.norm_type) for _ in range(config.num_res_blocks_middle))
+        )
         blocks = []
         for index, width in enumerate(channels):
             blocks.extend(ResBlock3d(width, width, config.norm_type) for _ in range(config.num_res_blocks))
             if index < len(channels) - 1:
                 blocks.append(UpsampleBlock3d(width, channels[index + 1]))
         self.blocks = nn.ModuleList(blocks)
-        self.out_layer = nn.Sequential(norm_layer(config.norm_type, channels[-1]), nn.SiLU(), nn.Conv3d(channels[-1], config.out_channels, 3, padding=1))
+        self.out_layer = nn.Sequential(
+            norm_layer(config.norm_type, channels[-1]),
+            nn.SiLU(),
+            nn.Conv3d(channels[-1], config.out_channels, 3, padding=1),
+        )
         self.torso_dtype = torch.float32
         self.initialize_weights()
 

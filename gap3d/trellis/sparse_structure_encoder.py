@@ -60,15 +60,25 @@ class SparseStructureEncoder(nn.Module):
             if index < len(channels) - 1:
                 blocks.append(DownsampleBlock3d(width, channels[index + 1]))
         self.blocks = nn.ModuleList(blocks)
-        self.middle_block = nn.Sequential(*(ResBlock3d(channels[-1], channels[-1], config.norm_type) for _ in range(config.num_res_blocks_middle)))
-        self.out_layer = nn.Sequential(norm_layer(config.norm_type, channels[-1]), nn.SiLU(), nn.Conv3d(channels[-1], 2 * config.latent_channels, 3, padding=1))
+        self.middle_block = nn.Sequential(
+            *(ResBlock3d(channels[-1], channels[-1], config.norm_type) for _ in range(config.num_res_blocks_middle))
+        )
+        self.out_layer = nn.Sequential(
+            norm_layer(config.norm_type, channels[-1]),
+            nn.SiLU(),
+            nn.Conv3d(channels[-1], 2 * config.latent_channels, 3, padding=1),
+        )
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         zero_residual_branches(self)
 
     def forward(
-        self, x: torch.Tensor, sample_posterior: bool = False, return_raw: bool = False, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        sample_posterior: bool = False,
+        return_raw: bool = False,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, in_channels, R, R, R) -> latent (B, latent_channels, R/f, R/f, R/f), f = 2^(len(channels)-1).
 
@@ -81,5 +91,7 @@ class SparseStructureEncoder(nn.Module):
         mean, logvar = self.out_layer(self.middle_block(h)).chunk(2, dim=1)  # each (B, latent, R/f, R/f, R/f)
         z = mean
         if sample_posterior:
-            z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            z = mean + (0.5 * logvar).exp() * torch.randn(
+                mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
+            )
         return (z, mean, logvar) if return_raw else z

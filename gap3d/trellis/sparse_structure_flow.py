@@ -36,15 +36,27 @@ class SparseStructureFlowConfig:
 
     def __post_init__(self):
         if self.pe_mode != "ape":
-            raise ValueError(f"SparseStructureFlowModel: pe_mode {self.pe_mode!r} is not supported; only 'ape' (the released model's)")
+            raise ValueError(
+                f"SparseStructureFlowModel: pe_mode {self.pe_mode!r} is not supported; only 'ape' (the released "
+                "model's)"
+            )
         if self.share_mod:
-            raise ValueError("SparseStructureFlowModel: share_mod=True is not supported; the released model uses per-block modulation")
+            raise ValueError(
+                "SparseStructureFlowModel: share_mod=True is not supported; the released model uses per-block "
+                "modulation"
+            )
         if self.resolution % self.patch_size:
-            raise ValueError(f"SparseStructureFlowModel: resolution {self.resolution} is not divisible by patch_size {self.patch_size}")
+            raise ValueError(
+                f"SparseStructureFlowModel: resolution {self.resolution} is not divisible by patch_size "
+                f"{self.patch_size}"
+            )
         if self.num_heads is None:
             self.num_heads = self.model_channels // self.num_head_channels
         if self.num_heads <= 0 or self.model_channels % self.num_heads:
-            raise ValueError(f"SparseStructureFlowModel: model_channels {self.model_channels} must be a positive multiple of num_heads {self.num_heads}")
+            raise ValueError(
+                f"SparseStructureFlowModel: model_channels {self.model_channels} must be a positive multiple of "
+                f"num_heads {self.num_heads}"
+            )
 
 
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -120,7 +132,9 @@ class SparseStructureFlowModel(nn.Module):
         """x (B, C, R, R, R), t (B,) in TRELLIS model time [0, 1000], cond (B, N, cond_channels) -> (B, C, R, R, R)."""
         expected = (self.in_channels, self.resolution, self.resolution, self.resolution)
         if tuple(x.shape[1:]) != expected:
-            raise ValueError(f"sparse-structure flow input must be (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"sparse-structure flow input must be (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
+            )
         patch = self.config.patch_size
         h = patchify(x, patch).flatten(2).transpose(1, 2)  # (B, G^3, C * p^3)
         h = self.input_layer(h.to(self.input_layer.weight.dtype)) + self.pos_emb[None]

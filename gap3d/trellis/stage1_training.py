@@ -36,7 +36,9 @@ LOG_EVERY = 100  # steps between progress lines
 class Stage1Config:
     resolution: int = 32  # side of the occupancy grid the decoder outputs (64 in the release)
     latent_channels: int = 8  # channels of the latent (8 in the release)
-    vae_channels: list[int] = field(default_factory=lambda: [8, 16, 32])  # encoder widths, fine to coarse; the decoder's reversed
+    vae_channels: list[int] = field(
+        default_factory=lambda: [8, 16, 32]
+    )  # encoder widths, fine to coarse; the decoder's reversed
     flow_width: int = 128  # model_channels of the flow transformer (1024 in the release)
     flow_blocks: int = 4  # transformer blocks (24 in the release)
     flow_heads: int = 4  # attention heads
@@ -45,7 +47,9 @@ class Stage1Config:
     vae_batch_size: int = 8  # occupancy grids per VAE step
     vae_lr: float = 5e-4  # AdamW learning rate of the VAE (constant)
     kl_weight: float = 1e-3  # weight of the KL term (TRELLIS's lambda_kl)
-    initial_logvar: float = -6.0  # posterior log-variance at init: at 0, the sampled noise hides the input from the decoder for hundreds of steps
+    initial_logvar: float = (
+        -6.0
+    )  # posterior log-variance at init: at 0, the sampled noise hides the input from the decoder for hundreds of steps
     dice_weight: float = 1.0  # weight of the Dice term beside binary cross-entropy
     flow_steps: int = 1500  # flow optimiser steps
     flow_batch_size: int = 32  # latents per flow step
@@ -55,13 +59,18 @@ class Stage1Config:
     t_mean: float = 1.0  # logit-normal time distribution: sigmoid(N(t_mean, t_std^2)) (TRELLIS: 1, 1)
     t_std: float = 1.0
     sigma_min: float = 1e-5  # noise floor of the diffusion
-    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=25, cfg_strength=3.0, cfg_interval=(0.0, 1.0), rescale_t=3.0))
+    sampler: SamplerConfig = field(
+        default_factory=lambda: SamplerConfig(steps=25, cfg_strength=3.0, cfg_interval=(0.0, 1.0), rescale_t=3.0)
+    )
     seed: int = 0  # initial weights, batches, noise
 
     def __post_init__(self):
         factor = 2 ** (len(self.vae_channels) - 1)
         if self.resolution % factor or (self.resolution // factor) % self.patch_size:
-            raise ValueError(f"resolution {self.resolution} must divide by 2^(len(vae_channels)-1) = {factor}, and the latent side by patch_size {self.patch_size}")
+            raise ValueError(
+                f"resolution {self.resolution} must divide by 2^(len(vae_channels)-1) = {factor}, and the latent side "
+                f"by patch_size {self.patch_size}"
+            )
         for name in ("vae_steps", "vae_batch_size", "flow_steps", "flow_batch_size"):
             if getattr(self, name) < 0 or (name.endswith("batch_size") and getattr(self, name) < 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -75,7 +84,12 @@ class Stage1Config:
 
 def model_specs(config: Stage1Config, cond_dim: int) -> dict[str, dict]:
     """{pipeline name: {"name": class, "args": {...}}} of the three stage-1 models."""
-    vae = {"latent_channels": config.latent_channels, "num_res_blocks": 1, "num_res_blocks_middle": 1, "use_fp16": False}
+    vae = {
+        "latent_channels": config.latent_channels,
+        "num_res_blocks": 1,
+        "num_res_blocks_middle": 1,
+        "use_fp16": False,
+    }
     flow = {
         **OFFICIAL_SPARSE_STRUCTURE_FLOW_ARGS,
         "resolution": config.latent_resolution,
@@ -90,8 +104,14 @@ def model_specs(config: Stage1Config, cond_dim: int) -> dict[str, dict]:
         "use_fp16": False,
     }
     return {
-        SPARSE_STRUCTURE_ENCODER: {"name": "SparseStructureEncoder", "args": {**vae, "in_channels": 1, "channels": list(config.vae_channels)}},
-        SPARSE_STRUCTURE_DECODER: {"name": "SparseStructureDecoder", "args": {**vae, "out_channels": 1, "channels": list(reversed(config.vae_channels))}},
+        SPARSE_STRUCTURE_ENCODER: {
+            "name": "SparseStructureEncoder",
+            "args": {**vae, "in_channels": 1, "channels": list(config.vae_channels)},
+        },
+        SPARSE_STRUCTURE_DECODER: {
+            "name": "SparseStructureDecoder",
+            "args": {**vae, "out_channels": 1, "channels": list(reversed(config.vae_channels))},
+        },
         SPARSE_STRUCTURE_FLOW: {"name": "SparseStructureFlowModel", "args": flow},
     }
 
@@ -105,9 +125,14 @@ class Stage1Trainer:
 
     def __init__(self, config: Stage1Config, occupancy: torch.Tensor, cond: torch.Tensor):
         if occupancy.ndim != 4 or occupancy.shape[1:] != (config.resolution,) * 3:
-            raise ValueError(f"occupancy must be (N, {config.resolution}, {config.resolution}, {config.resolution}), got {tuple(occupancy.shape)}")
+            raise ValueError(
+                f"occupancy must be (N, {config.resolution}, {config.resolution}, {config.resolution}), got "
+                f"{tuple(occupancy.shape)}"
+            )
         if cond.ndim != 3 or cond.shape[0] != occupancy.shape[0]:
-            raise ValueError(f"cond must be (N, T, D) with N = {occupancy.shape[0]} occupancy grids, got {tuple(cond.shape)}")
+            raise ValueError(
+                f"cond must be (N, T, D) with N = {occupancy.shape[0]} occupancy grids, got {tuple(cond.shape)}"
+            )
         self.config = config
         self.occupancy = occupancy.bool()
         self.cond = cond.float()
@@ -120,7 +145,9 @@ class Stage1Trainer:
         self.vae_optimizer = torch.optim.AdamW(vae_parameters, lr=config.vae_lr, weight_decay=0.0)
         self.flow_optimizer = torch.optim.AdamW(self.flow.parameters(), lr=config.flow_lr, weight_decay=0.0)
         # A tenth at the end: the last steps refine the structures' placement instead of jumping around it.
-        self.flow_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.flow_optimizer, max(1, config.flow_steps), eta_min=config.flow_lr / 10)
+        self.flow_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.flow_optimizer, max(1, config.flow_steps), eta_min=config.flow_lr / 10
+        )
         self.ema = EMA(_named(self.flow), config.ema_decay)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0  # VAE steps, then flow steps: vae_steps + flow_steps in all
@@ -151,13 +178,31 @@ class Stage1Trainer:
         config = self.config
         if self.step < config.vae_steps:
             index = self._batch(config.vae_batch_size)
-            terms = vae_loss(self.encoder, self.decoder, self.occupancy[index, None].float(), self.generator, config.kl_weight, config.dice_weight)
+            terms = vae_loss(
+                self.encoder,
+                self.decoder,
+                self.occupancy[index, None].float(),
+                self.generator,
+                config.kl_weight,
+                config.dice_weight,
+            )
             optimizer = self.vae_optimizer
         else:
             if self.latents is None:
                 self._finish_vae()
             index = self._batch(config.flow_batch_size)
-            terms = {"flow": flow_loss(self.flow, self.latents[index], self.cond[index], self.generator, config.sigma_min, config.t_mean, config.t_std, config.p_uncond)}
+            terms = {
+                "flow": flow_loss(
+                    self.flow,
+                    self.latents[index],
+                    self.cond[index],
+                    self.generator,
+                    config.sigma_min,
+                    config.t_mean,
+                    config.t_std,
+                    config.p_uncond,
+                )
+            }
             terms["loss"] = terms["flow"]
             optimizer = self.flow_optimizer
         optimizer.zero_grad(set_to_none=True)
@@ -170,7 +215,12 @@ class Stage1Trainer:
         values = {name: float(value.detach()) for name, value in terms.items()}
         self.history.append({"step": self.step, **values})
         if self.step % LOG_EVERY == 0 or self.step == self.total_steps:
-            logger.info("stage 1 step %d/%d %s", self.step, self.total_steps, " ".join(f"{k} {v:.4f}" for k, v in values.items()))
+            logger.info(
+                "stage 1 step %d/%d %s",
+                self.step,
+                self.total_steps,
+                " ".join(f"{k} {v:.4f}" for k, v in values.items()),
+            )
         return values
 
     @torch.no_grad()
@@ -189,7 +239,11 @@ class Stage1Trainer:
         mean_conv.bias[channels:] -= 2 * torch.log(scale)  # log-variance follows the mean's scale
         self.decoder.input_layer.weight *= scale
         self.latents = latents / scale
-        logger.info("stage 1: VAE latent std %.4f folded into encoder and decoder; latents %s", float(scale), tuple(self.latents.shape))
+        logger.info(
+            "stage 1: VAE latent std %.4f folded into encoder and decoder; latents %s",
+            float(scale),
+            tuple(self.latents.shape),
+        )
 
     def fit(self) -> list[dict]:
         """Run to vae_steps + flow_steps from wherever the trainer stands; returns the per-step losses."""
@@ -208,10 +262,20 @@ class Stage1Trainer:
 
     def write_release(self, out_dir: str | Path) -> Path:
         """A TRELLIS release directory (pipeline.json + ckpts/) with the trained stage 1."""
-        stems = {SPARSE_STRUCTURE_ENCODER: "ckpts/ss_enc_conv3d_trained", SPARSE_STRUCTURE_DECODER: "ckpts/ss_dec_conv3d_trained", SPARSE_STRUCTURE_FLOW: "ckpts/ss_flow_img_dit_trained"}
+        stems = {
+            SPARSE_STRUCTURE_ENCODER: "ckpts/ss_enc_conv3d_trained",
+            SPARSE_STRUCTURE_DECODER: "ckpts/ss_dec_conv3d_trained",
+            SPARSE_STRUCTURE_FLOW: "ckpts/ss_flow_img_dit_trained",
+        }
         specs = {name: ModelSpec(stems[name], spec["name"], spec["args"]) for name, spec in self.specs.items()}
-        models = {SPARSE_STRUCTURE_ENCODER: self.encoder, SPARSE_STRUCTURE_DECODER: self.decoder, SPARSE_STRUCTURE_FLOW: self.flow_for_release()}
-        pipeline = PipelineConfig(models={name: spec.stem for name, spec in specs.items()}, sparse_structure_sampler=self.config.sampler)
+        models = {
+            SPARSE_STRUCTURE_ENCODER: self.encoder,
+            SPARSE_STRUCTURE_DECODER: self.decoder,
+            SPARSE_STRUCTURE_FLOW: self.flow_for_release(),
+        }
+        pipeline = PipelineConfig(
+            models={name: spec.stem for name, spec in specs.items()}, sparse_structure_sampler=self.config.sampler
+        )
         return write_trellis_checkpoint(out_dir, specs, models, pipeline)
 
     def state_dict(self) -> dict:

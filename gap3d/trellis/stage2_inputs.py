@@ -47,10 +47,18 @@ def stage2_voxels(occupancy: torch.Tensor, max_voxels: int, label: str) -> torch
     surface = torch.argwhere(surface_mask(occupancy)).int()
     if surface.shape[0] > max_voxels:
         raise TooManyVoxelsError(
-            f"{label}: its stage-1 structure has {voxels.shape[0]} voxels ({surface.shape[0]} on the surface), more than "
-            f"max_stage2_voxels={max_voxels}; raise Decoder(max_stage2_voxels=...) if memory allows, or use stage='coarse'"
+            f"{label}: its stage-1 structure has {voxels.shape[0]} voxels ({surface.shape[0]} on the surface), more "
+            "than "
+            f"max_stage2_voxels={max_voxels}; raise Decoder(max_stage2_voxels=...) if memory allows, or use "
+            "stage='coarse'"
         )
-    logger.warning("%s: %d voxels exceed max_stage2_voxels=%d; decoding its %d surface voxels only", label, voxels.shape[0], max_voxels, surface.shape[0])
+    logger.warning(
+        "%s: %d voxels exceed max_stage2_voxels=%d; decoding its %d surface voxels only",
+        label,
+        voxels.shape[0],
+        max_voxels,
+        surface.shape[0],
+    )
     return surface
 
 

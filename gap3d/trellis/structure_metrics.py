@@ -13,10 +13,14 @@ import torch
 def occupancy_iou(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """bool (B, R, R, R) each -> (B,) intersection over union per sample (1 when both are empty)."""
     if predicted.shape != target.shape:
-        raise ValueError(f"predicted {tuple(predicted.shape)} and target {tuple(target.shape)} occupancy must have the same shape")
+        raise ValueError(
+            f"predicted {tuple(predicted.shape)} and target {tuple(target.shape)} occupancy must have the same shape"
+        )
     predicted, target = predicted.flatten(1).bool(), target.flatten(1).bool()
     union = (predicted | target).sum(1)
-    return torch.where(union > 0, (predicted & target).sum(1) / union.clamp_min(1), torch.ones_like(union, dtype=torch.float32)).float()
+    return torch.where(
+        union > 0, (predicted & target).sum(1) / union.clamp_min(1), torch.ones_like(union, dtype=torch.float32)
+    ).float()
 
 
 def pairwise_iou(predicted: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
@@ -35,9 +39,14 @@ def nearest_labels(predicted: torch.Tensor, references: torch.Tensor, labels: Se
 
 
 def structure_metrics(
-    predicted: torch.Tensor, target: torch.Tensor, shapes: Sequence[str], references: torch.Tensor, reference_shapes: Sequence[str]
+    predicted: torch.Tensor,
+    target: torch.Tensor,
+    shapes: Sequence[str],
+    references: torch.Tensor,
+    reference_shapes: Sequence[str],
 ) -> dict[str, float]:
-    """{"iou", "shape_accuracy", "voxels"} of predicted (B, R, R, R) against the true grids and shape names of the same rows."""
+    """{"iou", "shape_accuracy", "voxels"} of predicted (B, R, R, R) against the true grids and shape names of the "
+    "same rows."""
     nearest = nearest_labels(predicted, references, reference_shapes)
     return {
         "iou": float(occupancy_iou(predicted, target).mean()),

@@ -21,6 +21,7 @@ from gap3d.trellis.transformer import absolute_position_embedding
 NUM_GROUPS = 32
 ATTN_MODES = ("full", "swin")
 
+
 @dataclass
 class SLatMeshDecoderConfig:
     resolution: int  # side of the latent voxel grid (64 in the release); meshes are extracted at 4x this
@@ -40,9 +41,14 @@ class SLatMeshDecoderConfig:
 
     def __post_init__(self):
         if self.pe_mode != "ape":
-            raise ValueError(f"SLatMeshDecoder: pe_mode {self.pe_mode!r} is not supported; only 'ape' (the released model's)")
+            raise ValueError(
+                f"SLatMeshDecoder: pe_mode {self.pe_mode!r} is not supported; only 'ape' (the released model's)"
+            )
         if self.attn_mode not in ATTN_MODES:
-            raise ValueError(f"SLatMeshDecoder: attn_mode {self.attn_mode!r} is not supported; use one of {ATTN_MODES} (the release uses 'swin')")
+            raise ValueError(
+                f"SLatMeshDecoder: attn_mode {self.attn_mode!r} is not supported; use one of {ATTN_MODES} (the release "
+                "uses 'swin')"
+            )
         if self.model_channels % (8 * NUM_GROUPS):
             raise ValueError(
                 f"SLatMeshDecoder: model_channels {self.model_channels} must be a multiple of {8 * NUM_GROUPS} "
@@ -54,7 +60,10 @@ class SLatMeshDecoderConfig:
         if self.num_heads is None:
             self.num_heads = self.model_channels // self.num_head_channels
         if self.num_heads <= 0 or self.model_channels % self.num_heads:
-            raise ValueError(f"SLatMeshDecoder: model_channels {self.model_channels} must be a positive multiple of num_heads {self.num_heads}")
+            raise ValueError(
+                f"SLatMeshDecoder: model_channels {self.model_channels} must be a positive multiple of num_heads "
+                f"{self.num_heads}"
+            )
 
     @property
     def use_color(self) -> bool:
@@ -132,7 +141,9 @@ class SLatMeshDecoder(nn.Module):
     def forward(self, x: sp.SparseTensor) -> sp.SparseTensor:
         """Latent feats (M, latent_channels) at `resolution` -> cube features (64M, channels) at 4x resolution."""
         if x.feats.shape[1:] != (self.config.latent_channels,):
-            raise ValueError(f"mesh decoder input features must be (M, {self.config.latent_channels}), got {tuple(x.feats.shape)}")
+            raise ValueError(
+                f"mesh decoder input features must be (M, {self.config.latent_channels}), got {tuple(x.feats.shape)}"
+            )
         h = self.input_layer(x.type(self.input_layer.weight.dtype))
         h = h.replace(h.feats + absolute_position_embedding(x.coords[:, 1:], h.feats.shape[1]))
         h = h.type(self.torso_dtype)

@@ -42,9 +42,13 @@ class SLatFlowConfig:
 
     def __post_init__(self):
         if self.pe_mode != "ape":
-            raise ValueError(f"SLatFlowModel: pe_mode {self.pe_mode!r} is not supported; only 'ape' (the released model's)")
+            raise ValueError(
+                f"SLatFlowModel: pe_mode {self.pe_mode!r} is not supported; only 'ape' (the released model's)"
+            )
         if self.share_mod:
-            raise ValueError("SLatFlowModel: share_mod=True is not supported; the released model uses per-block modulation")
+            raise ValueError(
+                "SLatFlowModel: share_mod=True is not supported; the released model uses per-block modulation"
+            )
         stages = self.patch_size.bit_length() - 1
         if self.patch_size < 1 or 2**stages != self.patch_size:
             raise ValueError(f"SLatFlowModel: patch_size must be a power of 2, got {self.patch_size}")
@@ -54,20 +58,26 @@ class SLatFlowConfig:
             self.io_block_channels = list(self.io_block_channels)
             if len(self.io_block_channels) != stages:
                 raise ValueError(
-                    f"SLatFlowModel: io_block_channels {self.io_block_channels} must list log2(patch_size) = {stages} widths"
+                    f"SLatFlowModel: io_block_channels {self.io_block_channels} must list log2(patch_size) = {stages} "
+                    "widths"
                 )
             if self.num_io_res_blocks < 1:
                 raise ValueError(f"SLatFlowModel: num_io_res_blocks must be >= 1, got {self.num_io_res_blocks}")
         if self.num_heads is None:
             self.num_heads = self.model_channels // self.num_head_channels
         if self.num_heads <= 0 or self.model_channels % self.num_heads:
-            raise ValueError(f"SLatFlowModel: model_channels {self.model_channels} must be a positive multiple of num_heads {self.num_heads}")
+            raise ValueError(
+                f"SLatFlowModel: model_channels {self.model_channels} must be a positive multiple of num_heads "
+                f"{self.num_heads}"
+            )
 
 
 class SparseResBlock3d(nn.Module):
     """Timestep-modulated sparse conv res-block, optionally pooling 2x down or unpooling 2x up first."""
 
-    def __init__(self, channels: int, emb_channels: int, out_channels: int, downsample: bool = False, upsample: bool = False):
+    def __init__(
+        self, channels: int, emb_channels: int, out_channels: int, downsample: bool = False, upsample: bool = False
+    ):
         super().__init__()
         self.norm1 = LayerNorm32(channels, elementwise_affine=True, eps=1e-6)
         self.norm2 = LayerNorm32(out_channels, elementwise_affine=False, eps=1e-6)
@@ -118,7 +128,9 @@ class SLatFlowModel(nn.Module):
         self.out_blocks = nn.ModuleList()
         for chs, prev_chs in zip(reversed(io), [width] + list(reversed(io[1:]))):
             self.out_blocks.append(SparseResBlock3d(prev_chs * skip, width, chs, upsample=True))
-            self.out_blocks.extend(SparseResBlock3d(chs * skip, width, chs) for _ in range(config.num_io_res_blocks - 1))
+            self.out_blocks.extend(
+                SparseResBlock3d(chs * skip, width, chs) for _ in range(config.num_io_res_blocks - 1)
+            )
         self.out_layer = sp.SparseLinear(io[0] if io else width, config.out_channels)
         self.torso_dtype = torch.float32
         self.initialize_weights()
@@ -149,11 +161,14 @@ class SLatFlowModel(nn.Module):
         self.torso_dtype = dtype
 
     def forward(self, x: sp.SparseTensor, t: torch.Tensor, cond: torch.Tensor) -> sp.SparseTensor:
-        """x feats (M, in_channels), t (B,) in TRELLIS model time [0, 1000], cond (B, N, cond_channels) -> (M, out_channels)."""
+        """x feats (M, in_channels), t (B,) in TRELLIS model time [0, 1000], cond (B, N, cond_channels) -> (M, "
+        "out_channels)."""
         if x.feats.shape[1:] != (self.in_channels,):
             raise ValueError(f"SLat flow input features must be (M, {self.in_channels}), got {tuple(x.feats.shape)}")
         if cond.shape[0] != x.batch_size or t.shape[0] != x.batch_size:
-            raise ValueError(f"batch mismatch: voxels of {x.batch_size} samples, t {tuple(t.shape)}, cond {tuple(cond.shape)}")
+            raise ValueError(
+                f"batch mismatch: voxels of {x.batch_size} samples, t {tuple(t.shape)}, cond {tuple(cond.shape)}"
+            )
         dtype = self.torso_dtype
         h = self.input_layer(x.type(self.input_layer.weight.dtype)).type(dtype)
         t_emb = self.t_embedder(t).type(dtype)
@@ -198,7 +213,9 @@ def sample_structured_latent(
         noise_device = parameter.device if generator is None else generator.device
         noise = torch.randn(coords.shape[0], model.in_channels, generator=generator, device=noise_device)
     if noise.shape != (coords.shape[0], model.in_channels):
-        raise ValueError(f"stage-2 noise must be (M, C) = ({coords.shape[0]}, {model.in_channels}), got {tuple(noise.shape)}")
+        raise ValueError(
+            f"stage-2 noise must be (M, C) = ({coords.shape[0]}, {model.in_channels}), got {tuple(noise.shape)}"
+        )
     latent = sp.SparseTensor(noise.float().to(parameter.device), coords)
     if latent.batch_size != cond.shape[0]:
         raise ValueError(f"coords cover {latent.batch_size} samples but cond has batch {cond.shape[0]}")
@@ -208,5 +225,8 @@ def sample_structured_latent(
     mean = torch.tensor(normalization["mean"], device=latent.device, dtype=latent.dtype)
     std = torch.tensor(normalization["std"], device=latent.device, dtype=latent.dtype)
     if mean.shape != (model.in_channels,) or std.shape != (model.in_channels,):
-        raise ValueError(f"slat_normalization mean/std must have {model.in_channels} entries, got {tuple(mean.shape)}, {tuple(std.shape)}")
+        raise ValueError(
+            f"slat_normalization mean/std must have {model.in_channels} entries, got {tuple(mean.shape)}, "
+            f"{tuple(std.shape)}"
+        )
     return latent * std + mean

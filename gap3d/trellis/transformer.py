@@ -41,7 +41,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 class MultiHeadAttention(nn.Module):
     """Full self- or cross-attention with optional per-head QK RMS norm."""
 
-    def __init__(self, channels: int, num_heads: int, ctx_channels: int | None = None, cross: bool = False, qk_rms_norm: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        ctx_channels: int | None = None,
+        cross: bool = False,
+        qk_rms_norm: bool = False,
+    ):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
@@ -87,19 +94,31 @@ class FeedForwardNet(nn.Module):
 class ModulatedTransformerCrossBlock(nn.Module):
     """adaLN-modulated self-attention, plain cross-attention to the condition, adaLN-modulated MLP."""
 
-    def __init__(self, channels: int, ctx_channels: int, num_heads: int, mlp_ratio: float = 4.0, qk_rms_norm: bool = False, qk_rms_norm_cross: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        ctx_channels: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qk_rms_norm: bool = False,
+        qk_rms_norm_cross: bool = False,
+    ):
         super().__init__()
         self.norm1 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
         self.norm2 = LayerNorm32(channels, elementwise_affine=True, eps=1e-6)
         self.norm3 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
         self.self_attn = MultiHeadAttention(channels, num_heads, qk_rms_norm=qk_rms_norm)
-        self.cross_attn = MultiHeadAttention(channels, num_heads, ctx_channels=ctx_channels, cross=True, qk_rms_norm=qk_rms_norm_cross)
+        self.cross_attn = MultiHeadAttention(
+            channels, num_heads, ctx_channels=ctx_channels, cross=True, qk_rms_norm=qk_rms_norm_cross
+        )
         self.mlp = FeedForwardNet(channels, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels))
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x (B, L, C), t_emb (B, C), context (B, N, ctx_channels) -> (B, L, C)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(t_emb).unsqueeze(1).chunk(6, dim=-1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.adaLN_modulation(t_emb).unsqueeze(1).chunk(6, dim=-1)
+        )
         h = self.norm1(x) * (1 + scale_msa) + shift_msa
         x = x + gate_msa * self.self_attn(h)
         x = x + self.cross_attn(self.norm2(x), context)
@@ -113,7 +132,9 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
-        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
 
     @staticmethod
     def sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -62,7 +62,9 @@ def occupancy_mesh(field: torch.Tensor | np.ndarray) -> trimesh.Trimesh:
     side = padded.shape[0]
     inside = padded > 0
     # Cells (origin corner indices) whose 8 corners are not all on one side.
-    corner_inside = np.stack([inside[dx : side - 1 + dx, dy : side - 1 + dy, dz : side - 1 + dz] for dx, dy, dz in _CORNERS], axis=-1)
+    corner_inside = np.stack(
+        [inside[dx : side - 1 + dx, dy : side - 1 + dy, dz : side - 1 + dz] for dx, dy, dz in _CORNERS], axis=-1
+    )
     mixed = corner_inside.any(-1) & ~corner_inside.all(-1)
     origins = np.argwhere(mixed)  # (M, 3)
     strides = np.array([side * side, side, 1])
@@ -100,7 +102,9 @@ def _lattice_points(ids: np.ndarray, side: int) -> np.ndarray:
     return np.stack(np.unravel_index(ids, (side, side, side)), -1).astype(np.float64)
 
 
-def _orient_outwards(vertices: np.ndarray, faces: np.ndarray, tet_points: np.ndarray, tet_inside: np.ndarray) -> np.ndarray:
+def _orient_outwards(
+    vertices: np.ndarray, faces: np.ndarray, tet_points: np.ndarray, tet_inside: np.ndarray
+) -> np.ndarray:
     """Flip faces whose normal points from the tetrahedron's outside corners towards its inside ones."""
     corners = vertices[faces]
     normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])

@@ -23,7 +23,11 @@ logger = logging.getLogger(__name__)
 
 # Bump a builder's version when it changes what it writes, so caches built by older code are not reused.
 # tiny://trellis is trained on tiny://dino's tokens: bump it with dino, and with Stage1Config's defaults.
-BUILDERS = {"vlm": (write_tiny_vlm, "3"), "dino": (write_tiny_dino, "3"), "trellis": (write_trained_tiny_trellis, "3.1")}
+BUILDERS = {
+    "vlm": (write_tiny_vlm, "3"),
+    "dino": (write_tiny_dino, "3"),
+    "trellis": (write_trained_tiny_trellis, "3.1"),
+}
 _COMPLETE = ".complete"
 
 
@@ -46,12 +50,15 @@ def tiny_checkpoint(name: str) -> Path:
 
 
 def cached_tiny_checkpoint(name: str) -> Path | None:
-    """The directory of tiny checkpoint `name` if this machine's cache already holds it complete, else None (never builds)."""
+    """The directory of tiny checkpoint `name` if this machine's cache already holds it complete, else None (never "
+    "builds)."""
     target = _cache_dir(name)
     return target if (target / _COMPLETE).is_file() else None
 
 
 def _cache_dir(name: str) -> Path:
     if name not in BUILDERS:
-        raise ValueError(f"unknown tiny checkpoint tiny://{name}; there are {', '.join(f'tiny://{n}' for n in BUILDERS)}")
+        raise ValueError(
+            f"unknown tiny checkpoint tiny://{name}; there are {', '.join(f'tiny://{n}' for n in BUILDERS)}"
+        )
     return storage.cache_root() / "tiny" / f"{name}-v{BUILDERS[name][1]}"

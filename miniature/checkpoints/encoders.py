@@ -8,7 +8,15 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
 
 # Chat template in the Qwen-VL style: one <|image_pad|> per image, which the prompt encoder expands.
 CHAT_TEMPLATE = (
@@ -69,8 +77,16 @@ def write_tiny_vlm(out_dir: str | Path, hidden_size: int = 64, num_layers: int =
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         ),
         vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden_size,
-            fullatt_block_indexes=[1], window_size=56, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=hidden_size,
+            fullatt_block_indexes=[1],
+            window_size=56,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
         ),
         image_token_id=token_id("<|image_pad|>"),
         video_token_id=token_id("<|video_pad|>"),
@@ -92,8 +108,13 @@ def write_tiny_dino(out_dir: str | Path, hidden_size: int = 64, num_layers: int 
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     config = Dinov2WithRegistersConfig(
-        hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=4, mlp_ratio=2,
-        image_size=518, patch_size=14, num_register_tokens=4,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        mlp_ratio=2,
+        image_size=518,
+        patch_size=14,
+        num_register_tokens=4,
     )
     torch.manual_seed(seed)
     model = Dinov2WithRegistersModel(config)

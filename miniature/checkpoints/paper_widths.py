@@ -17,8 +17,11 @@ QWEN25_VL_3B_VISION_LAYERS = 32
 DINOV2_LARGE_LAYERS = 24
 
 
-def qwen25_vl_3b_config(tokenizer, text_layers: int = QWEN25_VL_3B_TEXT_LAYERS, vision_layers: int = QWEN25_VL_3B_VISION_LAYERS):
-    """Qwen2.5-VL-3B-Instruct's Qwen2_5_VLConfig at the given depths, for `tokenizer`'s vocabulary and special tokens."""
+def qwen25_vl_3b_config(
+    tokenizer, text_layers: int = QWEN25_VL_3B_TEXT_LAYERS, vision_layers: int = QWEN25_VL_3B_VISION_LAYERS
+):
+    """Qwen2.5-VL-3B-Instruct's Qwen2_5_VLConfig at the given depths, for `tokenizer`'s vocabulary and special "
+    "tokens."""
     from transformers import Qwen2_5_VLConfig
 
     token_id = tokenizer.convert_tokens_to_ids
@@ -26,17 +29,35 @@ def qwen25_vl_3b_config(tokenizer, text_layers: int = QWEN25_VL_3B_TEXT_LAYERS, 
     full_attention = [index for index in range(7, vision_layers, 8)] or [vision_layers - 1]
     return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=2048, intermediate_size=11008, num_hidden_layers=text_layers,
-            num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6,
-            bos_token_id=None, eos_token_id=token_id("<|im_end|>"), pad_token_id=token_id("<|endoftext|>"),
+            vocab_size=len(tokenizer),
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=text_layers,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            max_position_embeddings=128000,
+            rms_norm_eps=1e-6,
+            bos_token_id=None,
+            eos_token_id=token_id("<|im_end|>"),
+            pad_token_id=token_id("<|endoftext|>"),
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
         ),
         vision_config=dict(
-            depth=vision_layers, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
-            fullatt_block_indexes=full_attention, window_size=112, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+            depth=vision_layers,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=2048,
+            fullatt_block_indexes=full_attention,
+            window_size=112,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
         ),
-        image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
-        vision_start_token_id=token_id("<|vision_start|>"), vision_end_token_id=token_id("<|vision_end|>"),
+        image_token_id=token_id("<|image_pad|>"),
+        video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"),
+        vision_end_token_id=token_id("<|vision_end|>"),
     )
 
 
@@ -45,12 +66,24 @@ def dinov2_large_config(layers: int = DINOV2_LARGE_LAYERS):
     from transformers import Dinov2WithRegistersConfig
 
     return Dinov2WithRegistersConfig(
-        hidden_size=1024, num_hidden_layers=layers, num_attention_heads=16, mlp_ratio=4, image_size=518, patch_size=14, num_register_tokens=4,
+        hidden_size=1024,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        mlp_ratio=4,
+        image_size=518,
+        patch_size=14,
+        num_register_tokens=4,
     )
 
 
-def write_paper_width_vlm(out_dir: str | Path, text_layers: int = QWEN25_VL_3B_TEXT_LAYERS, vision_layers: int = QWEN25_VL_3B_VISION_LAYERS,
-                          weights: bool = True, device: str = "cpu", seed: int = 0) -> Path:
+def write_paper_width_vlm(
+    out_dir: str | Path,
+    text_layers: int = QWEN25_VL_3B_TEXT_LAYERS,
+    vision_layers: int = QWEN25_VL_3B_VISION_LAYERS,
+    weights: bool = True,
+    device: str = "cpu",
+    seed: int = 0,
+) -> Path:
     """A Qwen2.5-VL-3B-width VLM (random weights, or config.json alone) + tokenizer + image processor at `out_dir`."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
 
@@ -68,7 +101,9 @@ def write_paper_width_vlm(out_dir: str | Path, text_layers: int = QWEN25_VL_3B_T
     return out_dir
 
 
-def write_paper_width_dino(out_dir: str | Path, layers: int = DINOV2_LARGE_LAYERS, weights: bool = True, device: str = "cpu", seed: int = 0) -> Path:
+def write_paper_width_dino(
+    out_dir: str | Path, layers: int = DINOV2_LARGE_LAYERS, weights: bool = True, device: str = "cpu", seed: int = 0
+) -> Path:
     """A DINOv2 ViT-L/14-reg (random weights, or config.json alone) at `out_dir`."""
     from transformers import Dinov2WithRegistersModel
 
@@ -91,4 +126,6 @@ def paper_config_without_weights(root: str | Path, overrides: tuple[str, ...] = 
     root = Path(root)
     write_paper_width_vlm(root / "vlm", weights=False)
     write_paper_width_dino(root / "dino", weights=False)
-    return derive_shapes(load_config("paper", overrides=[f"vlm.path={root / 'vlm'}", f"dino.path={root / 'dino'}", *overrides]))
+    return derive_shapes(
+        load_config("paper", overrides=[f"vlm.path={root / 'vlm'}", f"dino.path={root / 'dino'}", *overrides])
+    )

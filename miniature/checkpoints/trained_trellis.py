@@ -1,4 +1,5 @@
-"""tiny://trellis: a tiny TRELLIS whose stage 1 is trained on the synthetic world, so its structures follow the condition.
+"""tiny://trellis: a tiny TRELLIS whose stage 1 is trained on the synthetic world, so its structures follow the
+condition.
 
 The sparse-structure VAE learns the world's occupancy shells and the sparse-structure flow learns to produce their
 latents from the tiny DINOv2's tokens of the renders (gap3d.trellis.stage1_training). This decoder plays the part
@@ -20,10 +21,10 @@ import torch
 
 from gap3d.config import load_config
 from gap3d.data.occupancy import downsample
-from miniature.world import render_scene, sample_scene, scene_occupancy
 from gap3d.dino import DinoTargetEncoder
 from gap3d.trellis.stage1_training import Stage1Config, Stage1Trainer
 from gap3d.trellis.structure_metrics import structure_metrics
+from miniature.world import render_scene, sample_scene, scene_occupancy
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,9 @@ def world_structures(scenes: list, resolution: int, dino: DinoTargetEncoder) -> 
     return occupancy, torch.cat(tokens)
 
 
-def write_trained_tiny_trellis(out_dir: str | Path, config: Stage1Config | None = None, num_scenes: int = STAGE1_SCENES) -> Path:
+def write_trained_tiny_trellis(
+    out_dir: str | Path, config: Stage1Config | None = None, num_scenes: int = STAGE1_SCENES
+) -> Path:
     """Train stage 1 on the tiny preset's world and write the release directory at `out_dir`; returns its path."""
     from gap3d.trellis.decoder import Decoder
 
@@ -56,7 +59,9 @@ def write_trained_tiny_trellis(out_dir: str | Path, config: Stage1Config | None 
     later = (sample_scene(STAGE1_SEED, num_scenes + index) for index in range(10 * EVAL_ROWS))
     eval_scenes = [scene for scene in later if scene.split == "eval"][:EVAL_ROWS]
     occupancy, tokens = world_structures(scenes, config.resolution, dino)
-    logger.info("stage 1 data: %d scenes rendered, encoded and voxelised in %.0f s", len(scenes), time.perf_counter() - start)
+    logger.info(
+        "stage 1 data: %d scenes rendered, encoded and voxelised in %.0f s", len(scenes), time.perf_counter() - start
+    )
     trainer = Stage1Trainer(config, occupancy, tokens)
     trainer.fit()
     root = trainer.write_release(out_dir)
@@ -67,7 +72,12 @@ def write_trained_tiny_trellis(out_dir: str | Path, config: Stage1Config | None 
         reconstructed = trainer.decoder(trainer.encode(eval_occupancy))[:, 0] > 0
     shapes, reference_shapes = [s.shape for s in eval_scenes], [s.shape for s in scenes]
     record = {
-        "recipe": {**{k: v for k, v in vars(config).items() if k != "sampler"}, "sampler": config.sampler.to_json(), "scenes": num_scenes, "seed": STAGE1_SEED},
+        "recipe": {
+            **{k: v for k, v in vars(config).items() if k != "sampler"},
+            "sampler": config.sampler.to_json(),
+            "scenes": num_scenes,
+            "seed": STAGE1_SEED,
+        },
         "train_scenes": len(scenes),
         "held_out": {
             "rows": len(eval_scenes),

@@ -91,7 +91,13 @@ def tiny_model_specs(cond_dim: int = 64) -> dict[str, ModelSpec]:
         "patch_size": 2,
         "use_fp16": False,
     }
-    decoder_args = {**OFFICIAL_SPARSE_STRUCTURE_DECODER_ARGS, "num_res_blocks": 1, "num_res_blocks_middle": 1, "channels": [32, 16, 8], "use_fp16": False}
+    decoder_args = {
+        **OFFICIAL_SPARSE_STRUCTURE_DECODER_ARGS,
+        "num_res_blocks": 1,
+        "num_res_blocks_middle": 1,
+        "channels": [32, 16, 8],
+        "use_fp16": False,
+    }
     return {
         SPARSE_STRUCTURE_FLOW: ModelSpec("ckpts/ss_flow_img_dit_tiny", "SparseStructureFlowModel", flow_args),
         SPARSE_STRUCTURE_DECODER: ModelSpec("ckpts/ss_dec_conv3d_tiny", "SparseStructureDecoder", decoder_args),
@@ -157,7 +163,9 @@ def smooth_random_convs(decoder: nn.Module, generator: torch.Generator) -> None:
             module.weight.copy_(mixing[:, :, None, None, None] * kernel)
 
 
-def calibrate_occupancy(flow: nn.Module, decoder: nn.Module, sampler: SamplerConfig, generator: torch.Generator) -> None:
+def calibrate_occupancy(
+    flow: nn.Module, decoder: nn.Module, sampler: SamplerConfig, generator: torch.Generator
+) -> None:
     """Shift the tiny decoder's output bias so that on probe stage-1 samples (random conditions) the
     median share of occupied voxels is TINY_OCCUPANCY."""
     config = flow.config

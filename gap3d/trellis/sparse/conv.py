@@ -95,7 +95,12 @@ class SubmanifoldConv3dWeights(nn.Module):
             neighbours = neighbour_map(x, self.kernel_size)  # (M, K)
             padded = torch.cat([feats, feats.new_zeros(1, self.in_channels)])  # row M: absent neighbour
             rows = max(1, GATHER_BUDGET // weight.shape[1])
-            out = torch.cat([padded[neighbours[start : start + rows]].flatten(1) @ weight.t() for start in range(0, feats.shape[0], rows)])
+            out = torch.cat(
+                [
+                    padded[neighbours[start : start + rows]].flatten(1) @ weight.t()
+                    for start in range(0, feats.shape[0], rows)
+                ]
+            )
         if self.bias is not None:
             out = out + self.bias
         return out  # (M, out)

@@ -7,7 +7,7 @@ tensor) lives in `cache`, a dict shared by all tensors with the same coordinates
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
