@@ -89,8 +89,8 @@ def running(process: psutil.Process) -> bool:
 
 
 class TreeSampler(threading.Thread):
-    """Every SAMPLE_INTERVAL_S, sums the RSS of a process and its descendants; keeps the peaks and every process "
-    "seen."""
+    """Every SAMPLE_INTERVAL_S, sums the RSS of a process and its descendants; keeps the peaks and every process
+    seen."""
 
     def __init__(self, root: psutil.Process):
         super().__init__(daemon=True)

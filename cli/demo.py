@@ -62,8 +62,8 @@ def stage(name: str, timings: dict):
 
 
 def start_service(workdir: Path, port: int, broker: str) -> str:
-    """`serve run` the shipped config against this cluster with the demo's artifacts and broker; returns the base "
-    "URL."""
+    """`serve run` the shipped config against this cluster with the demo's artifacts and broker; returns the base
+    URL."""
     artifacts = {"export": str(workdir / "export"), "trellis": str(workdir / "trellis")}
     config = local_config(port, artifacts, jobs={"store": str(workdir / "jobs"), "broker": broker})
     return serve_run(config, workdir / "serve_config.yaml", ray.get_runtime_context().gcs_address)
@@ -198,8 +198,8 @@ def chance_levels(rows: int) -> dict[str, float]:
 
 
 def log_table(table: list[dict], captions: list[str], keys: list[str], seed: int) -> None:
-    """One held-out prompt per shape x colour pair: the caption its tokens retrieve and the attributes the probe "
-    "reads."""
+    """One held-out prompt per shape x colour pair: the caption its tokens retrieve and the attributes the probe
+    reads."""
     logger.info("%-26s %-26s %s", "held-out caption", "retrieved caption", "predicted attributes")
     for row in first_row_per_pair(keys, seed):
         logger.info(

@@ -29,8 +29,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_2d(grid_size: int, num_special: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (N, head_dim/2): half the frequencies rotate by row, half by column; special tokens don't "
-    "rotate."""
+    """cos/sin tables (N, head_dim/2): half the frequencies rotate by row, half by column; special tokens don't
+    rotate."""
     quarter = head_dim // 4
     freqs = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (head_dim/4,)
     rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")

@@ -20,8 +20,8 @@ logger = logging.getLogger(__name__)
 
 
 def encoder_shapes(config: Gap3DConfig) -> dict[str, int]:
-    """The aligner's token and condition shapes as the configured encoders determine them "
-    "(gap3d.config.DERIVED_SHAPES)."""
+    """The aligner's token and condition shapes as the configured encoders determine them
+    (gap3d.config.DERIVED_SHAPES)."""
     dino = transformers_config(config.dino.path)
     if config.dino.image_size % dino.patch_size:
         raise ValueError(

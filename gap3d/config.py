@@ -300,8 +300,8 @@ def load_job_config(
     overrides: typing.Sequence[str] = (),
     sections: dict[str, tuple[type, dict]] | None = None,
 ) -> tuple[Gap3DConfig, dict[str, typing.Any]]:
-    """Resolve preset -> YAML -> overrides into Gap3DConfig plus the job's own `sections` "
-    "{name: (dataclass, presets)}."""
+    """Resolve preset -> YAML -> overrides into Gap3DConfig plus the job's own `sections`
+    {name: (dataclass, presets)}."""
     sections = sections or {}
     from_file = (yaml.safe_load(Path(yaml_path).read_text()) or {}) if yaml_path else {}
     preset = preset or from_file.get("preset") or DEFAULT_PRESET

@@ -57,8 +57,8 @@ def flow_matching_loss(
     num_registers: int,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Rectified-flow loss of `model` on targets x0 (B, N, D) given cond (B, s, d); returns 'loss' and per-group "
-    "MSEs."""
+    """Rectified-flow loss of `model` on targets x0 (B, N, D) given cond (B, s, d); returns 'loss' and per-group
+    MSEs."""
     batch = x0.shape[0]
     t = sample_t(batch, config, generator, x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)

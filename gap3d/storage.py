@@ -195,8 +195,8 @@ def publish_file(local_path: str, uri: str) -> None:
 
 
 def _abort_uploads(fs: fsspec.AbstractFileSystem, root: str) -> int:
-    """Abort the unfinished multipart uploads under an S3 prefix (a writer killed mid-upload leaves one, billed but "
-    "invisible)."""
+    """Abort the unfinished multipart uploads under an S3 prefix (a writer killed mid-upload leaves one, billed but
+    invisible)."""
     if not hasattr(fs, "call_s3"):
         return 0
     bucket, _, prefix = root.partition("/")
@@ -212,8 +212,8 @@ def _abort_uploads(fs: fsspec.AbstractFileSystem, root: str) -> int:
 
 
 def remove_partial_files(directory_uri: str) -> int:
-    """Delete what killed writers left under a directory: `.partial` files, and unfinished uploads on S3; returns how "
-    "many."""
+    """Delete what killed writers left under a directory: `.partial` files, and unfinished uploads on S3; returns how
+    many."""
     fs, root = filesystem(directory_uri)
     fs.invalidate_cache(root)
     stale = fs.glob(join(root, f"**/.*{PARTIAL_SUFFIX}")) if fs.isdir(root) else []

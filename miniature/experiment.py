@@ -45,8 +45,8 @@ class Split:
         return len(self.captions)
 
     def shuffled_captions(self, seed: int) -> "Split":
-        """The same images paired with other rows' captions (and their prompt caches): a world without a prompt "
-        "signal."""
+        """The same images paired with other rows' captions (and their prompt caches): a world without a prompt
+        signal."""
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
         batch = FeatureBatch(
             self.batch.dino,

@@ -104,8 +104,8 @@ def render_mesh(
     camera: Camera = DEFAULT_CAMERA,
     light: np.ndarray = LIGHT_DIRECTION,
 ) -> np.ndarray:
-    """RGB image (S, S, 3) uint8 of a closed mesh (V, 3) / (F, 3) in `color` (RGB in [0, 1]) on black, lit from "
-    "`light` (unit, 3)."""
+    """RGB image (S, S, 3) uint8 of a closed mesh (V, 3) / (F, 3) in `color` (RGB in [0, 1]) on black, lit from
+    `light` (unit, 3)."""
     triangles = vertices[faces]  # (F, 3, 3)
     normals = np.cross(triangles[:, 1] - triangles[:, 0], triangles[:, 2] - triangles[:, 0])
     normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)

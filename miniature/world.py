@@ -146,8 +146,8 @@ def render_scene(scene: Scene, image_size: int) -> np.ndarray:
 def render_in_scene(
     vertices: np.ndarray, faces: np.ndarray, scene: Scene, image_size: int, color: tuple[float, float, float]
 ) -> np.ndarray:
-    """RGB image (S, S, 3) uint8 of any mesh in TRELLIS's frame under the scene's camera and light, cropped like its "
-    "render."""
+    """RGB image (S, S, 3) uint8 of any mesh in TRELLIS's frame under the scene's camera and light, cropped like its
+    render."""
     from miniature.render import Camera, crop_to_object, render_mesh
 
     azimuth = np.deg2rad(scene.light_azimuth_deg)

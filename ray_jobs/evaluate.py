@@ -71,8 +71,8 @@ def evaluate(
     shards: str | None = None,
     attributes: str | None = None,
 ) -> dict:
-    """{"trained", "untrained", "mean_target": metrics, "table", "samples", "step", ["structure"]} on up to `limit` "
-    "rows of `features`."""
+    """{"trained", "untrained", "mean_target": metrics, "table", "samples", "step", ["structure"]} on up to `limit`
+    rows of `features`."""
     return run_evaluation(checkpoint, features, limit, device, seed, train_features, trellis, shards, attributes).report
 
 

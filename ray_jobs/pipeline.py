@@ -172,8 +172,8 @@ def _bound_object_store(dataset: ray.data.Dataset, config: Gap3DConfig, resource
 def decoded_chunks(
     config: Gap3DConfig, resources: EncodeResources, shards: list[Shard], registry=None
 ) -> ray.data.Dataset:
-    """One row per decoded chunk ({"shard": index into `shards`, "stats", "keys", "captions", "images"}), decoded in "
-    "CPU tasks."""
+    """One row per decoded chunk ({"shard": index into `shards`, "stats", "keys", "captions", "images"}), decoded in
+    CPU tasks."""
     dataset = ray.data.from_items(
         [_shard_row(i, shard) for i, shard in enumerate(shards)], override_num_blocks=max(1, len(shards))
     )

@@ -113,8 +113,8 @@ class RunStorage:
         return entries
 
     def discard_record(self, step: int) -> None:
-        """Remove checkpoint `step`'s record, if any, before its files are written again (a restarted group redoing "
-        "the step)."""
+        """Remove checkpoint `step`'s record, if any, before its files are written again (a restarted group redoing
+        the step)."""
         fs, path = self.fs, storage.join(self.checkpoint_path(step), RECORD_NAME)
         if fs.exists(path):
             fs.rm_file(path)
@@ -181,8 +181,8 @@ class RunStorage:
         return None
 
     def set_aside(self, step: int, reason: str) -> str:
-        """Move checkpoint `step` to `<run>/invalid/checkpoint_<step>-<time>/` with `reason` in INVALID.txt -> its new "
-        "URI."""
+        """Move checkpoint `step` to `<run>/invalid/checkpoint_<step>-<time>/` with `reason` in INVALID.txt -> its new
+        URI."""
         name = f"{checkpoint_dir_name(step)}-{time.strftime('%Y%m%dT%H%M%S')}"
         fs, target = self.fs, storage.join(self.path, INVALID_DIR, name)
         source = self.checkpoint_path(step)

@@ -51,8 +51,8 @@ RAY_TRAIN_DIR = "ray_train"  # under the run directory: one Ray Train run per su
 
 @dataclass
 class TrainScaling:
-    """How the recipe runs on Ray (the `scaling:` config section): workers, devices, DeepSpeed wrapping, data "
-    "loading."""
+    """How the recipe runs on Ray (the `scaling:` config section): workers, devices, DeepSpeed wrapping, data
+    loading."""
 
     num_workers: int = 8  # Ray Train workers (one per GPU)
     use_gpu: bool = True  # give each worker a GPU

@@ -91,8 +91,8 @@ def save_checkpoint(trainer: Stage1Trainer, config, stage1: Stage1Config) -> Non
 
 
 def train_decoder_worker(loop_config: dict) -> None:
-    """Ray Train function: resume from the newest checkpoint if any, train, checkpoint every `checkpoint_every` "
-    "steps."""
+    """Ray Train function: resume from the newest checkpoint if any, train, checkpoint every `checkpoint_every`
+    steps."""
     config, stage1, every = loop_config["config"], loop_config["stage1"], loop_config["checkpoint_every"]
     torch.set_num_threads(max(1, int(loop_config["threads"])))
     trainer = Stage1Trainer(stage1, loop_config["occupancy"], loop_config["tokens"])

@@ -81,8 +81,8 @@ def kill(actors: dict) -> None:
 
 
 def wait_for_replacement(base: str, deployment: str, killed: dict, timeout_s: float) -> None:
-    """Wait until a replica of `deployment` not among `killed` exists and a /readyz snapshot taken after that is "
-    "ready."""
+    """Wait until a replica of `deployment` not among `killed` exists and a /readyz snapshot taken after that is
+    ready."""
     wait_for(
         lambda: set(replicas(deployment)) - set(killed), timeout_s, interval_s=0.5, what=f"a new {deployment} replica"
     )

@@ -44,8 +44,8 @@ SMALL_OVERRIDES = (
 
 
 def small_job(*overrides: str) -> tuple[Gap3DConfig, dict]:
-    """The tiny preset shrunk for fast training tests, plus `overrides`, its shapes derived: (config, "
-    "{"scaling", "encode"})."""
+    """The tiny preset shrunk for fast training tests, plus `overrides`, its shapes derived: (config,
+    {"scaling", "encode"})."""
     config, sections = load_job_config("tiny", overrides=[*SMALL_OVERRIDES, *overrides], sections=TRAIN_SECTIONS)
     return derive_shapes(config), sections
 
@@ -56,8 +56,8 @@ def small_config(*overrides: str) -> Gap3DConfig:
 
 
 def write_feature_dir(config: Gap3DConfig, scenes: list, out: Path, rows_per_shard: int = 128) -> Path:
-    """Encode scenes with the production FeatureEncoder into one-chunk shards `<out>/part-NNNNN.00000.parquet` + "
-    "manifest.json."""
+    """Encode scenes with the production FeatureEncoder into one-chunk shards `<out>/part-NNNNN.00000.parquet` +
+    manifest.json."""
     encoder = FeatureEncoder(config)
     schema = feature_schema(soft_token_mode(config))
     manifest = encoder.manifest

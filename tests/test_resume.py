@@ -1,5 +1,5 @@
-"""What a rerun of the training job may change (ray_jobs/resume.py), decided on the driver from the checkpoint's "
-"files."""
+"""What a rerun of the training job may change (ray_jobs/resume.py), decided on the driver from the checkpoint's
+files."""
 
 import json
 import logging

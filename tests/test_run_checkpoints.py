@@ -1,5 +1,5 @@
-"""Which checkpoints of a run count (ray_jobs/run_checkpoints.py): completion records, fallback, set-aside, "
-"retention."""
+"""Which checkpoints of a run count (ray_jobs/run_checkpoints.py): completion records, fallback, set-aside,
+retention."""
 
 import logging
 import os

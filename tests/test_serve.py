@@ -1,5 +1,5 @@
-"""The composed GAP3D service over real HTTP: `serve run` of the shipped config against the session's Ray "
-"(tests/serving.py)."""
+"""The composed GAP3D service over real HTTP: `serve run` of the shipped config against the session's Ray
+(tests/serving.py)."""
 
 import base64
 import io

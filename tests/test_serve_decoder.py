@@ -1,5 +1,5 @@
-"""The Decoder deployment's own method, in-process: overlapping decodes agree with serial ones; a cancelled decode "
-"stops."""
+"""The Decoder deployment's own method, in-process: overlapping decodes agree with serial ones; a cancelled decode
+stops."""
 
 import asyncio
 import time

@@ -1,5 +1,5 @@
-"""How the service waits on a stage call: its errors as HTTP errors, its deadline and cancellation (in-process, no "
-"cluster)."""
+"""How the service waits on a stage call: its errors as HTTP errors, its deadline and cancellation (in-process, no
+cluster)."""
 
 import asyncio
 import time
@@ -16,8 +16,8 @@ from serve.stage_calls import StageCaller
 
 
 class StageResponse:
-    """Stands in for a DeploymentResponse: awaiting it runs `coroutine`; cancel() is recorded as Serve would act on "
-    "it."""
+    """Stands in for a DeploymentResponse: awaiting it runs `coroutine`; cancel() is recorded as Serve would act on
+    it."""
 
     def __init__(self, coroutine):
         self.coroutine, self.cancelled = coroutine, False

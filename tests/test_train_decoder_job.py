@@ -1,5 +1,5 @@
-"""ray_jobs/train_decoder.py: stage-1 training under Ray Train, checkpointed like the aligner, exported as a TRELLIS "
-"release."""
+"""ray_jobs/train_decoder.py: stage-1 training under Ray Train, checkpointed like the aligner, exported as a TRELLIS
+release."""
 
 import json
 

@@ -33,8 +33,8 @@ ClaimKeys = Callable[[list[str]], list[bool]]
 
 @dataclass
 class DecodedChunk:
-    """Up to chunk_size consecutive records of one input shard: the valid ones resized for DINOv2, and what was "
-    "skipped."""
+    """Up to chunk_size consecutive records of one input shard: the valid ones resized for DINOv2, and what was
+    skipped."""
 
     index: int  # chunk number within the shard, from 0
     last: bool  # whether this is the shard's final chunk

@@ -179,8 +179,8 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def _caption_from_members(members: dict[str, bytes], fallback: str | None = None) -> str | None:
-    """The first non-blank of: .txt, the .json's "caption", `fallback`; "" when only blank ones exist, None when "
-    "none."""
+    """The first non-blank of: .txt, the .json's "caption", `fallback`; "" when only blank ones exist, None when
+    none."""
     candidates = []
     if "txt" in members:
         candidates.append(members["txt"].decode("utf-8", errors="replace"))

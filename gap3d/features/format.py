@@ -121,8 +121,8 @@ class FeatureBatch:
         return self.dino.shape[0]
 
     def to(self, device: torch.device, dtype: torch.dtype, cache_dtype: torch.dtype | None = None) -> "FeatureBatch":
-        """Move to `device`; targets and latents take `dtype`, prompt caches `cache_dtype` (the VLM's; default "
-        "`dtype`)."""
+        """Move to `device`; targets and latents take `dtype`, prompt caches `cache_dtype` (the VLM's; default
+        `dtype`)."""
         cache_dtype = cache_dtype or dtype
         caches = (
             None

@@ -34,8 +34,8 @@ _FOOTER_READERS = 16  # footers are tiny; object-storage latency dominates, so r
 
 
 def split_pattern(uri: str) -> tuple[str, str]:
-    """(feature directory, file pattern): "d/train-*.parquet" -> ("d", "train-*.parquet"); "d" -> ("d", "
-    ""**/*.parquet")."""
+    """(feature directory, file pattern): "d/train-*.parquet" -> ("d", "train-*.parquet"); "d" -> ("d",
+    "**/*.parquet")."""
     uri = str(uri).rstrip("/")
     if not storage.has_glob(uri):
         return uri, "**/*.parquet"
@@ -195,8 +195,8 @@ def _read_json(fs, path: str) -> dict | None:
 
 
 def read_shard_records(output_uri: str) -> dict[str, dict]:
-    """Completion records under output_uri, by stem, whose chunk files all exist at their recorded sizes ({} for a new "
-    "output)."""
+    """Completion records under output_uri, by stem, whose chunk files all exist at their recorded sizes ({} for a new
+    output)."""
     fs, root = storage.filesystem(output_uri)
     fs.invalidate_cache(root)  # other processes (the encoder actors) wrote there since this one last listed it
     records_dir = storage.join(root, RECORDS_DIR)

@@ -266,8 +266,8 @@ class Decoder:
     def sample_structured_latent(
         self, cond: torch.Tensor, voxels: list[torch.Tensor], seeds: list[int], params: dict | None = None
     ) -> sp.SparseTensor:
-        """Stage-2 flow: cond (B, N, D) and per-sample voxels (N_i, 3) -> un-normalised latent on (sum N_i, 4) "
-        "coords."""
+        """Stage-2 flow: cond (B, N, D) and per-sample voxels (N_i, 3) -> un-normalised latent on (sum N_i, 4)
+        coords."""
         coords = torch.cat([F.pad(v.int(), (1, 0), value=index) for index, v in enumerate(voxels)])  # (M, 4)
         noise = torch.cat([self.stage2_noise(seed, v.shape[0]) for seed, v in zip(seeds, voxels)])
         return sample_structured_latent(

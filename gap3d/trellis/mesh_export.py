@@ -25,8 +25,8 @@ _SIMPLIFY_LOCK = threading.Lock()
 
 
 def simplify(mesh: trimesh.Trimesh, target_faces: int) -> trimesh.Trimesh:
-    """Quadric-decimate `mesh` to at most about `target_faces` faces (unchanged if already below), keeping vertex "
-    "colours."""
+    """Quadric-decimate `mesh` to at most about `target_faces` faces (unchanged if already below), keeping vertex
+    colours."""
     if target_faces <= 0:
         raise ValueError(f"target_faces must be positive, got {target_faces}")
     if len(mesh.faces) <= target_faces:

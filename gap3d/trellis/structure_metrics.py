@@ -45,8 +45,8 @@ def structure_metrics(
     references: torch.Tensor,
     reference_shapes: Sequence[str],
 ) -> dict[str, float]:
-    """{"iou", "shape_accuracy", "voxels"} of predicted (B, R, R, R) against the true grids and shape names of the "
-    "same rows."""
+    """{"iou", "shape_accuracy", "voxels"} of predicted (B, R, R, R) against the true grids and shape names of the
+    same rows."""
     nearest = nearest_labels(predicted, references, reference_shapes)
     return {
         "iou": float(occupancy_iou(predicted, target).mean()),

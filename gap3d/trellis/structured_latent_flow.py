@@ -161,8 +161,8 @@ class SLatFlowModel(nn.Module):
         self.torso_dtype = dtype
 
     def forward(self, x: sp.SparseTensor, t: torch.Tensor, cond: torch.Tensor) -> sp.SparseTensor:
-        """x feats (M, in_channels), t (B,) in TRELLIS model time [0, 1000], cond (B, N, cond_channels) -> (M, "
-        "out_channels)."""
+        """x feats (M, in_channels), t (B,) in TRELLIS model time [0, 1000], cond (B, N, cond_channels) -> (M,
+        out_channels)."""
         if x.feats.shape[1:] != (self.in_channels,):
             raise ValueError(f"SLat flow input features must be (M, {self.in_channels}), got {tuple(x.feats.shape)}")
         if cond.shape[0] != x.batch_size or t.shape[0] != x.batch_size:

@@ -50,8 +50,8 @@ def tiny_checkpoint(name: str) -> Path:
 
 
 def cached_tiny_checkpoint(name: str) -> Path | None:
-    """The directory of tiny checkpoint `name` if this machine's cache already holds it complete, else None (never "
-    "builds)."""
+    """The directory of tiny checkpoint `name` if this machine's cache already holds it complete, else None (never
+    builds)."""
     target = _cache_dir(name)
     return target if (target / _COMPLETE).is_file() else None
 

@@ -20,8 +20,8 @@ DINOV2_LARGE_LAYERS = 24
 def qwen25_vl_3b_config(
     tokenizer, text_layers: int = QWEN25_VL_3B_TEXT_LAYERS, vision_layers: int = QWEN25_VL_3B_VISION_LAYERS
 ):
-    """Qwen2.5-VL-3B-Instruct's Qwen2_5_VLConfig at the given depths, for `tokenizer`'s vocabulary and special "
-    "tokens."""
+    """Qwen2.5-VL-3B-Instruct's Qwen2_5_VLConfig at the given depths, for `tokenizer`'s vocabulary and special
+    tokens."""
     from transformers import Qwen2_5_VLConfig
 
     token_id = tokenizer.convert_tokens_to_ids
