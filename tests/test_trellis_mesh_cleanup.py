@@ -1,4 +1,5 @@
-"""Mesh post-processing: cavity walls and specks dropped, stage-2 voxel selection, colour-keeping simplification."""
+"""Mesh post-processing: cavity walls and specks dropped, stage-2 voxel selection, colour-keeping simplification,
+decimation within a tolerance."""
 
 import json
 import struct
@@ -6,13 +7,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import scipy.spatial
 import torch
 import trimesh
 
 from gap3d.trellis.mesh_cleanup import remove_hidden_components
 from gap3d.trellis.mesh_export import export_mesh, load_mesh, simplify
 from gap3d.trellis.stage2_inputs import TooManyVoxelsError, stage2_voxels, surface_mask, voxel_budget_groups
-from gap3d.trellis.voxel_mesh import occupancy_mesh
+from gap3d.trellis.voxel_mesh import fill_enclosed, occupancy_mesh
+from tests.shells import as_logits, cube, shell, sphere
 
 
 def coloured(mesh: trimesh.Trimesh, rgb: tuple[int, int, int]) -> trimesh.Trimesh:
@@ -99,3 +102,27 @@ def test_glb_carries_outward_vertex_normals():
     assert "NORMAL" in gltf["meshes"][0]["primitives"][0]["attributes"]
     loaded = load_mesh(data)
     assert (np.einsum("ij,ij->i", loaded.vertex_normals, loaded.vertices) > 0).all()
+
+
+def coarse_mesh(inside) -> trimesh.Trimesh:
+    """The coarse stage's mesh of a 32^3 shell: its enclosed solid, marched."""
+    return occupancy_mesh(fill_enclosed(as_logits(shell(32, inside))))
+
+
+def test_decimating_within_a_tolerance_stays_within_it_of_the_marched_surface():
+    mesh = coarse_mesh(sphere)
+    simplified = simplify(mesh, tolerance=0.5 / 32)
+    dense = trimesh.sample.sample_surface(mesh, 200_000, seed=0)[0]
+    distance = scipy.spatial.cKDTree(dense).query(simplified.vertices)[0]
+    assert len(simplified.faces) < len(mesh.faces) / 4
+    assert distance.max() < 1.0 / 32  # within a voxel (the sampling itself is ~0.1 voxel coarse)
+    assert simplified.is_watertight
+
+
+def test_the_face_count_within_a_tolerance_fits_the_shape():
+    faces = {
+        name: len(simplify(coarse_mesh(inside), tolerance=0.5 / 32).faces)
+        for name, inside in (("cube", cube), ("sphere", sphere))
+    }
+    assert faces["cube"] < faces["sphere"]  # flat sides need fewer faces than a curved surface
+    assert len(export_mesh(simplify(coarse_mesh(cube), tolerance=0.5 / 32))) < 200_000  # bytes of the cube's GLB

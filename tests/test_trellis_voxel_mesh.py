@@ -1,4 +1,5 @@
-"""Coarse mesh of an occupancy grid: watertight, outward-facing, inside TRELLIS's [-0.5, 0.5]^3 box."""
+"""Coarse mesh of an occupancy grid: watertight, outward-facing, inside TRELLIS's [-0.5, 0.5]^3 box; a surface
+shell meshes to its outer surface alone."""
 
 import math
 
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from gap3d.trellis.voxel_mesh import occupancy_mesh
+from gap3d.trellis.voxel_mesh import fill_enclosed, occupancy_mesh
+from tests.shells import as_logits, ring, shell, sphere
 
 
 def test_single_voxel_gives_a_closed_outward_surface_around_its_centre():
@@ -52,3 +54,22 @@ def test_logits_are_interpolated_to_the_zero_crossing():
 def test_non_cubic_grid_is_rejected():
     with pytest.raises(ValueError, match="cube"):
         occupancy_mesh(np.ones((4, 4, 5), dtype=bool))
+
+
+def test_a_shell_meshes_to_one_closed_outer_surface_without_its_inner_wall():
+    mesh = occupancy_mesh(fill_enclosed(as_logits(shell(32, sphere))))
+    assert mesh.is_watertight and len(mesh.split(only_watertight=False)) == 1
+    assert mesh.euler_number == 2  # genus 0: a shell meshed as it is has an inner wall too
+    assert mesh.volume == pytest.approx(4 / 3 * np.pi * 0.35**3, rel=0.1)
+
+
+def test_filling_keeps_the_hole_of_a_ring():
+    mesh = occupancy_mesh(fill_enclosed(as_logits(shell(32, ring))))
+    assert mesh.is_watertight and mesh.euler_number == 0  # genus 1
+
+
+def test_a_pinhole_in_the_shell_does_not_open_it_to_its_inner_wall():
+    occupied = shell(32, sphere)
+    occupied[16, 16, np.argmax(occupied[16, 16])] = False  # one shell voxel missing on the sphere's side
+    mesh = occupancy_mesh(fill_enclosed(as_logits(occupied)))
+    assert len(mesh.split(only_watertight=False)) == 1 and mesh.euler_number == 2

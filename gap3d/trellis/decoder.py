@@ -33,17 +33,19 @@ from gap3d.trellis.config import (
 )
 from gap3d.trellis.loading import load_pipeline
 from gap3d.trellis.mesh_cleanup import DEFAULT_MIN_COMPONENT_FACES, remove_hidden_components
-from gap3d.trellis.mesh_export import DEFAULT_TARGET_FACES, export_mesh
+from gap3d.trellis.mesh_export import DEFAULT_TARGET_FACES, export_mesh, simplify
 from gap3d.trellis.sampler import FlowEulerSampler
 from gap3d.trellis.stage2_inputs import DEFAULT_MAX_STAGE2_VOXELS, stage2_voxels, voxel_budget_groups
 from gap3d.trellis.structured_latent_flow import sample_structured_latent
-from gap3d.trellis.voxel_mesh import empty_mesh, occupancy_mesh
+from gap3d.trellis.voxel_mesh import empty_mesh, fill_enclosed, occupancy_mesh
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("coarse", "full")
 # What `from_pretrained(stages=...)` loads: "auto" adds stage 2 when pipeline.json lists it.
 LOAD_STAGES = ("auto", "coarse", "full")
+# Coarse meshes are decimated within this many voxels of the marched surface.
+COARSE_TOLERANCE_VOXELS = 0.5
 # Keys of `generate(slat_sampler_params=...)`: overrides of pipeline.json's slat_sampler params.
 SAMPLER_PARAMS = ("steps", "cfg_strength", "cfg_interval", "rescale_t")
 
@@ -236,16 +238,17 @@ class Decoder:
         return remove_hidden_components(mesh, self.min_component_faces)
 
     def coarse_meshes(self, structure: SparseStructure, allow_empty: bool = False) -> list[trimesh.Trimesh]:
-        """One watertight mesh per sample from its occupancy logits; an empty grid raises unless allow_empty."""
-        return [
-            self._finish(
-                occupancy_mesh(logits),
-                f"sample {index} (seed {seed})",
-                "decoded to an empty occupancy grid",
-                allow_empty,
+        """One watertight mesh per sample: the outer surface of what its occupancy shell encloses, decimated within
+        half a voxel (the grid carries no finer detail); an empty grid raises unless allow_empty."""
+        meshes = []
+        for index, (logits, seed) in enumerate(zip(structure.logits, structure.seeds)):
+            mesh = occupancy_mesh(fill_enclosed(logits))
+            if len(mesh.faces):
+                mesh = simplify(mesh, tolerance=COARSE_TOLERANCE_VOXELS / logits.shape[0])
+            meshes.append(
+                self._finish(mesh, f"sample {index} (seed {seed})", "decoded to an empty occupancy grid", allow_empty)
             )
-            for index, (logits, seed) in enumerate(zip(structure.logits, structure.seeds))
-        ]
+        return meshes
 
     def _require_stage2(self) -> None:
         if not self.has_stage2:

@@ -9,6 +9,7 @@ GLBs carry vertex normals beside the positions.
 import importlib
 import importlib.util
 import io
+import math
 import threading
 
 import numpy as np
@@ -24,12 +25,17 @@ MEDIA_TYPES = {"glb": "model/gltf-binary", "obj": "model/obj", "ply": "applicati
 _SIMPLIFY_LOCK = threading.Lock()
 
 
-def simplify(mesh: trimesh.Trimesh, target_faces: int) -> trimesh.Trimesh:
+def simplify(mesh: trimesh.Trimesh, target_faces: int | None = None, tolerance: float | None = None) -> trimesh.Trimesh:
     """Quadric-decimate `mesh` to at most about `target_faces` faces (unchanged if already below), keeping vertex
-    colours."""
-    if target_faces <= 0:
+    colours; with `tolerance`, collapse only edges whose quadric error stays below about tolerance^2 (distance
+    units), so a flat cube keeps few faces and a sphere more: the face count fits the shape."""
+    if target_faces is None and tolerance is None:
+        raise ValueError("simplify needs target_faces, tolerance or both")
+    if target_faces is not None and target_faces <= 0:
         raise ValueError(f"target_faces must be positive, got {target_faces}")
-    if len(mesh.faces) <= target_faces:
+    if tolerance is not None and tolerance <= 0:
+        raise ValueError(f"tolerance must be positive, got {tolerance}")
+    if target_faces is not None and len(mesh.faces) <= target_faces and tolerance is None:
         return mesh
     if importlib.util.find_spec("fast_simplification") is None:
         raise RuntimeError(
@@ -38,10 +44,12 @@ def simplify(mesh: trimesh.Trimesh, target_faces: int) -> trimesh.Trimesh:
         )
     fast_simplification = importlib.import_module("fast_simplification")
     points, triangles = np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces, dtype=np.int64)
+    # fast-simplification raises its collapse threshold from 1e-9 by (iteration + 3)^agg over 100 iterations, so the
+    # aggressiveness that ends at tolerance^2 bounds every collapse's error.
+    agg = 7.0 if tolerance is None else math.log(tolerance**2 / 1e-9) / math.log(102.0)
+    target = {"target_count": target_faces} if target_faces is not None else {"target_reduction": 0.999}
     with _SIMPLIFY_LOCK:
-        _, _, collapses = fast_simplification.simplify(
-            points, triangles, target_count=target_faces, return_collapses=True
-        )
+        _, _, collapses = fast_simplification.simplify(points, triangles, agg=agg, return_collapses=True, **target)
         # Replaying the collapses gives the same mesh plus the kept vertex each original vertex merged into.
         vertices, faces, merged_into = fast_simplification.replay_simplification(points, triangles, collapses)
     colors = None

@@ -5,11 +5,16 @@ between neighbouring cells), so every case is unambiguous and the surface is clo
 2-manifold: watertight. Vertices are placed where the linearly interpolated logit crosses 0 and are
 shared through the lattice edge they lie on. Voxel i of an R-grid has its centre at (i + 0.5) / R - 0.5,
 TRELLIS's convention, so the mesh lies inside [-0.5, 0.5]^3.
+
+Stage 1 decodes a surface shell (the voxels the object's surface crosses), not a solid: meshed as it is, a shell
+gives an outer and an inner wall, joined wherever the shell has a pinhole. `fill_enclosed` fills what the shell
+encloses first, so the mesh is the object's outer surface alone.
 """
 
 import itertools
 
 import numpy as np
+import scipy.ndimage
 import torch
 import trimesh
 
@@ -46,6 +51,20 @@ _CASES = [_case_triangles(code) for code in range(16)]
 
 def empty_mesh() -> trimesh.Trimesh:
     return trimesh.Trimesh(vertices=np.zeros((0, 3)), faces=np.zeros((0, 3), dtype=np.int64), process=False)
+
+
+def fill_enclosed(field: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(R, R, R) logits (inside > 0) -> the same logits with every voxel the shell encloses set inside.
+
+    Enclosed means unreachable from the grid's border through empty voxels once the shell is thickened by one voxel,
+    which closes pinholes a voxel wide; the thickening is taken back, so the outer surface stays where it was.
+    """
+    values = np.asarray(field.detach().float().cpu() if isinstance(field, torch.Tensor) else field, dtype=np.float64)
+    occupied = values > 0
+    enclosed = scipy.ndimage.binary_erosion(scipy.ndimage.binary_fill_holes(scipy.ndimage.binary_dilation(occupied)))
+    filled = values.copy()
+    filled[enclosed & ~occupied] = max(float(values.max()), 1.0)
+    return filled
 
 
 def occupancy_mesh(field: torch.Tensor | np.ndarray) -> trimesh.Trimesh:
