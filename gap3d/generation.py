@@ -9,6 +9,7 @@ import io
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -18,6 +19,8 @@ from gap3d.prompt_encoder import PromptEncoder
 from gap3d.trellis import Decoder, export_mesh
 
 logger = logging.getLogger(__name__)
+
+DECODER_STREAM = 1  # the second word of the decoder's SeedSequence; the aligner draws from the request seed directly
 
 
 def decode_prompt_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -47,6 +50,12 @@ def load_prompt_encoder(
     encoder = PromptEncoder.from_pretrained(config, device)
     apply_soft_tokens(encoder, export.soft_tokens)
     return encoder.eval()
+
+
+def decoder_seed(seed: int) -> int:
+    """The decoder's noise seed for a request's `seed`: a stream of its own (numpy's SeedSequence of (seed, 1)), so
+    the decoder never redraws the aligner's noise (which comes from `seed` itself)."""
+    return int(np.random.SeedSequence([seed, DECODER_STREAM]).generate_state(1)[0])
 
 
 def aligner_noise(seeds: list[int], shape: tuple[int, int]) -> torch.Tensor:
@@ -117,5 +126,5 @@ class TextTo3D:
         """One prompt -> asset bytes in `file_format`."""
         cond = self.prompt_encoder([prompt], None if image is None else [image])  # (1, s, d_vlm)
         tokens = align(self.export, cond, [seed], steps, cfg_scale)  # (1, N, D)
-        mesh = self.decoder.generate(tokens, seed=seed)[0]
+        mesh = self.decoder.generate(tokens, seed=decoder_seed(seed))[0]
         return export_mesh(mesh, file_format, target_faces)

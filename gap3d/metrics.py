@@ -123,11 +123,32 @@ class AttributeProbe:
 
     def accuracy(self, tokens: torch.Tensor, labels: dict[str, Sequence[str]]) -> dict[str, float]:
         """{attribute: share of rows whose predicted value is the labelled one}."""
+        return {name: report["accuracy"] for name, report in self.report(tokens, labels).items()}
+
+    def report(self, tokens: torch.Tensor, labels: dict[str, Sequence[str]]) -> dict[str, dict]:
+        """{attribute: class_report of the values read from `tokens` against `labels`} (per class and confusions)."""
         predicted = self.predict(tokens)
-        return {
-            name: sum(p == t for p, t in zip(predicted[name], labels[name])) / len(labels[name])
-            for name in self.classifiers
-        }
+        return {name: class_report(labels[name], predicted[name]) for name in self.classifiers}
+
+
+def class_report(truth: Sequence[str], predicted: Sequence[str]) -> dict:
+    """{"accuracy", "per_class": {class: accuracy}, "confusion": {true class: {predicted class: count}}} over rows:
+    a pooled accuracy can hide a class that is never right behind one that always is."""
+    if len(truth) != len(predicted) or not truth:
+        raise ValueError(
+            f"need as many predictions as true labels (at least one), got {len(predicted)} and {len(truth)}"
+        )
+    confusion: dict[str, dict[str, int]] = {}
+    for true, guess in zip(truth, predicted):
+        row = confusion.setdefault(true, {})
+        row[guess] = row.get(guess, 0) + 1
+    per_class = {name: row.get(name, 0) / sum(row.values()) for name, row in sorted(confusion.items())}
+    accuracy = sum(t == p for t, p in zip(truth, predicted)) / len(truth)
+    return {
+        "accuracy": accuracy,
+        "per_class": per_class,
+        "confusion": {name: confusion[name] for name in sorted(confusion)},
+    }
 
 
 def _view(tokens: torch.Tensor, view: str, mean_target: torch.Tensor) -> torch.Tensor:

@@ -126,6 +126,13 @@ def run_evaluation(
         "mean_target": alignment_metrics(mean_target, batch.dino, eval_set.probe, eval_set.labels),
         "table": held_out_table(eval_set, generated),
     }
+    if eval_set.probe is not None:
+        # Per attribute value and confusions: what the probe reads from the true held-out tokens (its own ceiling)
+        # and from the tokens generated from their captions.
+        report["attributes"] = {
+            "from_true_tokens": eval_set.probe.report(batch.dino, eval_set.labels),
+            "from_captions": eval_set.probe.report(generated, eval_set.labels),
+        }
     if trellis is not None:
         report["structure"] = structure_report(trellis, shards, eval_set, generated, str(device))
     report["seconds"] = round(time.perf_counter() - start, 3)
@@ -135,7 +142,7 @@ def run_evaluation(
 def structure_report(
     trellis: str, shards: str, eval_set: EvalSet, generated: torch.Tensor, device: str = "cpu"
 ) -> dict:
-    """{"from_true_tokens", "from_captions": {"iou", "shape_accuracy", "voxels"}, "rows", "resolution"} of stage-1
+    """{"from_true_tokens", "from_captions": gap3d.trellis.structure_metrics, "rows", "resolution"} of stage-1
     structures decoded from the held-out rows' true and generated tokens, against the occupancy in `shards`."""
     from gap3d.trellis.decoder import Decoder
 
@@ -165,7 +172,7 @@ def structure_report(
         metrics = structure_metrics(
             decoded, target, shapes or ["?"] * len(target), target, shapes or ["?"] * len(target)
         )
-        report[name] = metrics if shapes else {k: v for k, v in metrics.items() if k != "shape_accuracy"}
+        report[name] = metrics if shapes else {k: v for k, v in metrics.items() if k in ("iou", "voxels")}
     report["seconds"] = round(time.perf_counter() - start, 1)
     return report
 

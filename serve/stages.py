@@ -13,7 +13,7 @@ from ray import serve
 
 from gap3d.cancellation import Cancelled, CancelToken, cancellable
 from gap3d.export import load_export
-from gap3d.generation import align, check_decoder_matches, load_prompt_encoder
+from gap3d.generation import align, check_decoder_matches, decoder_seed, load_prompt_encoder
 from gap3d.trellis import Decoder as TrellisDecoder
 from gap3d.trellis import export_mesh
 from serve.stage_calls import AlignRequest
@@ -109,7 +109,7 @@ class Decoder:
     ) -> tuple[bytes, float]:
         start = time.perf_counter()
         with cancellable(token):
-            mesh = self.decoder.generate(torch.from_numpy(tokens)[None], seed=seed)[0]
+            mesh = self.decoder.generate(torch.from_numpy(tokens)[None], seed=decoder_seed(seed))[0]
         return export_mesh(mesh, file_format, target_faces), time.perf_counter() - start
 
     async def decode(

@@ -6,6 +6,7 @@ import torch
 from gap3d.metrics import (
     AttributeProbe,
     alignment_metrics,
+    class_report,
     nearest_targets,
     norm_ratio,
     prompt_specific_cosine,
@@ -134,3 +135,10 @@ def test_alignment_metrics_report_attribute_accuracy_when_given_a_probe_and_labe
     metrics = alignment_metrics(targets.clone(), targets, AttributeProbe(targets, labels), labels)
     assert 0.5 < metrics["shape_accuracy"] <= 1.0
     assert "shape_accuracy" not in alignment_metrics(targets.clone(), targets)
+
+
+def test_class_report_gives_accuracy_per_class_and_the_confusions():
+    report = class_report(["cube", "cube", "torus", "torus"], ["cube", "sphere", "sphere", "sphere"])
+    assert report["accuracy"] == 0.25
+    assert report["per_class"] == {"cube": 0.5, "torus": 0.0}  # the pooled 0.25 hides a class never read right
+    assert report["confusion"] == {"cube": {"cube": 1, "sphere": 1}, "torus": {"sphere": 2}}

@@ -42,7 +42,7 @@ def test_nearest_label_is_the_label_of_the_most_overlapping_reference():
         nearest_labels(guess[None], cube[None], ["a", "b"])
 
 
-def test_structure_metrics_report_iou_shape_accuracy_and_size():
+def test_structure_metrics_report_iou_and_shape_per_class_with_confusions_and_size():
     cube, ring = grid((0, 0, 0), (0, 0, 1)), grid((3, 3, 3), (3, 3, 2))
     metrics = structure_metrics(
         torch.stack([cube, cube]),
@@ -51,4 +51,9 @@ def test_structure_metrics_report_iou_shape_accuracy_and_size():
         torch.stack([cube, ring]),
         ["cube", "torus"],
     )
-    assert metrics == {"iou": 0.5, "shape_accuracy": 0.5, "voxels": 2.0}
+    assert (
+        metrics["iou"] == 0.5 and metrics["iou_per_shape"] == {"cube": 1.0, "torus": 0.0} and metrics["voxels"] == 2.0
+    )
+    assert metrics["shape"]["accuracy"] == 0.5
+    assert metrics["shape"]["per_class"] == {"cube": 1.0, "torus": 0.0}
+    assert metrics["shape"]["confusion"] == {"cube": {"cube": 1}, "torus": {"cube": 1}}

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
+from gap3d.metrics import class_report
+
 
 def occupancy_iou(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """bool (B, R, R, R) each -> (B,) intersection over union per sample (1 when both are empty)."""
@@ -44,12 +46,16 @@ def structure_metrics(
     shapes: Sequence[str],
     references: torch.Tensor,
     reference_shapes: Sequence[str],
-) -> dict[str, float]:
-    """{"iou", "shape_accuracy", "voxels"} of predicted (B, R, R, R) against the true grids and shape names of the
-    same rows."""
-    nearest = nearest_labels(predicted, references, reference_shapes)
+) -> dict:
+    """Decoded structures (B, R, R, R) against the true grids and shape names of the same rows: "iou" (mean and
+    "iou_per_shape"), "shape" (class_report of each structure's nearest reference grid's shape) and "voxels"."""
+    iou = occupancy_iou(predicted, target)
+    by_shape: dict[str, list[float]] = {}
+    for name, value in zip(shapes, iou.tolist()):
+        by_shape.setdefault(name, []).append(value)
     return {
-        "iou": float(occupancy_iou(predicted, target).mean()),
-        "shape_accuracy": sum(n == s for n, s in zip(nearest, shapes)) / len(shapes),
+        "iou": float(iou.mean()),
+        "iou_per_shape": {name: sum(values) / len(values) for name, values in sorted(by_shape.items())},
+        "shape": class_report(shapes, nearest_labels(predicted, references, reference_shapes)),
         "voxels": float(predicted.flatten(1).sum(1).float().mean()),
     }
