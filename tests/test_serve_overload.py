@@ -26,7 +26,7 @@ def test_a_burst_beyond_capacity_gets_only_assets_and_503s_with_retry_after(serv
 
 
 def test_a_decoder_replica_killed_mid_request_costs_that_request_only(service):
-    decoders = replicas("Decoder")  # with one request in flight, only one of them can be serving it
+    decoders = replicas("DecoderDeployment")  # with one request in flight, only one of them can be serving it
     with ThreadPoolExecutor(1) as pool:
         # Kill once a replica has accepted the request, not when the Gateway has sent it: before acceptance Serve's
         # router may still place it on the replacement. On a loaded machine a request may also end first (refused by
@@ -48,6 +48,6 @@ def test_a_decoder_replica_killed_mid_request_costs_that_request_only(service):
         kill(decoders)
         lost = in_flight.result()
     assert lost.status_code == 503 and lost.headers["retry-after"], lost.text
-    wait_for_replacement(service, "Decoder", decoders, timeout_s=120)
+    wait_for_replacement(service, "DecoderDeployment", decoders, timeout_s=120)
     after = post(service, "/v1/generate", {"prompt": "a blue cube", "seed": 3}, timeout=CLIENT_TIMEOUT_S)
     assert after.status_code == 200, after.text
