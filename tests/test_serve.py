@@ -283,3 +283,13 @@ def test_shipped_configs_leave_the_gateway_room_beyond_its_own_in_flight_cap(pat
     application = yaml.safe_load(open(path))["applications"][0]
     gateway = next(d for d in application["deployments"] if d["name"] == "GatewayDeployment")
     assert application["args"]["limits"]["max_requests_in_flight"] < gateway["max_ongoing_requests"]
+
+
+def test_every_rayservice_pod_starts_serves_proxy_with_the_body_cut_off():
+    from serve.proxy_guard import CALLBACK, CALLBACK_ENV
+
+    spec = yaml.safe_load(open("cluster/kuberay/rayservice.yaml"))["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            assert {"name": CALLBACK_ENV, "value": CALLBACK} in container["env"], container["name"]
