@@ -154,9 +154,10 @@ class Gateway:
             record = await asyncio.to_thread(store.get, job_id)
         except KeyError:  # not a job id at all
             return None
-        lost = record and await asyncio.to_thread(store.lost_runner, record, time.time(), replica_alive)
-        if lost and await asyncio.to_thread(store.recover, record, lost):
-            await self._enqueue(record.id)
+        if record is not None and record.status == "running":
+            lost = await asyncio.to_thread(store.lost_runner, record, time.time(), replica_alive)
+            if lost and await asyncio.to_thread(store.recover, record, lost):
+                await self._enqueue(record.id)
         return record
 
     async def known_job(self, job_id: str) -> JobRecord:
