@@ -44,7 +44,9 @@ from serve.api import stage_timings
 from serve.launch import free_port, local_config, serve_run
 from serve.proxy_guard import CALLBACK, CALLBACK_ENV
 
-PROMPT = {"prompt": "a small red cone", "seed": 3}
+# Seed 5: the random tiny aligner and stage-1 TRELLIS decode some hundreds of faces from it (seed 3, used before the
+# decoder's noise got a seed stream of its own, now decodes an empty structure).
+PROMPT = {"prompt": "a small red cone", "seed": 5}
 
 
 def emit(figure: str, value, unit: str, **extra) -> None:

@@ -19,6 +19,9 @@ KEYS_ENV = "GAP3D_TEST_API_KEYS"
 # The synchronous deadline of the test service: short, so overload tests end quickly, yet long enough that a loaded
 # machine still finishes one decode within it (admission refuses everything it expects to miss the deadline).
 DEADLINE_S = 20.0
+# A seed whose structures the session's random aligner and stage-1 TRELLIS decode to some hundreds of faces for the
+# prompts the tests generate (other seeds may decode an empty structure, a 422).
+SEED = 5
 LEASE_S = 4.0  # a JobRunner killed mid-job is noticed after this long at the latest
 MAX_ACTIVE_JOBS = 6  # queued or running jobs per key: above what the job tests keep in flight with one key
 BODY_STALL_S = 8.0  # an upload stalled this long gets 408: long enough to open hundreds of stalled uploads first

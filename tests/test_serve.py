@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from gap3d.generation import TextTo3D, align
-from tests.serving import AUTH, metric, post
+from tests.serving import AUTH, SEED, metric, post
 
 DEPLOYMENTS = {
     "GatewayDeployment",
@@ -39,7 +39,7 @@ def png_base64(size=(64, 48)) -> str:
 
 
 def test_generate_returns_a_glb_that_trimesh_loads_with_stage_timings(service):
-    response = post(service, "/v1/generate", {"prompt": "a small red cone on the left", "seed": 3})
+    response = post(service, "/v1/generate", {"prompt": "a small red cone on the left", "seed": SEED})
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "model/gltf-binary"
     assert {"x-timing-prompt-encoder-ms", "x-timing-aligner-ms", "x-timing-decoder-ms"} <= set(response.headers)

@@ -8,7 +8,7 @@ import httpx
 import trimesh
 
 from serve.api import MIN_TARGET_FACES
-from tests.serving import post, wait_for
+from tests.serving import SEED, post, wait_for
 from tests.test_serve import png_base64
 
 
@@ -16,21 +16,21 @@ def test_generate_with_text_returns_the_file_bytes(service):
     response = post(
         service,
         "/generate",
-        {"text": "a small red cone", "seed": 3, "octree_resolution": 256, "texture": False, "type": "glb"},
+        {"text": "a small red cone", "seed": SEED, "octree_resolution": 256, "texture": False, "type": "glb"},
     )
     assert response.status_code == 200, response.text
     assert len(trimesh.load(io.BytesIO(response.content), file_type="glb", force="mesh").faces) > 0
 
 
 def test_generate_with_an_image_alone_returns_the_file_bytes(service):
-    response = post(service, "/generate", {"image": png_base64(), "seed": 3, "type": "ply"})
+    response = post(service, "/generate", {"image": png_base64(), "seed": SEED, "type": "ply"})
     assert response.status_code == 200, response.text
     assert len(trimesh.load(io.BytesIO(response.content), file_type="ply").faces) > 0
 
 
 def test_face_count_caps_the_faces_of_the_mesh(service):
-    many = post(service, "/generate", {"text": "a large cube", "seed": 3})
-    few = post(service, "/generate", {"text": "a large cube", "seed": 3, "face_count": MIN_TARGET_FACES})
+    many = post(service, "/generate", {"text": "a large cube", "seed": SEED})
+    few = post(service, "/generate", {"text": "a large cube", "seed": SEED, "face_count": MIN_TARGET_FACES})
     faces = [len(trimesh.load(io.BytesIO(r.content), file_type="glb", force="mesh").faces) for r in (many, few)]
     assert 0 < faces[1] <= MIN_TARGET_FACES < faces[0]
 
