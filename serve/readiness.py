@@ -1,87 +1,93 @@
 """What the Gateway knows of its application's deployments: Serve's own view, checked against Ray's.
 
-A background loop takes a snapshot twice a second, so that /readyz and admission read it and no probe ever waits
-on a model replica. Serve's controller counts a replica RUNNING until its next health check fails
-(`health_check_period_s` in serve/config.yaml); Ray drops a dead replica's actor name at once. A replica counts
-here while both see it, so /readyz follows a lost replica within about one snapshot.
+Two background loops keep snapshots, so that /readyz and admission read them and no probe ever waits on a model
+replica or on the controller. Serve's controller counts a replica RUNNING until its next health check fails
+(`health_check_period_s` in serve/config.yaml), and answers slowly while it replaces one; Ray drops a dead
+replica's actor name at once. A replica counts here while Serve has it RUNNING and Ray still knows its name, so
+/readyz follows a lost replica within about one look at Ray's names (a fifth of a second), whatever the controller
+is busy with, and its replacement counts once Serve has it RUNNING.
 """
 
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
-from ray import serve
+from ray.serve.context import _get_global_client
+from ray.serve.schema import ReplicaState, ServeInstanceDetails
 
 logger = logging.getLogger(__name__)
-
-REPLICA_PREFIX = "SERVE_REPLICA::"  # Serve names a replica's actor SERVE_REPLICA::<app>#<deployment>#<id>
 
 
 @dataclass
 class DeploymentView:
-    running: int  # replicas in state RUNNING (constructed, models loaded, health checks passing)
+    running: frozenset[str]  # actor names of the replicas Serve has RUNNING (models loaded, health checks passing)
     status: str  # Serve's deployment status: HEALTHY, UPSCALING, UNHEALTHY, ...
 
 
 @dataclass
 class AppView:
-    """The newest snapshot of this application's deployments."""
+    """The newest snapshots of this application's deployments (Serve's) and of its live replica actors (Ray's)."""
 
     app_name: str
-    refresh_s: float = 0.5  # how often the snapshot is taken
-    stale_after_s: float = 10.0  # a snapshot older than this (the controller unreachable) means "not ready"
+    refresh_s: float = 0.5  # how often Serve's status is read
+    look_s: float = 0.2  # how often Ray's named actors are listed
+    stale_after_s: float = 10.0  # snapshots older than this (controller or GCS unreachable) mean "not ready"
     deployments: dict[str, DeploymentView] = field(default_factory=dict)
-    updated_at: float | None = None
+    alive: frozenset[str] = frozenset()  # names of the actors Ray knows alive
+    updated_at: float | None = None  # of Serve's snapshot
+    looked_at: float | None = None  # of Ray's
 
     def running(self, deployment: str) -> int:
         view = self.deployments.get(deployment)
-        return 0 if view is None else view.running
+        return 0 if view is None else len(view.running & self.alive)
 
     def ready(self, names: list[str], now: float | None = None) -> bool:
-        """Whether each of `names` has a running replica in a snapshot that is not stale."""
+        """Whether each of `names` has a running replica in snapshots that are not stale."""
         now = time.time() if now is None else now
-        fresh = self.updated_at is not None and now - self.updated_at < self.stale_after_s
+        fresh = all(at is not None and now - at < self.stale_after_s for at in (self.updated_at, self.looked_at))
         return fresh and all(self.running(name) > 0 for name in names)
 
     def describe(self) -> dict:
         return {
-            name: {"running_replicas": view.running, "status": view.status}
+            name: {"running_replicas": self.running(name), "status": view.status}
             for name, view in sorted(self.deployments.items())
         }
 
     def refresh(self) -> None:
-        """One read of serve.status() and of Ray's named actors (blocking: call it from a thread)."""
-        application = serve.status().applications.get(self.app_name)
+        """One read of Serve's view of the application (blocking: call it from a thread)."""
+        # What serve.status() reads, one step before it drops the replicas' names for their counts per state.
+        details = ServeInstanceDetails(**_get_global_client().get_serve_details())
+        application = details.applications.get(self.app_name)
         if application is None:
             return
-        alive = self.live_replicas()
         self.deployments = {
             name: DeploymentView(
-                running=min(status.replica_states.get("RUNNING", 0), alive[name]), status=str(status.status.value)
+                running=frozenset(r.actor_name for r in deployment.replicas if r.state == ReplicaState.RUNNING),
+                status=str(deployment.status.value),
             )
-            for name, status in application.deployments.items()
+            for name, deployment in application.deployments.items()
         }
         self.updated_at = time.time()
 
-    def live_replicas(self) -> Counter:
-        """Replica actors of this application that Ray knows alive, by deployment."""
-        prefix = f"{REPLICA_PREFIX}{self.app_name}#"
-        return Counter(
-            actor["name"][len(prefix) :].split("#", 1)[0]
-            for actor in ray.util.list_named_actors(all_namespaces=True)
-            if actor["name"].startswith(prefix)
-        )
+    def look(self) -> None:
+        """One listing of the actors Ray knows alive by name (blocking: call it from a thread)."""
+        self.alive = frozenset(actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True))
+        self.looked_at = time.time()
 
     async def refresh_forever(self) -> None:
+        await asyncio.gather(self._repeat(self.refresh, self.refresh_s), self._repeat(self.look, self.look_s))
+
+    @staticmethod
+    async def _repeat(read: Callable[[], None], every_s: float) -> None:
         while True:
             try:
-                await asyncio.to_thread(self.refresh)
-            except Exception as error:  # the controller restarting: keep the last snapshot, try again
-                logger.warning("could not read Serve's status: %r", error)
-            await asyncio.sleep(self.refresh_s)
+                await asyncio.to_thread(read)
+            except Exception as error:  # the controller or the GCS restarting: keep the last snapshot, try again
+                logger.warning("could not read the application's state: %r", error)
+            await asyncio.sleep(every_s)
 
 
 def replica_alive(actor_name: str) -> bool:

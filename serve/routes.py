@@ -51,8 +51,8 @@ async def healthz() -> dict:
 
 @probes.get("/readyz", responses={503: {"description": "a stage the synchronous path needs has no running replica"}})
 async def readyz(gateway: GatewayDep) -> JSONResponse:
-    """Readiness of the synchronous path: each stage has a running replica, in Serve's view of half a second ago.
-    Needs no API key."""
+    """Readiness of the synchronous path: each stage has a running replica, in snapshots of Serve's and Ray's views
+    (serve/readiness.py). Needs no API key."""
     ready, body = gateway.readiness()
     return JSONResponse(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "2"})
 
