@@ -6,7 +6,7 @@ batches (the replica pulls them through `receive`); neither bounds its size or i
 refuses it with 413 the moment it passes `max_body_bytes`; a body that sends nothing for `body_stall_s`, or
 averages less than `min_body_rate` after that, gets 408. Both close the connection. `InFlightCap` keeps the
 requests one replica holds below what Serve lets it hold, so that the probes (never capped) always find room
-however many uploads are open.
+however many uploads are open. (serve/proxy_guard.py also stops the proxy reading a body past the limit.)
 """
 
 import asyncio
@@ -27,7 +27,7 @@ def route_label(scope: Scope, routes: list[BaseRoute]) -> str:
     """The route template a request matched ("unmatched" for none): bounded label values for the metrics."""
     route = scope.get("route")
     if route is None:  # refused before routing (or a wrong method): find the route it was meant for
-        matches = {route.matches(scope)[0]: route for route in reversed(routes)}
+        matches = {candidate.matches(scope)[0]: candidate for candidate in reversed(routes)}  # the first wins
         route = matches.get(Match.FULL) or matches.get(Match.PARTIAL)
     return getattr(route, "path", "unmatched")
 
