@@ -9,19 +9,29 @@ shipped config on a free 127.0.0.1 port, then:
      other errors (the last two must be 0), requests admitted but cancelled at the deadline (wasted work), and the
      running replicas at the end;
   3. /v1/embed throughput at concurrency 8 over 1: the Aligner's batching gain.
+With --hostile instead: what hostile or careless clients cost (issue 29): /healthz, /readyz and a generation
+while --stalled connections hold a stalled upload each; the answer to a body that stops short of its
+Content-Length; a 200 MB chunked body (bytes sent before the answer, Gateway and proxy memory growth); and how
+soon /readyz answers 503 once a stage's replicas are killed. Serve's proxies cut long bodies
+(serve/proxy_guard.py) unless --no-proxy-cutoff.
 Every request loop is bounded in count and time. One JSON line per figure.
 """
 
 import argparse
 import json
 import os
+import select
+import socket
 import statistics
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
+import psutil
 import torch
 
 from gap3d.build import build_aligner, derive_shapes
@@ -32,8 +42,11 @@ from gap3d.trellis import export_mesh
 from miniature.checkpoints.trellis import write_tiny_trellis
 from serve.api import stage_timings
 from serve.launch import free_port, local_config, serve_run
+from serve.proxy_guard import CALLBACK, CALLBACK_ENV
 
-PROMPT = {"prompt": "a small red cone", "seed": 3}
+# Seed 5: the random tiny aligner and stage-1 TRELLIS decode some hundreds of faces from it (seed 3, used before the
+# decoder's noise got a seed stream of its own, now decodes an empty structure).
+PROMPT = {"prompt": "a small red cone", "seed": 5}
 
 
 def emit(figure: str, value, unit: str, **extra) -> None:
@@ -161,6 +174,171 @@ def running_replicas() -> dict[str, int]:
     return {name: status.replica_states.get("RUNNING", 0) for name, status in deployments.items()}
 
 
+def connect(base: str) -> socket.socket:
+    parts = urlsplit(base)
+    return socket.create_connection((parts.hostname, parts.port), timeout=30)
+
+
+def head(path: str, **headers) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: gap3d", "Content-Type: application/json"]
+    return ("\r\n".join(lines + [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]) + "\r\n\r\n").encode()
+
+
+def status_line(connection: socket.socket, timeout_s: float) -> str:
+    connection.settimeout(timeout_s)
+    try:
+        return connection.recv(4096).split(b"\r\n", 1)[0].decode() or "closed"
+    except TimeoutError:
+        return "no answer"
+    except OSError as error:
+        return type(error).__name__
+
+
+def timed_get(base: str, path: str) -> tuple[int | str, float]:
+    start = time.perf_counter()
+    try:
+        return httpx.get(f"{base}{path}", timeout=15).status_code, round(time.perf_counter() - start, 3)
+    except httpx.HTTPError as error:
+        return type(error).__name__, round(time.perf_counter() - start, 3)
+
+
+def probes_under_stalled_uploads(base: str, count: int) -> dict:
+    """Probes and one generation while `count` connections each hold headers and 5 bytes of a 100-byte body."""
+    connections = []
+    try:
+        for _ in range(count):
+            connections.append(connect(base))
+            connections[-1].sendall(head("/v1/generate", Content_Length=100) + b'{"pro')
+        time.sleep(1)
+        probes = {path: [timed_get(base, path) for _ in range(3)] for path in ("/healthz", "/readyz")}
+        start = time.perf_counter()
+        try:
+            generation = httpx.post(f"{base}/v1/generate", json=PROMPT, timeout=30).status_code
+        except httpx.HTTPError as error:
+            generation = type(error).__name__
+        return {"probes": probes, "generation": generation, "generation_s": round(time.perf_counter() - start, 3)}
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+def large_image_prompt(side: int = 4096) -> str:
+    """A base64 JPEG of noise, `side` pixels square: seconds of decoding, within the upload limit."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=75)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def probes_under_image_decoding(base: str, count: int = 6) -> dict:
+    """/healthz's slowest answer while `count` prompts with a 4096x4096 image are in flight."""
+    body = {**PROMPT, "image": large_image_prompt()}
+    with ThreadPoolExecutor(count) as pool:
+        posts = [pool.submit(httpx.post, f"{base}/v1/generate", json=body, timeout=120) for _ in range(count)]
+        latencies = []
+        while not all(post.done() for post in posts):
+            latencies.append(timed_get(base, "/healthz")[1])
+            time.sleep(0.05)
+        statuses = sorted(post.result().status_code for post in posts)
+    return {"healthz_max_s": max(latencies, default=None), "healthz_probes": len(latencies), "statuses": statuses}
+
+
+def short_body_answer(base: str) -> dict:
+    """A body that stops at 30 of its declared 1000 bytes: the answer, and how long it took."""
+    with connect(base) as connection:
+        connection.sendall(head("/v1/embed", Content_Length=1000) + b"x" * 30)
+        start = time.perf_counter()
+        answer = status_line(connection, timeout_s=45)
+        return {"answer": answer, "after_s": round(time.perf_counter() - start, 2)}
+
+
+def process_of(actor) -> psutil.Process:
+    import ray
+
+    return psutil.Process(ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=30))
+
+
+def serve_actor(name_part: str):
+    import ray
+
+    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if name_part in a["name"]]
+    return ray.get_actor(name, namespace="serve")
+
+
+def private_mb(process: psutil.Process) -> float:
+    memory = process.memory_info()
+    return (memory.rss - memory.shared) / 2**20
+
+
+def chunked_upload(base: str, total_mb: int, chunk_kb: int = 1024) -> dict:
+    """A chunked body of `total_mb`, sent as curl does (looking for an answer between chunks), while the
+    Gateway's and the proxy's private memory is sampled."""
+    processes = {"gateway": process_of(serve_actor("#GatewayDeployment#")), "proxy": process_of(serve_actor("PROXY"))}
+    start = {name: private_mb(process) for name, process in processes.items()}
+    peak, done = dict(start), threading.Event()
+
+    def sample():
+        while not done.wait(0.01):
+            for name, process in processes.items():
+                peak[name] = max(peak[name], private_mb(process))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    frame = f"{chunk_kb * 1024:x}\r\n".encode() + b"x" * (chunk_kb * 1024) + b"\r\n"
+    sent = 0
+    with connect(base) as connection:
+        connection.sendall(head("/v1/generate", Transfer_Encoding="chunked"))
+        try:
+            while sent < total_mb * 2**20 and not select.select([connection], [], [], 0)[0]:
+                connection.sendall(frame)
+                sent += chunk_kb * 1024
+        except OSError:
+            pass
+        answer = status_line(connection, timeout_s=60)
+    done.set()
+    sampler.join()
+    return {
+        "answer": answer,
+        "sent_mb_before_answer": round(sent / 2**20, 1),
+        "growth_mb": {name: round(peak[name] - start[name]) for name in processes},
+    }
+
+
+def readiness_lag(base: str, deployment: str) -> dict:
+    """Kill every replica of `deployment`: seconds until /readyz answers 503, then until it answers 200 again."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"]]
+    start = time.monotonic()
+    for name in names:
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    lag, back = None, None
+    while time.monotonic() - start < 120 and back is None:
+        code = httpx.get(f"{base}/readyz", timeout=10).status_code
+        if lag is None and code == 503:
+            lag = round(time.monotonic() - start, 2)
+        elif lag is not None and code == 200:
+            back = round(time.monotonic() - start, 1)
+        time.sleep(0.05)
+    return {"to_503_s": lag, "back_to_200_s": back}
+
+
+def hostile_phase(base: str, stalled: int, mode: str) -> None:
+    emit("probes_under_stalled_uploads", probes_under_stalled_uploads(base, stalled), "s", stalled=stalled, mode=mode)
+    emit("short_body_answer", short_body_answer(base), "s", mode=mode)
+    emit("probes_under_image_decoding", probes_under_image_decoding(base), "s", images=6, mode=mode)
+    for run in range(3):
+        emit("chunked_200mb_upload", chunked_upload(base, 200), "mixed", run=run, mode=mode)
+    for deployment in ("DecoderDeployment", "AlignerDeployment", "PromptEncoderDeployment"):
+        emit("readiness_after_replica_loss", readiness_lag(base, deployment), "s", deployment=deployment, mode=mode)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", default="1,8,100", help="comma-separated concurrency levels for /v1/generate")
@@ -173,12 +351,19 @@ def main() -> None:
     parser.add_argument(
         "--throughput-optimized", action="store_true", help="start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1"
     )
+    parser.add_argument("--hostile", action="store_true", help="measure hostile clients instead of load (see above)")
+    parser.add_argument("--stalled", type=int, default=600, help="stalled uploads held open in --hostile")
+    parser.add_argument(
+        "--no-proxy-cutoff", action="store_true", help="leave Serve's proxy reading whole bodies (serve/proxy_guard.py)"
+    )
     parser.add_argument("--export", default=None)
     parser.add_argument("--trellis", default=None)
     args = parser.parse_args()
 
     if args.throughput_optimized:
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read by Serve's processes, which inherit this environment
+    if not args.no_proxy_cutoff:
+        os.environ[CALLBACK_ENV] = CALLBACK
     import ray
     from ray import serve
 
@@ -190,6 +375,10 @@ def main() -> None:
         config = local_config(free_port(), artifacts, jobs=None)
         app_args = config["applications"][0]["args"]
         base = serve_run(config, workdir / "config.yaml", ray.get_runtime_context().gcs_address)
+        if args.hostile:
+            httpx.post(f"{base}/v1/generate", json=PROMPT, timeout=120).raise_for_status()
+            hostile_phase(base, args.stalled, "gateway_only" if args.no_proxy_cutoff else "proxy_cutoff")
+            return
         direct = TextTo3D.load(artifacts["export"], artifacts["trellis"], decoder_stages=app_args["decoder_stages"])
         httpx.post(f"{base}/v1/generate", json=PROMPT, timeout=120).raise_for_status()  # warm every stage once
         compare_with_in_process(base, direct, app_args["limits"]["target_faces"], args.repeats)

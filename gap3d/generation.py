@@ -33,7 +33,9 @@ def decode_prompt_image(data: bytes, max_pixels: int) -> Image.Image:
                 f"image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}"
             )
         image.load()
-    except (OSError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError:  # PIL's own pixel limit, above ours: still an image too large
+        raise OverflowError(f"image has more pixels than the limit of {max_pixels}") from None
+    except OSError as error:
         raise ValueError(f"not a decodable image ({type(error).__name__})") from None
     return image.convert("RGB")
 

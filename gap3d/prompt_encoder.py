@@ -105,15 +105,7 @@ class PromptEncoder(nn.Module):
             raise ValueError(f"got {len(prompts)} prompts but {len(images)} images")
         texts, pixel_values, grids = [], [], []
         for prompt, image in zip(prompts, images):
-            content = [{"type": "text", "text": self.config.prompt_template.format(caption=prompt)}]
-            if image is not None:
-                content.insert(0, {"type": "image"})
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": content}],
-                chat_template=self.chat_template,
-                tokenize=False,
-                add_generation_prompt=True,
-            )
+            text = self._chat_text(prompt, with_image=image is not None)
             if image is not None:
                 text, pixels, grid = self._expand_image(text, image)
                 pixel_values.append(pixels)
@@ -137,6 +129,30 @@ class PromptEncoder(nn.Module):
             attention_mask=attention_mask,
             pixel_values=torch.cat(pixel_values) if pixel_values else None,
             image_grid_thw=torch.cat(grids) if grids else None,
+        )
+
+    def count_tokens(self, prompt: str, image_size: tuple[int, int] | None = None) -> int:
+        """Tokens `tokenize` makes of `prompt` (with an image of `image_size` = (width, height)), without the image
+        itself: what a server checks against vlm.max_prompt_tokens before it accepts a request."""
+        text = self._chat_text(prompt, with_image=image_size is not None)
+        count = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if image_size is None:
+            return count
+        if self.image_processor is None or not hasattr(self.image_processor, "get_number_of_image_patches"):
+            raise ValueError("image prompts need a Qwen-VL-family image processor")
+        width, height = image_size
+        patches = self.image_processor.get_number_of_image_patches(height, width, {})
+        return count - 1 + patches // self.image_processor.merge_size**2  # the one placeholder becomes the image's
+
+    def _chat_text(self, prompt: str, with_image: bool) -> str:
+        content = [{"type": "text", "text": self.config.prompt_template.format(caption=prompt)}]
+        if with_image:
+            content.insert(0, {"type": "image"})
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}],
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=True,
         )
 
     def _expand_image(self, text: str, image) -> tuple[str, torch.Tensor, torch.Tensor]:

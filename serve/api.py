@@ -1,28 +1,24 @@
-"""HTTP surface of the GAP3D service: limits, request schema, validation, errors and API keys.
+"""HTTP surface of the GAP3D service: limits, request schema, errors and the checks every request gets up front.
 
-Nothing here touches a model; serve/gateway.py wires it to the deployments.
+Nothing here touches a model; serve/service.py wires it to the deployments and serve/routes.py to FastAPI.
 """
 
 import base64
 import binascii
-import hmac
-import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
-from fastapi import Request
-from fastapi.responses import JSONResponse
 from PIL import Image
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from gap3d.generation import decode_prompt_image
 
-logger = logging.getLogger(__name__)
-ModelT = TypeVar("ModelT", bound=BaseModel)
-
 TIMING_PREFIX, TIMING_SUFFIX = "x-timing-", "-ms"  # per-stage milliseconds on every generation response
+# The smallest face budget a request may ask for: below about this, quadric decimation can collapse a decoded
+# shape to no faces at all.
+MIN_TARGET_FACES = 100
+CLIENT_GONE = 499  # status recorded for a request whose client went away before its answer (nginx's convention)
 
 
 def stage_timing_headers(timings: dict[str, float]) -> dict[str, str]:
@@ -43,52 +39,77 @@ def stage_timings(headers) -> dict[str, float]:
     }
 
 
-# Probes must work without a key (a kubelet has none); every other route, the docs included, needs one when auth is on.
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-
-
 @dataclass
 class ServeLimits:
-    """What one request may ask for (the `limits:` builder arg in serve/config.yaml)."""
+    """What one request may ask for and take (the `limits:` builder arg in serve/config.yaml)."""
 
-    max_prompt_chars: int = 2000  # longer prompts are rejected with 422
-    max_image_pixels: int = 4096 * 4096  # larger prompt images are rejected with 413
-    max_body_bytes: int = 32 * 1024 * 1024  # request body cap
+    max_prompt_chars: int = 2000  # cheap bound checked before tokenising; the real limit is vlm.max_prompt_tokens
+    max_image_pixels: int = 4096 * 4096  # larger prompt images are rejected with 413, whatever their encoding
+    max_body_bytes: int = 32 * 1024 * 1024  # request body cap, counted while the body streams in (413 past it)
+    body_stall_s: float = 5.0  # an upload that sends nothing for this long gets 408 and its connection closed
+    min_body_rate: float = 16384.0  # bytes/s an upload must average once it has run body_stall_s (else 408)
+    # Requests (the probes aside) one Gateway replica holds at once; more get 503 + Retry-After at once. Keep it
+    # below the Gateway's max_ongoing_requests: the difference is the room the probes and refusals always find.
+    max_requests_in_flight: int = 1024
+    image_decode_threads: int = 2  # threads decoding prompt images, so that the event loop never does
     max_steps: int = 100  # upper bound on requested sampling steps
     max_cfg_scale: float = 20.0  # upper bound on requested guidance scale
     target_faces: int = 50_000  # served meshes are simplified to at most about this many faces
-    deadline_s: float = (
-        30.0  # a synchronous request ends by then: its asset, or 503 + Retry-After (work left is cancelled)
-    )
-    expected_decode_s: float = (
-        2.0  # first estimate of one decode's compute time; admission then learns it from the Decoder
-    )
-    decoder_slots_per_replica: int = (
-        1  # decodes one Decoder replica runs at once: keep equal to its max_ongoing_requests
-    )
+    deadline_s: float = 30.0  # a synchronous request ends by then: its asset, or 503 + Retry-After
+    expected_decode_s: float = 2.0  # first estimate of one decode's compute time; then learnt from the Decoder
+    decoder_slots_per_replica: int = 1  # decodes one Decoder replica runs at once: its max_ongoing_requests
 
     def __post_init__(self):
-        for name in ("deadline_s", "expected_decode_s", "decoder_slots_per_replica"):
+        positive = (
+            "max_prompt_chars",
+            "max_image_pixels",
+            "max_body_bytes",
+            "body_stall_s",
+            "min_body_rate",
+            "max_requests_in_flight",
+            "image_decode_threads",
+            "deadline_s",
+            "expected_decode_s",
+            "decoder_slots_per_replica",
+        )
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"limits.{name} must be > 0, got {getattr(self, name)}")
+        if self.target_faces < MIN_TARGET_FACES:
+            raise ValueError(f"limits.target_faces must be >= {MIN_TARGET_FACES}, got {self.target_faces}")
 
 
 class GenerateRequest(BaseModel):
+    """The body of /v1/generate, /v1/embed and /v1/jobs: strict types, and no field the service does not know."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     prompt: str = Field(description="caption of the object to generate")
-    image: str | None = Field(default=None, description="optional base64-encoded image joining the prompt (zero-shot)")
+    image: str | None = Field(
+        default=None, description="optional image joining the prompt (zero-shot): base64, or a data: URL"
+    )
     seed: int = Field(default=0, ge=0, lt=2**31, description="seed of the aligner and TRELLIS noise")
     steps: int | None = Field(default=None, ge=1, description="aligner sampling steps (default: the trained config's)")
     cfg_scale: float | None = Field(
-        default=None, ge=0.0, description="classifier-free guidance scale (default: the trained config's)"
+        default=None,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="classifier-free guidance scale (default: the trained config's)",
     )
     format: Literal["glb", "obj", "ply"] = Field(default="glb", description="asset file format")
     target_faces: int | None = Field(
-        default=None, ge=4, description="simplify the mesh to about this many faces (at most the service's limit)"
+        default=None,
+        ge=MIN_TARGET_FACES,
+        description="simplify the mesh to about this many faces (at most the service's limit)",
     )
 
 
-class ApiError(Exception):
-    """An error with an HTTP status, the request field (or pipeline stage) it concerns, and a kind for metrics."""
+class ApiError(HTTPException):
+    """An HTTP error with the request field (or pipeline stage) it concerns and a kind for metrics.
+
+    An HTTPException, so that FastAPI passes one raised while it reads a body (serve/middleware.py) to the
+    exception handlers (serve/errors.py) like any other.
+    """
 
     def __init__(
         self,
@@ -99,70 +120,52 @@ class ApiError(Exception):
         headers: dict | None = None,
         kind: str = "failed",
     ):
-        super().__init__(message)
-        self.status, self.message, self.field, self.stage, self.headers, self.kind = (
-            status,
-            message,
-            field,
-            stage,
-            headers or {},
-            kind,
-        )
+        super().__init__(status_code=status, detail=message, headers=headers or {})
+        self.status, self.message, self.field, self.stage, self.kind = status, message, field, stage, kind
 
     def __reduce__(self):  # raised in job runners and read back by the ingress: keep every field across pickling
         return (ApiError, (self.status, self.message, self.field, self.stage, self.headers, self.kind))
 
-    def response(self) -> JSONResponse:
-        body = {"error": self.message}
-        body.update({key: value for key, value in (("field", self.field), ("stage", self.stage)) if value})
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+    def __str__(self) -> str:
+        return self.message
 
 
-async def read_body(request: Request, max_body_bytes: int) -> bytes:
-    """The request body, refused with 413 past the cap (declared or actual) before it is parsed."""
-    declared = request.headers.get("content-length", "0")
-    if not declared.isdigit() or int(declared) > max_body_bytes:
-        raise ApiError(413, f"request body is larger than {max_body_bytes} bytes", field="body", kind="bad_input")
-    body = await request.body()
-    if len(body) > max_body_bytes:
-        raise ApiError(413, f"request body is larger than {max_body_bytes} bytes", field="body", kind="bad_input")
-    return body
+def bad_input(message: str, field: str, status: int = 422) -> ApiError:
+    return ApiError(status, message, field=field, kind="bad_input")
 
 
-def parse_body(model: type[ModelT], body: bytes) -> ModelT:
-    """Schema validation; errors name the first offending field and never echo the input."""
+def image_bytes(image: str) -> bytes:
+    """A request's image field -> the encoded image: plain base64, or a data: URL carrying base64."""
+    if image.startswith("data:"):
+        header, comma, image = image.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise bad_input("image is a data: URL without base64 data (data:image/png;base64,...)", "image")
     try:
-        return model.model_validate_json(body)
-    except ValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(part) for part in first.get("loc", ())) or "body"
-        raise ApiError(422, first.get("msg", "invalid request"), field=field, kind="bad_input") from None
-
-
-def check_generate_request(request: GenerateRequest, limits: ServeLimits):
-    """Range and size checks beyond the schema; returns the decoded prompt image (or None)."""
-    if not request.prompt.strip():
-        raise ApiError(422, "prompt must not be empty", field="prompt", kind="bad_input")
-    if len(request.prompt) > limits.max_prompt_chars:
-        raise ApiError(
-            422, f"prompt is longer than {limits.max_prompt_chars} characters", field="prompt", kind="bad_input"
-        )
-    if request.steps is not None and request.steps > limits.max_steps:
-        raise ApiError(422, f"steps must be at most {limits.max_steps}", field="steps", kind="bad_input")
-    if request.cfg_scale is not None and request.cfg_scale > limits.max_cfg_scale:
-        raise ApiError(422, f"cfg_scale must be at most {limits.max_cfg_scale}", field="cfg_scale", kind="bad_input")
-    if request.image is None:
-        return None
-    try:
-        data = base64.b64decode(request.image, validate=True)
+        return base64.b64decode(image, validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(422, "image is not valid base64", field="image", kind="bad_input") from None
+        raise bad_input("image is not valid base64 (nor a data: URL holding base64)", "image") from None
+
+
+def check_request(request: GenerateRequest, limits: ServeLimits) -> None:
+    """Range and size checks beyond the schema (cheap: no decoding)."""
+    if not request.prompt.strip():
+        raise bad_input("prompt must not be empty", "prompt")
+    if len(request.prompt) > limits.max_prompt_chars:
+        raise bad_input(f"prompt is longer than {limits.max_prompt_chars} characters", "prompt")
+    if request.steps is not None and request.steps > limits.max_steps:
+        raise bad_input(f"steps must be at most {limits.max_steps}", "steps")
+    if request.cfg_scale is not None and request.cfg_scale > limits.max_cfg_scale:
+        raise bad_input(f"cfg_scale must be at most {limits.max_cfg_scale}", "cfg_scale")
+
+
+def decode_image(image: str, limits: ServeLimits) -> Image.Image:
+    """The request's image decoded (seconds for a large one: call it off the event loop); 413 past the pixel limit."""
     try:
-        return decode_prompt_image(data, limits.max_image_pixels)
+        return decode_prompt_image(image_bytes(image), limits.max_image_pixels)
     except OverflowError as error:
-        raise ApiError(413, str(error), field="image", kind="bad_input") from None
+        raise bad_input(str(error), "image", status=413) from None
     except ValueError as error:
-        raise ApiError(422, f"image is {error}", field="image", kind="bad_input") from None
+        raise bad_input(f"image is {error}", "image") from None
 
 
 @dataclass
@@ -179,52 +182,15 @@ class GenerationInputs:
 
 
 def generation_inputs(body: GenerateRequest, limits: ServeLimits, flow: dict) -> GenerationInputs:
-    """Check a parsed request against the limits and fill in the trained config's defaults (flow: its `flow` "
-    "section)."""
-    image = check_generate_request(body, limits)
+    """Every check but the token count, the image decoded (seconds for a large one: call this off the event loop),
+    and the trained config's defaults filled in (flow: its `flow` section)."""
+    check_request(body, limits)
     return GenerationInputs(
         prompt=body.prompt,
-        image=image,
+        image=None if body.image is None else decode_image(body.image, limits),
         seed=body.seed,
         steps=body.steps or flow["sample_steps"],
         cfg_scale=flow["cfg_scale"] if body.cfg_scale is None else body.cfg_scale,
         file_format=body.format,
         target_faces=limits.target_faces if body.target_faces is None else min(body.target_faces, limits.target_faces),
     )
-
-
-def load_api_keys(keys_file: str | None, keys_env: str | None) -> frozenset[str]:
-    """Bearer tokens from a file (one per line: a mounted secret) and/or the variable `keys_env`; none = auth off.
-
-    Both are named in the Serve config, never taken from whoever runs `serve run`; a named source that is missing
-    fails the replica's start, so a typo cannot silently open the service.
-    """
-    keys: set[str] = set()
-    if keys_file:
-        path = Path(keys_file).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"api_keys_file {path} does not exist on this node; mount the secret there or fix the path in the "
-                "Serve config"
-            )
-        keys |= {line.strip() for line in path.read_text().splitlines() if line.strip()}
-    if keys_env:
-        if keys_env not in os.environ:
-            raise KeyError(
-                f"api_keys_env names ${keys_env}, which the Gateway's environment lacks; set it in the deployment's "
-                "runtime_env env_vars or the pod"
-            )
-        keys |= {key.strip() for key in os.environ[keys_env].split(",") if key.strip()}
-    if (keys_file or keys_env) and not keys:
-        raise ValueError(f"the configured API key source ({keys_file or '$' + keys_env}) holds no key")
-    return frozenset(keys)
-
-
-def authorized(request: Request, keys: frozenset[str]) -> bool:
-    """True when auth is off, the path is open, or the request carries one of the bearer tokens."""
-    if not keys or request.url.path in OPEN_PATHS:
-        return True
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    # Bytes, not str: compare_digest refuses non-ASCII str, and any malformed credential must be a 401, not a 500.
-    offered = token.strip().encode("utf-8", "surrogateescape")
-    return scheme.lower() == "bearer" and any(hmac.compare_digest(offered, key.encode("utf-8")) for key in keys)

@@ -1,4 +1,5 @@
-"""GAP3D on Ray Serve: Gateway (FastAPI ingress) -> PromptEncoder -> Aligner (batched) -> Decoder, plus the JobRunner.
+"""GAP3D on Ray Serve: GatewayDeployment (FastAPI ingress) -> PromptEncoderDeployment -> AlignerDeployment
+(batched) -> DecoderDeployment, plus the JobRunnerDeployment.
 
 `serve run serve/config.yaml` builds the application with `app(args)`; replica counts, autoscaling,
 `max_ongoing_requests` and `ray_actor_options` come from that YAML, not from this file. The deployments live in
@@ -17,10 +18,10 @@ from ray.serve.task_consumer import task_consumer
 from gap3d.config import load_config
 from gap3d.export import CONFIG_NAME, find_export_dir
 from serve.api import ServeLimits
-from serve.gateway import Gateway
-from serve.job_runner import JobRunner, task_processor_config
+from serve.gateway import GatewayDeployment
+from serve.job_runner import JobRunnerDeployment, task_processor_config
 from serve.jobs import JobsConfig
-from serve.stages import Aligner, Decoder, PromptEncoder
+from serve.stages import AlignerDeployment, DecoderDeployment, PromptEncoderDeployment
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +60,18 @@ def app(args: dict) -> serve.Application:
             "set api_keys_env (with the variable in the Gateway's runtime_env) or api_keys_file in the config's args"
         )
     stages = (
-        PromptEncoder.bind(export, vlm),
-        Aligner.bind(export, **parsed.aligner_batch),
-        Decoder.bind(trellis, export, parsed.decoder_stages),
+        PromptEncoderDeployment.bind(export, vlm),
+        AlignerDeployment.bind(export, **parsed.aligner_batch),
+        DecoderDeployment.bind(trellis, export, parsed.decoder_stages),
     )
     runner = None
     if jobs is not None:
         # The consumer's broker comes from the config, so its class is decorated here rather than at import.
-        consumer = serve.deployment(name="JobRunner")(
-            task_consumer(task_processor_config=task_processor_config(JobsConfig(**jobs)))(JobRunner)
+        consumer = serve.deployment(name="JobRunnerDeployment")(
+            task_consumer(task_processor_config=task_processor_config(JobsConfig(**jobs)))(JobRunnerDeployment)
         )
         runner = consumer.bind(*stages, jobs, limits, asdict(config.flow))
-    return Gateway.bind(
+    return GatewayDeployment.bind(
         *stages,
         runner,
         limits,

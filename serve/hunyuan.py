@@ -8,38 +8,44 @@ Fields: text -> prompt; image (base64) -> the prompt image, with the text or alo
 text); seed -> seed (Hunyuan's default 1234); num_inference_steps -> aligner sampling steps; guidance_scale ->
 cfg_scale; face_count -> target_faces; type -> format (glb, obj or ply). Accepted and ignored: octree_resolution
 (TRELLIS has no octree), texture, mesh and remove_background (GAP3D makes shapes, not textures), and any other field.
-Errors keep Hunyuan's body ({"text": ..., "error_code": 1}) with GAP3D's status codes.
+Errors keep Hunyuan's body ({"text": ..., "error_code": 1}) with GAP3D's status codes (serve/errors.py).
 """
 
 import base64
 from typing import Literal
 
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve.api import ApiError, GenerateRequest, parse_body
+from serve.api import MIN_TARGET_FACES, GenerateRequest, bad_input
 from serve.jobs import JobRecord
 
 IMAGE_ONLY_PROMPT = "the object in the image"
+ROUTES = ("/generate", "/send", "/status/")  # paths (or path prefixes) that answer in Hunyuan's shape
+TAG = "Hunyuan3D-2 API"
+
+
+def is_hunyuan_path(path: str) -> bool:
+    return path in ROUTES[:2] or path.startswith(ROUTES[2])
 
 
 class HunyuanRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # Hunyuan clients send fields GAP3D has no use for
+    """The body of /generate and /send: the fields GAP3D uses are typed strictly; any other is ignored."""
 
-    text: str | None = None
-    image: str | None = None
+    model_config = ConfigDict(extra="ignore", strict=True)  # Hunyuan clients send fields GAP3D has no use for
+
+    text: str | None = Field(default=None, description="the prompt")
+    image: str | None = Field(default=None, description="prompt image: base64, or a data: URL")
     seed: int = Field(default=1234, ge=0, lt=2**31)
-    num_inference_steps: int | None = Field(default=None, ge=1)
-    guidance_scale: float | None = Field(default=None, ge=0.0)
-    face_count: int | None = Field(default=None, ge=4)
-    type: Literal["glb", "obj", "ply"] = "glb"
+    num_inference_steps: int | None = Field(default=None, ge=1, description="aligner sampling steps")
+    guidance_scale: float | None = Field(default=None, ge=0.0, allow_inf_nan=False, description="cfg_scale")
+    face_count: int | None = Field(default=None, ge=MIN_TARGET_FACES, description="about this many faces at most")
+    type: Literal["glb", "obj", "ply"] = Field(default="glb", description="asset file format")
 
 
-def to_generate_request(body: bytes) -> GenerateRequest:
-    """A Hunyuan3D-2 request body -> GAP3D's GenerateRequest; 422 when it has neither text nor image."""
-    request = parse_body(HunyuanRequest, body)
+def to_generate_request(request: HunyuanRequest) -> GenerateRequest:
+    """A Hunyuan3D-2 request -> GAP3D's GenerateRequest; 422 when it has neither text nor image."""
     if not (request.text or "").strip() and not request.image:
-        raise ApiError(422, "give text, image or both", field="text", kind="bad_input")
+        raise bad_input("give text, image or both", "text")
     return GenerateRequest(
         prompt=request.text if (request.text or "").strip() else IMAGE_ONLY_PROMPT,
         image=request.image,
@@ -49,11 +55,6 @@ def to_generate_request(body: bytes) -> GenerateRequest:
         format=request.type,
         target_faces=request.face_count,
     )
-
-
-def error_response(error: ApiError) -> JSONResponse:
-    """Hunyuan's error body, with the status and headers (Retry-After) GAP3D chose."""
-    return JSONResponse({"text": error.message, "error_code": 1}, status_code=error.status, headers=error.headers)
 
 
 def status_body(record: JobRecord | None, result: bytes | None) -> tuple[dict, int]:

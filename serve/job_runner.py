@@ -1,16 +1,18 @@
-"""JobRunner: the Ray Serve task consumer that runs queued generation jobs.
+"""JobRunnerDeployment: the Ray Serve task consumer that runs queued generation jobs.
 
 Jobs travel through the broker of Ray Serve's asynchronous-inference API (Celery; Redis here) as bare job ids;
-their requests, state and results live in the JobStore (serve/jobs.py). The handler claims the job, runs the same
-three stage calls as the synchronous route (serve/stage_calls.py) under the job's deadline, reports its stage and
-a heartbeat while it runs, and stops when the job is cancelled. A run whose replica dies leaves a stale heartbeat,
-which the Gateway's sweep turns into a retry or a failure.
+their requests, state and results live in the JobStore (serve/jobs.py). The handler claims the job in its
+replica's name, runs the same three stage calls as the synchronous route (serve/stage_calls.py) under the job's
+deadline, reports its stage and a heartbeat while it runs, and stops when the job is cancelled. A run whose
+replica dies is seen by the Gateway as soon as Ray drops the replica's name (or by its stale heartbeat), and is
+retried or failed.
 """
 
 import asyncio
 import logging
 import threading
 
+from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import CeleryAdapterConfig, TaskProcessorConfig
 from ray.serve.task_consumer import task_handler
@@ -40,8 +42,12 @@ def task_processor_config(config: JobsConfig) -> TaskProcessorConfig:
     return TaskProcessorConfig(queue_name=config.queue, adapter_config=adapter, max_retries=0)
 
 
-class JobRunner:
-    """Runs generation jobs from the broker queue; holds handles to the three stages."""
+class JobRunnerDeployment:
+    """Runs generation jobs from the broker queue; holds handles to the three stages.
+
+    serve/app.py makes it a deployment with the broker of the Serve config (`task_consumer`), so it carries no
+    decorator here.
+    """
 
     def __init__(
         self,
@@ -57,6 +63,8 @@ class JobRunner:
         self.store = JobStore(self.config)
         self.limits = ServeLimits(**limits)
         self.flow = flow
+        # The replica's actor name, stamped on the jobs it claims: the Gateway looks it up to tell a dead runner.
+        self.name = serve.get_replica_context().replica_id.to_full_id_str()
 
     def ready(self) -> dict:
         return {"store": self.store.root, "queue": self.config.queue}
@@ -70,7 +78,7 @@ class JobRunner:
     @task_handler(name=GENERATE_TASK)
     def generate(self, job_id: str) -> str:
         """Run job `job_id` once; returns its status (or "skipped" when it was not there to run)."""
-        record = self.store.claim(job_id)
+        record = self.store.claim(job_id, runner=self.name)
         if record is None:
             logger.info("job %s is not queued; skipped", job_id)
             return "skipped"
@@ -80,6 +88,8 @@ class JobRunner:
         reporter.start()
         try:
             body = GenerateRequest.model_validate_json(self.store.request(job_id))
+            image = self.store.request_image(job_id)
+            body = body if image is None else body.model_copy(update={"image": image.decode()})
             inputs = generation_inputs(body, self.limits, self.flow)
 
             def on_stage(stage: str, progress: float) -> None:

@@ -1,15 +1,17 @@
 """Async generation jobs kept in object storage, so that any ingress replica can answer and a restart loses nothing.
 
 Layout under the store's root (a directory or an s3:// prefix), one prefix per job:
-    <id>/request.json   the request body, written once
+    <id>/request.json   the request body without its image, written once
+    <id>/image          the request's image field (base64 or a data: URL), deleted once the job has ended
     <id>/state.json     the JobRecord, rewritten whole at every change
     <id>/result.<fmt>   the asset, once the job has succeeded
 A job goes queued -> running -> succeeded | failed | cancelled. The runner that claims a job stamps it with a
-claim id and refreshes `heartbeat_at`; a running job whose heartbeat is older than `lease_s` has lost its worker,
-and the sweep queues it again until `max_attempts` runs were made, then fails it: no job stays "running"
-forever. A queued job that nobody starts within `max_queued_s` fails (its queue message was lost). Ended jobs are
-deleted `ttl_s` after they end. Writes are whole-object (gap3d.storage.publish_bytes); two writers racing on one
-record (a DELETE against a runner's last write) leave one of the two versions, never a torn one.
+claim id and its replica's actor name, and refreshes `heartbeat_at`. A running job whose runner is known to be
+dead, or whose heartbeat is older than `lease_s`, has lost its worker: it is queued again until `max_attempts`
+runs were made, then failed, so no job stays "running" forever. A queued job that nobody starts within
+`max_queued_s` fails (its queue message was lost). Ended jobs are deleted `ttl_s` after they end. Writes are
+whole-object (gap3d.storage.publish_bytes); two writers racing on one record (a DELETE against a runner's last
+write) leave one of the two versions, never a torn one.
 """
 
 import dataclasses
@@ -20,6 +22,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,13 +49,21 @@ class JobsConfig:
     lease_s: float = 30.0  # a running job whose worker has not reported for this long lost its worker
     max_attempts: int = 2  # runs of a job whose worker died before the job is failed
     sweep_every_s: float = 5.0  # how often the ingress sweeps the store (lost workers, expiry, job counts)
+    max_active_per_key: int = 100  # queued or running jobs one API key may have; more are refused with 429
+    max_stored_per_key: int = 1000  # jobs one API key may have stored (ended ones until their ttl_s); then 429
 
     def __post_init__(self):
         for name in ("ttl_s", "deadline_s", "max_queued_s", "lease_s", "sweep_every_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"jobs.{name} must be > 0, got {getattr(self, name)}")
-        if self.max_attempts < 1:
-            raise ValueError(f"jobs.max_attempts must be >= 1, got {self.max_attempts}")
+        for name in ("max_attempts", "max_active_per_key"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"jobs.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_stored_per_key < self.max_active_per_key:
+            raise ValueError(
+                f"jobs.max_stored_per_key ({self.max_stored_per_key}) must be >= jobs.max_active_per_key "
+                f"({self.max_active_per_key}): every active job is stored"
+            )
 
 
 @dataclass
@@ -62,11 +73,13 @@ class JobRecord:
     file_format: str  # of the result
     created_at: float
     queued_at: float
+    owner: str = ""  # digest of the submitter's API key (serve/auth.py): quotas count per owner
     status: str = "queued"
     stage: str | None = None  # stage running now
     progress: float = 0.0  # share of the stages done, 0..1
     attempts: int = 0  # runs started
     claim: str | None = None  # id of the run that owns the job while it is running
+    runner: str | None = None  # actor name of the replica running it (None when unknown)
     heartbeat_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
@@ -98,6 +111,31 @@ class JobConflict(ValueError):
     """An Idempotency-Key was sent again with another request body."""
 
 
+@dataclass
+class OwnerUsage:
+    """One owner's jobs in the store."""
+
+    active: int = 0  # queued or running
+    stored: int = 0  # every stored job, ended ones included
+    oldest_end: float | None = None  # finished_at of the owner's earliest-ended job (it expires first)
+
+    def count(self, record: JobRecord) -> None:
+        self.stored += 1
+        if not record.ended:
+            self.active += 1
+        elif record.finished_at is not None:
+            self.oldest_end = min(self.oldest_end or record.finished_at, record.finished_at)
+
+
+@dataclass
+class Sweep:
+    """What one sweep of the store found and did."""
+
+    counts: dict[str, int]  # jobs by state
+    requeue: list[str]  # ids to put on the queue again (their runner was lost)
+    usage: dict[str, OwnerUsage]  # jobs by owner
+
+
 class JobStore:
     """Job records, requests and results under one root; every method is safe to call from any process."""
 
@@ -127,18 +165,28 @@ class JobStore:
         return hashlib.sha256(f"{scope}\0{idempotency_key}".encode()).hexdigest()[:32]
 
     def create(
-        self, body: bytes, file_format: str, idempotency_key: str | None = None, scope: str = ""
+        self,
+        body: bytes,
+        file_format: str,
+        idempotency_key: str | None = None,
+        owner: str = "",
+        image: bytes | None = None,
     ) -> tuple[JobRecord, bool]:
-        """Store a new queued job; with a known Idempotency-Key, return its job instead (created False)."""
-        job_id = self.new_id(idempotency_key, scope)
-        digest = hashlib.sha256(body).hexdigest()
+        """Store a new queued job (its request `body`, and its `image` apart: it is dropped once the job ends);
+        with an Idempotency-Key the owner used before, return that job instead (created False)."""
+        job_id = self.new_id(idempotency_key, owner)
+        digest = hashlib.sha256(body + b"\0" + (image or b"")).hexdigest()
         existing = self.get(job_id)
         if existing is not None:
             if existing.request_sha256 != digest:
-                raise JobConflict(f"Idempotency-Key {idempotency_key!r} was used for another request body")
+                raise JobConflict("the Idempotency-Key was used for another request body")
             return existing, False
         now = time.time()
-        record = JobRecord(id=job_id, request_sha256=digest, file_format=file_format, created_at=now, queued_at=now)
+        record = JobRecord(
+            id=job_id, request_sha256=digest, file_format=file_format, created_at=now, queued_at=now, owner=owner
+        )
+        if image is not None:
+            storage.publish_bytes(image, self._uri(job_id, "image"))
         storage.publish_bytes(body, self._uri(job_id, "request.json"))
         self.save(record)
         return record, True
@@ -155,6 +203,17 @@ class JobStore:
         if data is None:
             raise FileNotFoundError(f"job {job_id} has no request.json under {self.root}")
         return data
+
+    def request_image(self, job_id: str) -> bytes | None:
+        """The request's image field, while the job has not ended (None without an image)."""
+        return self._read(job_id, "image")
+
+    def _drop_image(self, job_id: str) -> None:
+        fs, path = storage.filesystem(self._uri(job_id, "image"))
+        try:
+            fs.rm(path)
+        except FileNotFoundError:
+            pass
 
     def result(self, job_id: str, file_format: str) -> bytes | None:
         return self._read(job_id, f"result.{file_format}")
@@ -186,19 +245,22 @@ class JobStore:
             None,
         )
         self.save(record)
+        self._drop_image(job_id)
         return record
 
     # The runner's side: claim, report, finish. Each re-reads the stored record first, so a job cancelled or
     # handed to another run meanwhile is noticed and not overwritten.
 
-    def claim(self, job_id: str) -> JobRecord | None:
-        """Start a run of a queued job; None when it is not queued (ended, cancelled, or running elsewhere)."""
+    def claim(self, job_id: str, runner: str | None = None) -> JobRecord | None:
+        """Start a run of a queued job by the replica named `runner`; None when the job is not queued (ended,
+        cancelled, or running elsewhere)."""
         with self._lock:
             record = self.get(job_id)
             if record is None or record.status != "queued":
                 return None
             now = time.time()
             record.status, record.attempts, record.claim = "running", record.attempts + 1, uuid.uuid4().hex
+            record.runner = runner
             record.started_at = record.heartbeat_at = now
             record.stage, record.progress, record.error = None, 0.0, None
             self.save(record)
@@ -237,14 +299,14 @@ class JobStore:
             record.progress = 1.0 if status == "succeeded" else record.progress
             record.timings = timings or {}
             self.save(record)
+            self._drop_image(record.id)
             return True
 
-    def sweep(self, now: float | None = None) -> tuple[dict[str, int], list[str]]:
-        """Recover lost runs, fail stale queued jobs, delete expired ones; returns (jobs by state, ids to enqueue "
-        "again)."""
+    def sweep(self, now: float | None = None, runner_alive: Callable[[str], bool] | None = None) -> Sweep:
+        """Recover lost runs (heartbeat older than lease_s, or a runner `runner_alive` says is dead), fail stale
+        queued jobs, delete expired ones."""
         now = time.time() if now is None else now
-        counts = dict.fromkeys(("queued", "running", *TERMINAL), 0)
-        requeue = []
+        result = Sweep(counts=dict.fromkeys(("queued", "running", *TERMINAL), 0), requeue=[], usage={})
         for job_id in self.ids():
             record = self.get(job_id)
             if record is None:  # a create caught between its two writes, or a delete in progress
@@ -252,25 +314,43 @@ class JobStore:
             if record.ended and now - (record.finished_at or now) > self.config.ttl_s:
                 self.delete(job_id)
                 continue
-            if record.status == "running" and now - (record.heartbeat_at or 0) > self.config.lease_s:
-                self._recover(record, now, requeue)
+            lost = self.lost_runner(record, now, runner_alive)
+            if lost:
+                if self.recover(record, lost, now):
+                    result.requeue.append(record.id)
             elif record.status == "queued" and now - record.queued_at > self.config.max_queued_s:
                 self._fail(record, now, f"not started within {self.config.max_queued_s:g} s")
-            counts[record.status] += 1
-        return counts, requeue
+            result.counts[record.status] += 1
+            result.usage.setdefault(record.owner, OwnerUsage()).count(record)
+        return result
 
-    def _recover(self, record: JobRecord, now: float, requeue: list[str]) -> None:
+    def lost_runner(
+        self, record: JobRecord, now: float, runner_alive: Callable[[str], bool] | None = None
+    ) -> str | None:
+        """Why a running job's run is lost (None while it is not): its runner is dead, or its heartbeat stale."""
+        if record.status != "running":
+            return None
+        if record.runner and runner_alive is not None and not runner_alive(record.runner):
+            return "its runner replica died"
+        if now - (record.heartbeat_at or 0) > self.config.lease_s:
+            return f"its runner stopped reporting for {self.config.lease_s:g} s"
+        return None
+
+    def recover(self, record: JobRecord, why: str, now: float | None = None) -> bool:
+        """Queue a lost run's job again (True: put it on the queue) or, after max_attempts, fail it."""
+        now = time.time() if now is None else now
         if record.attempts >= self.config.max_attempts:
-            self._fail(record, now, f"its worker was lost on each of {record.attempts} attempts")
-            return
-        logger.warning(
-            "job %s: worker lost during %s (attempt %d); queued again", record.id, record.stage, record.attempts
-        )
-        record.status, record.claim, record.stage, record.queued_at = "queued", None, None, now
+            self._fail(record, now, f"its worker was lost on each of {record.attempts} attempts ({why})")
+            return False
+        error = f"attempt {record.attempts} was lost during {record.stage or 'its start'}: {why}; queued again"
+        logger.warning("job %s: %s", record.id, error)
+        record.status, record.claim, record.runner, record.stage = "queued", None, None, None
+        record.queued_at, record.error = now, error
         self.save(record)
-        requeue.append(record.id)
+        return True
 
     def _fail(self, record: JobRecord, now: float, error: str) -> None:
         logger.warning("job %s failed: %s", record.id, error)
         record.status, record.claim, record.stage, record.error, record.finished_at = "failed", None, None, error, now
         self.save(record)
+        self._drop_image(record.id)

@@ -32,26 +32,27 @@ def local_config(
     application = config["applications"][0]
     application["args"].update(artifacts, **(args or {}))
     application["args"]["limits"].update(limits or {})
-    deployments = {d["name"]: d for d in application["deployments"]}
+    runner = next(d for d in application["deployments"] if d["name"] == "JobRunnerDeployment")
     if jobs is None:
         application["args"]["jobs"] = None
-        application["deployments"].remove(deployments["JobRunner"])
+        application["deployments"].remove(runner)
     else:
         application["args"]["jobs"].update(jobs)
-        deployments["JobRunner"]["autoscaling_config"]["policy"]["policy_kwargs"]["broker_url"] = application["args"][
-            "jobs"
-        ]["broker"]
+        runner["autoscaling_config"]["policy"]["policy_kwargs"]["broker_url"] = application["args"]["jobs"]["broker"]
     return config
 
 
 def wait_until_ready(base: str, timeout_s: float) -> None:
-    """Poll GET /readyz until it answers 200 (every deployment running)."""
+    """Poll GET /readyz until it answers 200 and lists a running replica for every deployment (the JobRunner's
+    included, which readiness itself does not need)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+            response = httpx.get(f"{base}/readyz", timeout=5)
+            deployments = response.json()["deployments"].values() if response.status_code == 200 else []
+            if deployments and all(view["running_replicas"] > 0 for view in deployments):
                 return
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError, KeyError):
             pass
         time.sleep(1)
     raise TimeoutError(f"the service at {base} was not ready within {timeout_s} s")

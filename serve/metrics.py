@@ -7,8 +7,8 @@ JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 class ServiceMetrics:
-    """Requests, stages (latency by outcome, errors by kind, requests waiting on each), admission, cancellations and "
-    "jobs."""
+    """Requests (by route and status, in flight, body sizes), stages (latency by outcome, errors by kind, requests
+    waiting on each), admission, cancellations and jobs."""
 
     def __init__(self):
         self.registry = CollectorRegistry()
@@ -16,6 +16,12 @@ class ServiceMetrics:
             "gap3d_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
         )
         self.in_flight = Gauge("gap3d_requests_in_flight", "requests being processed", registry=self.registry)
+        self.body_bytes = Histogram(
+            "gap3d_request_body_bytes",
+            "bytes of each request body the Gateway read, refused ones up to where they were refused",
+            registry=self.registry,
+            buckets=tuple(2.0**power for power in (10, 14, 17, 20, 22, 24, 25, 26)),  # 1 KiB .. 64 MiB
+        )
         self.stage_seconds = Histogram(
             "gap3d_stage_seconds",
             "latency of each pipeline stage as seen by the ingress, by outcome (ok or an error kind)",

@@ -78,7 +78,7 @@ def stage_error(stage: str, error: BaseException, deadline_s: float | None) -> A
     if isinstance(error, (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)):
         return ApiError(
             503,
-            f"a {stage} replica was lost while serving this request; retry",
+            f"a replica of the {stage} stage was lost while serving this request; retry",
             stage=stage,
             headers=retry,
             kind="replica_lost",

@@ -1,4 +1,5 @@
-"""The model deployments: PromptEncoder (VLM + soft tokens), Aligner (batched DiT sampler), Decoder (TRELLIS).
+"""The model deployments: PromptEncoderDeployment (VLM + soft tokens), AlignerDeployment (batched DiT sampler),
+DecoderDeployment (TRELLIS).
 
 Each takes the request's deadline (absolute time.time()) and refuses work already past it; the Decoder, whose
 work takes seconds, also stops between sampler steps when the deadline passes or the caller cancels.
@@ -25,7 +26,7 @@ def check_deadline(deadline: float | None) -> None:
 
 
 @serve.deployment
-class PromptEncoder:
+class PromptEncoderDeployment:
     """Frozen VLM + trained soft tokens: prompt (+ image) -> (s, d_vlm) latents."""
 
     def __init__(self, export_uri: str, vlm_path: str | None = None):
@@ -40,6 +41,11 @@ class PromptEncoder:
     def ready(self) -> dict:
         return self.info
 
+    def count_tokens(self, prompt: str, image_size: tuple[int, int] | None = None) -> int:
+        """Tokens the VLM would see for `prompt` with an image of `image_size` (the Gateway's check before
+        admission)."""
+        return self.encoder.count_tokens(prompt, image_size)
+
     def encode(self, prompt: str, image=None, deadline: float | None = None) -> np.ndarray:
         check_deadline(deadline)
         with torch.no_grad():
@@ -47,7 +53,7 @@ class PromptEncoder:
 
 
 @serve.deployment
-class Aligner:
+class AlignerDeployment:
     """AlignerDiT sampler; concurrent requests are batched, each keeping its own seed's noise."""
 
     def __init__(self, export_uri: str, max_batch_size: int, batch_wait_timeout_s: float):
@@ -93,7 +99,7 @@ class Aligner:
 
 
 @serve.deployment
-class Decoder:
+class DecoderDeployment:
     """TRELLIS: (N, D) tokens -> asset bytes, cancelled between sampler steps when its caller gives up."""
 
     def __init__(self, trellis_uri: str, export_uri: str, stages: str):

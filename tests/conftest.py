@@ -70,6 +70,10 @@ def ray_cluster():
     """One local Ray cluster for the whole test session (start-up costs seconds)."""
     import ray
 
+    from serve.proxy_guard import CALLBACK, CALLBACK_ENV
+
+    # Serve's proxies cut request bodies past the upload limit, as on a deployed cluster (serve/proxy_guard.py).
+    os.environ.setdefault(CALLBACK_ENV, CALLBACK)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         yield ray

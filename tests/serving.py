@@ -13,11 +13,18 @@ from serve.launch import local_config
 
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+QUOTA_KEY = "test-quota-key-456"  # a second key, whose jobs the job-quota test fills up alone
+QUOTA_AUTH = {"Authorization": f"Bearer {QUOTA_KEY}"}
 KEYS_ENV = "GAP3D_TEST_API_KEYS"
 # The synchronous deadline of the test service: short, so overload tests end quickly, yet long enough that a loaded
 # machine still finishes one decode within it (admission refuses everything it expects to miss the deadline).
 DEADLINE_S = 20.0
-LEASE_S = 4.0  # a JobRunner killed mid-job is noticed after this long
+# A seed whose structures the session's random aligner and stage-1 TRELLIS decode to some hundreds of faces for the
+# prompts the tests generate (other seeds may decode an empty structure, a 422).
+SEED = 5
+LEASE_S = 4.0  # a JobRunner killed mid-job is noticed after this long at the latest
+MAX_ACTIVE_JOBS = 6  # queued or running jobs per key: above what the job tests keep in flight with one key
+BODY_STALL_S = 8.0  # an upload stalled this long gets 408: long enough to open hundreds of stalled uploads first
 
 
 def write_artifacts(root: Path, config) -> dict:
@@ -32,20 +39,37 @@ def write_artifacts(root: Path, config) -> dict:
 
 def service_config(port: int, artifacts: dict, broker: str, jobs_store: str) -> dict:
     """serve/config.yaml as shipped, on `port`, with the session's artifacts, broker, job store and an API key."""
+    jobs = {
+        "store": jobs_store,
+        "broker": broker,
+        "lease_s": LEASE_S,
+        "sweep_every_s": 1,
+        "max_active_per_key": MAX_ACTIVE_JOBS,
+        "max_stored_per_key": 100,
+    }
     config = local_config(
         port,
         artifacts,
-        jobs={"store": jobs_store, "broker": broker, "lease_s": LEASE_S, "sweep_every_s": 1},
-        limits={"deadline_s": DEADLINE_S},
+        jobs=jobs,
+        limits={"deadline_s": DEADLINE_S, "body_stall_s": BODY_STALL_S},
         args={"api_keys_env": KEYS_ENV},
     )
-    gateway = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Gateway")
-    gateway["ray_actor_options"]["runtime_env"] = {"env_vars": {KEYS_ENV: API_KEY}}
+    gateway = next(d for d in config["applications"][0]["deployments"] if d["name"] == "GatewayDeployment")
+    gateway["ray_actor_options"]["runtime_env"] = {"env_vars": {KEYS_ENV: f"{API_KEY},{QUOTA_KEY}"}}
     return config
 
 
 def post(base: str, route: str, body: dict, headers: dict | None = None, timeout: float = 120) -> httpx.Response:
     return httpx.post(f"{base}{route}", json=body, headers=AUTH if headers is None else headers, timeout=timeout)
+
+
+def metric(base: str, name: str, **labels) -> float:
+    """The value of one sample of the Gateway's /metrics (0 when it has not been recorded yet)."""
+    wanted = name + (
+        "{" + ",".join(f'{key}="{value}"' for key, value in sorted(labels.items())) + "}" if labels else ""
+    )
+    text = httpx.get(f"{base}/metrics", headers=AUTH, timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.rsplit(" ", 1)[0] == wanted)
 
 
 def replicas(deployment: str) -> dict:

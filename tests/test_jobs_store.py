@@ -21,21 +21,21 @@ def test_a_new_job_is_queued_with_its_request_stored(store):
 
 
 def test_a_replayed_idempotency_key_returns_the_same_job(store):
-    first, _ = store.create(BODY, "glb", idempotency_key="key-1", scope="caller-a")
-    again, created = store.create(BODY, "glb", idempotency_key="key-1", scope="caller-a")
+    first, _ = store.create(BODY, "glb", idempotency_key="key-1", owner="caller-a")
+    again, created = store.create(BODY, "glb", idempotency_key="key-1", owner="caller-a")
     assert (again.id, created) == (first.id, False)
     assert store.ids() == [first.id]
 
 
 def test_an_idempotency_key_is_scoped_to_its_caller(store):
-    first, _ = store.create(BODY, "glb", idempotency_key="key-1", scope="caller-a")
-    other, created = store.create(BODY, "glb", idempotency_key="key-1", scope="caller-b")
+    first, _ = store.create(BODY, "glb", idempotency_key="key-1", owner="caller-a")
+    other, created = store.create(BODY, "glb", idempotency_key="key-1", owner="caller-b")
     assert created and other.id != first.id
 
 
 def test_an_idempotency_key_reused_with_another_body_is_a_conflict(store):
     store.create(BODY, "glb", idempotency_key="key-1")
-    with pytest.raises(JobConflict, match="key-1"):
+    with pytest.raises(JobConflict, match="another request body"):
         store.create(b'{"prompt": "a blue cube"}', "glb", idempotency_key="key-1")
 
 
@@ -77,8 +77,8 @@ def test_cancelling_an_ended_job_changes_nothing(store):
 def test_the_sweep_requeues_a_run_whose_worker_stopped_reporting(store):
     record, _ = store.create(BODY, "glb")
     run = store.claim(record.id)
-    counts, requeue = store.sweep(now=run.heartbeat_at + 11)
-    assert requeue == [record.id] and counts["queued"] == 1
+    swept = store.sweep(now=run.heartbeat_at + 11)
+    assert swept.requeue == [record.id] and swept.counts["queued"] == 1
     assert not store.finish(run, "succeeded", result=b"x")  # the lost run may not write over its successor
     second = store.claim(record.id)
     assert second.attempts == 2
@@ -88,16 +88,16 @@ def test_the_sweep_fails_a_job_that_lost_its_worker_max_attempts_times(store):
     record, _ = store.create(BODY, "glb")
     for _ in range(2):
         run = store.claim(record.id)
-        counts, requeue = store.sweep(now=run.heartbeat_at + 11)
-    assert requeue == [] and counts["failed"] == 1
+        swept = store.sweep(now=run.heartbeat_at + 11)
+    assert swept.requeue == [] and swept.counts["failed"] == 1
     assert "lost on each of 2 attempts" in store.get(record.id).error
 
 
 def test_the_sweep_leaves_a_run_that_reports_in_time(store):
     record, _ = store.create(BODY, "glb")
     run = store.claim(record.id)
-    counts, requeue = store.sweep(now=run.heartbeat_at + 5)
-    assert requeue == [] and counts["running"] == 1
+    swept = store.sweep(now=run.heartbeat_at + 5)
+    assert swept.requeue == [] and swept.counts["running"] == 1
 
 
 def test_the_sweep_fails_a_job_queued_past_max_queued_s(store):
@@ -121,3 +121,63 @@ def test_the_sweep_deletes_ended_jobs_after_their_ttl(store):
 def test_a_malformed_job_id_is_unknown_not_a_path(store, job_id):
     with pytest.raises(KeyError):
         store.get(job_id)
+
+
+def test_a_run_whose_runner_died_is_queued_again_at_once_naming_the_cause(store):
+    record, _ = store.create(BODY, "glb")
+    run = store.claim(record.id, runner="replica-a")
+    swept = store.sweep(now=run.heartbeat_at + 1, runner_alive=lambda name: name != "replica-a")
+    assert swept.requeue == [record.id]
+    queued = store.get(record.id)
+    assert (queued.status, queued.runner) == ("queued", None) and "runner replica died" in queued.error
+
+
+def test_a_run_whose_runner_lives_is_left_running(store):
+    record, _ = store.create(BODY, "glb")
+    run = store.claim(record.id, runner="replica-a")
+    assert store.sweep(now=run.heartbeat_at + 1, runner_alive=lambda name: True).requeue == []
+    assert store.get(record.id).status == "running"
+
+
+IMAGE = b"aGVsbG8="
+
+
+def test_the_image_is_kept_apart_until_the_job_ends(store):
+    record, _ = store.create(BODY, "glb", image=IMAGE)
+    assert store.request_image(record.id) == IMAGE and store.request(record.id) == BODY
+    store.finish(store.claim(record.id), "succeeded", result=b"x")
+    assert store.request_image(record.id) is None and store.request(record.id) == BODY
+
+
+@pytest.mark.parametrize("end", ["cancel", "fail"])
+def test_a_cancelled_or_failed_job_drops_its_image(store, end):
+    record, _ = store.create(BODY, "glb", image=IMAGE)
+    if end == "cancel":
+        store.cancel(record.id)
+    else:
+        store.sweep(now=record.queued_at + 51)  # past max_queued_s
+    assert store.get(record.id).ended and store.request_image(record.id) is None
+
+
+def test_a_requeued_job_keeps_its_image(store):
+    record, _ = store.create(BODY, "glb", image=IMAGE)
+    run = store.claim(record.id)
+    store.sweep(now=run.heartbeat_at + 11)
+    assert store.request_image(record.id) == IMAGE
+
+
+def test_an_idempotency_key_replayed_with_another_image_is_a_conflict(store):
+    store.create(BODY, "glb", idempotency_key="key-1", image=IMAGE)
+    with pytest.raises(JobConflict):
+        store.create(BODY, "glb", idempotency_key="key-1", image=b"b3RoZXI=")
+
+
+def test_the_sweep_counts_each_owners_active_and_stored_jobs(store):
+    for _ in range(2):
+        store.create(BODY, "glb", owner="a")
+    done, _ = store.create(BODY, "glb", owner="b")
+    store.finish(store.claim(done.id), "succeeded", result=b"x")
+    usage = store.sweep().usage
+    assert (usage["a"].active, usage["a"].stored, usage["a"].oldest_end) == (2, 2, None)
+    assert (usage["b"].active, usage["b"].stored) == (0, 1)
+    assert usage["b"].oldest_end == store.get(done.id).finished_at

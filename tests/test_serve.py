@@ -3,6 +3,8 @@
 
 import base64
 import io
+import struct
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -14,7 +16,15 @@ import yaml
 from PIL import Image
 
 from gap3d.generation import TextTo3D, align
-from tests.serving import AUTH, post
+from tests.serving import AUTH, SEED, metric, post
+
+DEPLOYMENTS = {
+    "GatewayDeployment",
+    "PromptEncoderDeployment",
+    "AlignerDeployment",
+    "DecoderDeployment",
+    "JobRunnerDeployment",
+}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +39,7 @@ def png_base64(size=(64, 48)) -> str:
 
 
 def test_generate_returns_a_glb_that_trimesh_loads_with_stage_timings(service):
-    response = post(service, "/v1/generate", {"prompt": "a small red cone on the left", "seed": 3})
+    response = post(service, "/v1/generate", {"prompt": "a small red cone on the left", "seed": SEED})
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "model/gltf-binary"
     assert {"x-timing-prompt-encoder-ms", "x-timing-aligner-ms", "x-timing-decoder-ms"} <= set(response.headers)
@@ -94,6 +104,7 @@ def test_concurrent_requests_are_batched_by_the_aligner(service):
         ({"prompt": "x" * 5000}, 422, "prompt"),
         ({"prompt": "word " * 300}, 422, "prompt"),  # under the character cap, over vlm.max_prompt_tokens
         ({}, 422, "prompt"),
+        ({"prompt": 7}, 422, "prompt"),
         ({"prompt": "a cone", "image": "not base64!!"}, 422, "image"),
         ({"prompt": "a cone", "image": base64.b64encode(b"plain text, not an image").decode()}, 422, "image"),
         ({"prompt": "a cone", "image": png_base64((5000, 4000))}, 413, "image"),
@@ -102,7 +113,15 @@ def test_concurrent_requests_are_batched_by_the_aligner(service):
         ({"prompt": "a cone", "cfg_scale": -1}, 422, "cfg_scale"),
         ({"prompt": "a cone", "cfg_scale": 1000}, 422, "cfg_scale"),
         ({"prompt": "a cone", "seed": -1}, 422, "seed"),
+        ({"prompt": "a cone", "seed": True}, 422, "seed"),
+        ({"prompt": "a cone", "seed": 1.5}, 422, "seed"),
+        ({"prompt": "a cone", "steps": "10"}, 422, "steps"),
+        ({"prompt": "a cone", "cfg_scale": "3"}, 422, "cfg_scale"),
         ({"prompt": "a cone", "format": "fbx"}, 422, "format"),
+        ({"prompt": "a cone", "target_faces": 4}, 422, "target_faces"),
+        ({"prompt": "a cone", "target_faces": 8}, 422, "target_faces"),
+        ({"prompt": "a cone", "stpes": 5}, 422, "stpes"),
+        ({"prompt": "a cone", "image": "data:image/png,not-base64"}, 422, "image"),
     ],
 )
 def test_bad_input_gets_a_4xx_naming_the_field(service, body, status, field):
@@ -110,6 +129,56 @@ def test_bad_input_gets_a_4xx_naming_the_field(service, body, status, field):
     assert response.status_code == status, response.text
     assert response.json()["field"] == field
     assert "Traceback" not in response.text and "/work" not in response.text
+
+
+def test_nan_is_refused_as_not_a_finite_number(service):
+    response = httpx.post(
+        f"{service}/v1/generate",
+        content=b'{"prompt": "a cone", "cfg_scale": NaN}',
+        headers={**AUTH, "content-type": "application/json"},
+        timeout=30,
+    )
+    assert (response.status_code, response.json()["field"]) == (422, "cfg_scale")
+    assert "finite" in response.json()["error"]
+
+
+def test_an_unknown_field_name_is_not_echoed_at_length(service):
+    response = post(service, "/v1/generate", {"prompt": "a cone", "x" * 10_000: 1})
+    assert response.status_code == 422 and len(response.text) < 200
+
+
+def png_claiming(width: int, height: int) -> str:
+    """A PNG whose header claims width x height pixels (its data would not decode): a decompression bomb."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's width and height, then its CRC
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return base64.b64encode(bytes(data)).decode()
+
+
+@pytest.mark.parametrize("image", [png_base64((5000, 4000)), png_claiming(20_000, 20_000)])
+def test_an_image_over_the_pixel_limit_is_413_whatever_its_form(service, image):
+    response = post(service, "/v1/generate", {"prompt": "a cone", "image": image})
+    assert (response.status_code, response.json()["field"]) == (413, "image")
+
+
+def test_a_data_url_image_is_accepted(service):
+    image = "data:image/png;base64," + png_base64()
+    response = post(service, "/v1/generate", {"prompt": "a cube like this", "image": image, "seed": 1})
+    assert response.status_code == 200, response.text
+
+
+def test_an_unknown_route_answers_in_the_api_error_shape_and_is_counted(service):
+    before = metric(service, "gap3d_requests_total", route="unmatched", status="404")
+    response = httpx.get(f"{service}/v2/nothing-here", headers=AUTH, timeout=10)
+    assert response.status_code == 404 and set(response.json()) == {"error"}
+    assert metric(service, "gap3d_requests_total", route="unmatched", status="404") == before + 1
+
+
+def test_an_unknown_job_id_is_not_echoed(service):
+    response = httpx.get(f"{service}/v1/jobs/{'x' * 10_000}", headers=AUTH, timeout=10)
+    assert response.status_code == 404 and len(response.text) < 200
 
 
 def test_oversized_body_is_rejected_before_parsing(service):
@@ -140,7 +209,7 @@ def test_the_docs_need_a_key_like_every_route_but_the_probes(service, path):
 
 def test_readyz_reports_a_running_replica_for_every_deployment(service):
     deployments = httpx.get(f"{service}/readyz", timeout=10).json()["deployments"]
-    assert set(deployments) == {"Gateway", "PromptEncoder", "Aligner", "Decoder", "JobRunner"}
+    assert set(deployments) == DEPLOYMENTS
     assert all(view["running_replicas"] >= 1 for view in deployments.values())
 
 
@@ -193,16 +262,34 @@ def test_shipped_serve_configs_validate_and_name_every_deployment_of_the_app(pat
     schema = ServeDeploySchema(**yaml.safe_load(open(path)))
     application = schema.applications[0]
     assert application.import_path == "serve.app:app"
-    assert {d.name for d in application.deployments} == {"Gateway", "PromptEncoder", "Aligner", "Decoder", "JobRunner"}
+    assert {d.name for d in application.deployments} == DEPLOYMENTS
 
 
 @pytest.mark.parametrize("path", ["serve/config.yaml", "serve/config.gpu.yaml"])
 def test_shipped_configs_admit_by_the_decoders_concurrency_and_scale_jobs_on_their_own_queue(path):
     application = yaml.safe_load(open(path))["applications"][0]
     deployments = {d["name"]: d for d in application["deployments"]}
-    assert application["args"]["limits"]["decoder_slots_per_replica"] == deployments["Decoder"]["max_ongoing_requests"]
-    policy = deployments["JobRunner"]["autoscaling_config"]["policy"]["policy_kwargs"]
+    limits = application["args"]["limits"]
+    assert limits["decoder_slots_per_replica"] == deployments["DecoderDeployment"]["max_ongoing_requests"]
+    policy = deployments["JobRunnerDeployment"]["autoscaling_config"]["policy"]["policy_kwargs"]
     assert (policy["broker_url"], policy["queue_name"]) == (
         application["args"]["jobs"]["broker"],
         application["args"]["jobs"]["queue"],
     )
+
+
+@pytest.mark.parametrize("path", ["serve/config.yaml", "serve/config.gpu.yaml"])
+def test_shipped_configs_leave_the_gateway_room_beyond_its_own_in_flight_cap(path):
+    application = yaml.safe_load(open(path))["applications"][0]
+    gateway = next(d for d in application["deployments"] if d["name"] == "GatewayDeployment")
+    assert application["args"]["limits"]["max_requests_in_flight"] < gateway["max_ongoing_requests"]
+
+
+def test_every_rayservice_pod_starts_serves_proxy_with_the_body_cut_off():
+    from serve.proxy_guard import CALLBACK, CALLBACK_ENV
+
+    spec = yaml.safe_load(open("cluster/kuberay/rayservice.yaml"))["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            assert {"name": CALLBACK_ENV, "value": CALLBACK} in container["env"], container["name"]

@@ -10,12 +10,12 @@ import torch
 
 from gap3d.cancellation import Cancelled
 from gap3d.trellis.config import SPARSE_STRUCTURE_FLOW
-from serve.stages import Decoder
+from serve.stages import DecoderDeployment
 
 
 @pytest.fixture(scope="module")
 def decoder(serve_artifacts):
-    return Decoder.func_or_class(serve_artifacts["trellis"], serve_artifacts["export"], "coarse")
+    return DecoderDeployment.func_or_class(serve_artifacts["trellis"], serve_artifacts["export"], "coarse")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import io
 import httpx
 import trimesh
 
-from tests.serving import AUTH, kill, post, replicas, wait_for
+from tests.serving import AUTH, LEASE_S, MAX_ACTIVE_JOBS, QUOTA_AUTH, kill, post, replicas, wait_for
 
 ENDED = ("succeeded", "failed", "cancelled")
 
@@ -56,6 +56,29 @@ def test_a_bad_request_is_refused_at_submission(service):
     assert (response.status_code, response.json()["field"]) == (422, "steps")
 
 
+def test_a_prompt_over_the_token_limit_is_refused_at_submission(service):
+    response = post(service, "/v1/jobs", {"prompt": "word " * 300})  # under the character cap
+    assert (response.status_code, response.json()["field"]) == (422, "prompt")
+    assert "tokens" in response.json()["error"]
+
+
+def test_the_per_key_job_quota_answers_429_with_retry_after(service):
+    submitted, refused = [], None
+    for _ in range(MAX_ACTIVE_JOBS + 3):  # a job or two may end meanwhile
+        response = post(service, "/v1/jobs", {"prompt": "a large blue cube", "steps": 50}, headers=QUOTA_AUTH)
+        if response.status_code != 202:
+            refused = response
+            break
+        submitted.append(response.json()["id"])
+    try:
+        assert refused is not None and refused.status_code == 429, refused and refused.text
+        assert int(refused.headers["retry-after"]) >= 1 and "limit" in refused.json()["error"]
+        assert post(service, "/v1/jobs", {"prompt": "a cone", "seed": 9}).status_code == 202  # another key's quota
+    finally:
+        for job_id in submitted:
+            httpx.delete(f"{service}/v1/jobs/{job_id}", headers=QUOTA_AUTH, timeout=10)
+
+
 def test_an_unknown_or_malformed_job_id_is_404(service):
     for job_id in ("0" * 32, "not-a-job-id"):
         assert httpx.get(f"{service}/v1/jobs/{job_id}", headers=AUTH, timeout=10).status_code == 404
@@ -68,8 +91,23 @@ def test_a_running_job_cancelled_stops_and_never_gets_a_result(service):
     assert httpx.get(f"{service}/v1/jobs/{job_id}/result", headers=AUTH, timeout=10).status_code == 409
 
 
+def test_a_job_whose_runner_is_killed_shows_it_before_its_lease_runs_out(service):
+    runners = replicas("JobRunnerDeployment")
+    job_id = submit_long_job(service)
+    kill(runners)
+    state = wait_for(
+        lambda: (current := job(service, job_id))["status"] != "running" and current,
+        timeout_s=4 * LEASE_S,
+        interval_s=0.05,
+        what="the job leaving 'running'",
+    )
+    # Requeued because Ray no longer knows its runner, not because its heartbeat went stale.
+    assert state["status"] == "queued" and "runner replica died" in state["error"], state
+    assert wait_until_ended(service, job_id, timeout_s=180)["status"] == "succeeded"
+
+
 def test_a_job_whose_runner_is_killed_is_run_again_and_succeeds(service):
-    runners = replicas("JobRunner")
+    runners = replicas("JobRunnerDeployment")
     job_id = submit_long_job(service)
     kill(runners)
     state = wait_until_ended(service, job_id, timeout_s=180)

@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from tests.serving import DEADLINE_S, kill, ongoing_on, post, replicas, wait_for, wait_for_replacement
+from tests.serving import DEADLINE_S, SEED, kill, ongoing_on, post, replicas, wait_for, wait_for_replacement
 
 CLIENT_TIMEOUT_S = DEADLINE_S + 20  # a client that waits a little longer than the service's deadline
 ATTEMPTS = 5
@@ -13,7 +13,7 @@ ATTEMPTS = 5
 def test_a_burst_beyond_capacity_gets_only_assets_and_503s_with_retry_after(service):
     def one(index: int):
         try:
-            return post(service, "/v1/generate", {"prompt": "a small red cone", "seed": 3}, timeout=CLIENT_TIMEOUT_S)
+            return post(service, "/v1/generate", {"prompt": "a small red cone", "seed": SEED}, timeout=CLIENT_TIMEOUT_S)
         except httpx.TimeoutException:
             return None
 
@@ -26,14 +26,14 @@ def test_a_burst_beyond_capacity_gets_only_assets_and_503s_with_retry_after(serv
 
 
 def test_a_decoder_replica_killed_mid_request_costs_that_request_only(service):
-    decoders = replicas("Decoder")  # with one request in flight, only one of them can be serving it
+    decoders = replicas("DecoderDeployment")  # with one request in flight, only one of them can be serving it
     with ThreadPoolExecutor(1) as pool:
         # Kill once a replica has accepted the request, not when the Gateway has sent it: before acceptance Serve's
         # router may still place it on the replacement. On a loaded machine a request may also end first (refused by
         # admission, or decoded between two looks): then send another, a bounded number of times.
         for _ in range(ATTEMPTS):
             in_flight = pool.submit(
-                post, service, "/v1/generate", {"prompt": "a blue cube", "seed": 3}, timeout=CLIENT_TIMEOUT_S
+                post, service, "/v1/generate", {"prompt": "a blue cube", "seed": SEED}, timeout=CLIENT_TIMEOUT_S
             )
             wait_for(
                 lambda request=in_flight: request.done() or ongoing_on(decoders) >= 1,
@@ -48,6 +48,6 @@ def test_a_decoder_replica_killed_mid_request_costs_that_request_only(service):
         kill(decoders)
         lost = in_flight.result()
     assert lost.status_code == 503 and lost.headers["retry-after"], lost.text
-    wait_for_replacement(service, "Decoder", decoders, timeout_s=120)
-    after = post(service, "/v1/generate", {"prompt": "a blue cube", "seed": 3}, timeout=CLIENT_TIMEOUT_S)
+    wait_for_replacement(service, "DecoderDeployment", decoders, timeout_s=120)
+    after = post(service, "/v1/generate", {"prompt": "a blue cube", "seed": SEED}, timeout=CLIENT_TIMEOUT_S)
     assert after.status_code == 200, after.text

@@ -84,7 +84,12 @@ def export_mesh(
     if len(mesh.faces) == 0:
         raise ValueError("cannot export an empty mesh (the decoded structure had no occupied voxels)")
     if target_faces is not None:
-        mesh = simplify(mesh, target_faces)
+        simplified = simplify(mesh, target_faces)
+        # A budget below what the shape can keep collapses it to nothing: grow the budget rather than export nothing.
+        while len(simplified.faces) == 0 and target_faces < len(mesh.faces):
+            target_faces *= 2
+            simplified = simplify(mesh, target_faces)
+        mesh = simplified
     options = {"include_normals": True} if file_format == "glb" else {}
     data = mesh.export(file_type=file_format, **options)
     return data.encode() if isinstance(data, str) else bytes(data)

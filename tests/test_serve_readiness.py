@@ -1,0 +1,41 @@
+"""Readiness over real HTTP: /readyz follows the replicas the synchronous path needs, and only those."""
+
+import time
+
+import httpx
+
+from tests.serving import kill, replicas, wait_for, wait_for_replacement
+
+
+def readyz(base: str) -> int:
+    return httpx.get(f"{base}/readyz", timeout=10).status_code
+
+
+def test_a_lost_replica_makes_readyz_answer_503_within_2_s(service):
+    aligners = replicas("AlignerDeployment")
+    assert readyz(service) == 200
+    kill(aligners)
+    killed_at = time.monotonic()
+    wait_for(lambda: readyz(service) == 503, timeout_s=10, interval_s=0.05, what="/readyz answering 503")
+    assert time.monotonic() - killed_at < 2
+    wait_for_replacement(service, "AlignerDeployment", aligners, timeout_s=120)
+
+
+def test_readyz_stays_200_while_the_job_runner_restarts(service):
+    runners = replicas("JobRunnerDeployment")
+    kill(runners)
+    runner_counts = []
+    deadline = time.monotonic() + 5  # several snapshots, and Serve's health check of the dead replica
+    while time.monotonic() < deadline:
+        response = httpx.get(f"{service}/readyz", timeout=10)
+        assert response.status_code == 200, response.json()
+        runner_counts.append(response.json()["deployments"]["JobRunnerDeployment"]["running_replicas"])
+        time.sleep(0.1)
+    assert 0 in runner_counts  # the probes above ran while no JobRunner was running
+
+    def runner_back():
+        return httpx.get(f"{service}/readyz", timeout=10).json()["deployments"]["JobRunnerDeployment"][
+            "running_replicas"
+        ]
+
+    wait_for(runner_back, timeout_s=120, interval_s=0.5, what="a new JobRunner replica running")
