@@ -6,7 +6,7 @@ The Ray jobs are also scripts of their own (`python ray_jobs/<job>.py`, `ray job
 
 import sys
 
-from cli import broker, demo, make_tiny, smoke, synth
+from cli import broker, demo, make_tiny, mirror_checkpoints, smoke, synth
 from ray_jobs import evaluate, preprocess, train, train_decoder
 
 COMMANDS = {
@@ -19,6 +19,7 @@ COMMANDS = {
     "smoke": smoke,
     "make-tiny": make_tiny,
     "broker": broker,
+    "mirror-checkpoints": mirror_checkpoints,
 }
 
 

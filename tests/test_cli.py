@@ -27,6 +27,7 @@ def test_help_lists_every_command():
         "smoke",
         "make-tiny",
         "broker",
+        "mirror-checkpoints",
     ):
         assert f"  {command} " in result.stdout
 
