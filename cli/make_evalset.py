@@ -9,7 +9,9 @@ captions, a JSON list of which one is drawn per asset with --seed). Each mesh is
 (--up-axis y turns y-up files, glTF's convention, upright), rendered per the paper's protocol (gap3d.render: 8 views
 every 45 degrees at pitch 30, radius 2, FoV 40, on black) and one of its yaw 0/90/180/270 views, drawn per asset, is
 cropped as TRELLIS crops its input and encoded by the preset's DINOv2 (dino.path, dino.image_size): the reference
-arm's condition. The layout is gap3d.evalset's; prints evalset.json as one JSON line.
+arm's condition. --cond-images DIR takes each mesh's `<file stem>.png` there instead (TRELLIS's own conditioning
+renders of the dataset, in the look TRELLIS was trained on). The layout is gap3d.evalset's; prints evalset.json as
+one JSON line.
 """
 
 import argparse
@@ -34,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--up-axis", choices=("y", "z"), default="y", help="the files' up axis (glTF: y)")
     parser.add_argument("--resolution", type=int, default=Protocol.resolution, help="render side in pixels")
     parser.add_argument("--shard-size", type=int, default=64, help="assets per Parquet shard")
+    parser.add_argument("--cond-images", default=None, help="directory of <mesh stem>.png conditioning images")
     add_config_arguments(parser)
     return parser.parse_args(argv)
 
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     config, _ = job_config_from_args(args, {})
     dino = DinoTargetEncoder.from_pretrained(config.dino)
-    assets = assets_from_files(args.meshes, args.captions, args.seed, args.limit, args.up_axis)
+    assets = assets_from_files(args.meshes, args.captions, args.seed, args.limit, args.up_axis, args.cond_images)
     manifest = write_eval_set(
         args.out, assets, Protocol(resolution=args.resolution), dino, config.dino.path, args.seed, args.shard_size
     )

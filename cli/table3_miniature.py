@@ -1,9 +1,11 @@
 """Table 3 in the miniature: the demo's held-out objects as an evaluation set, then the 3D evaluation job.
 
 `run_miniature_table3` is what the demo calls after training: it writes the held-out scenes of the synthetic world
-as mesh files and a captions CSV (miniature.meshes), builds the evaluation set from them exactly as
-`python -m cli make-evalset` does (gap3d.evalset), and runs ray_jobs.evaluate_3d.run_table3 on it (a Ray cluster
-must be up). Renders are 256 px here, where the paper's are 512: the tiny DINOv2 reads 112 px, and CPU time is short.
+as mesh files, their images and a captions CSV (miniature.meshes), builds the evaluation set from them exactly as
+`python -m cli make-evalset --cond-images` does (gap3d.evalset: the reference arm conditioned on each object's image
+in the world, the look the tiny TRELLIS was trained on), and runs ray_jobs.evaluate_3d.run_table3 on it (a Ray
+cluster must be up). Renders are 256 px here, where the paper's are 512: the tiny DINOv2 reads 112 px, and CPU time
+is short.
 """
 
 from pathlib import Path
@@ -21,10 +23,11 @@ MINIATURE_RESOLUTION = 256
 
 def build_miniature_eval_set(workdir: Path, config: Gap3DConfig, seed: int, num_samples: int, limit: int | None) -> str:
     """The held-out scenes among the world's first `num_samples` (at most `limit`) as an evaluation set; its URI."""
-    meshes, captions = write_scene_meshes(workdir / "table3_meshes", seed, held_out_indices(seed, num_samples)[:limit])
+    indices = held_out_indices(seed, num_samples)[:limit]
+    meshes, captions, images = write_scene_meshes(workdir / "table3_meshes", seed, indices, config.dino.image_size)
     dino = DinoTargetEncoder.from_pretrained(config.dino)
     out = str(workdir / "evalset")
-    assets = assets_from_files(str(meshes), str(captions), seed, up_axis="z")
+    assets = assets_from_files(str(meshes), str(captions), seed, up_axis="z", cond_images=str(images))
     write_eval_set(out, assets, Protocol(resolution=MINIATURE_RESOLUTION), dino, config.dino.path, seed)
     return out
 

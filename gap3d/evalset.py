@@ -5,10 +5,14 @@ Layout under a directory or URI:
                          "shards": [names]}; written last, so a set without it is incomplete
     assets-NNNNN.parquet one row per object: index (its place in the set, the seed of its generations), key,
                          caption, renders (PNG per protocol view, yaw 0 first), cond_view (the view TRELLIS-image is
-                         conditioned on for the reference arm), dino (float16 bytes of the DINOv2 targets of that
-                         view, cropped as TRELLIS crops its input), dino_shape [N, D]
-The ground truth is rendered by gap3d.render from the object's mesh in TRELLIS's unit cube; `build_eval_set` turns
-a directory of meshes and a captions CSV into one (python -m cli make-evalset).
+                         conditioned on for the reference arm; -1 when the object came with a conditioning image of
+                         its own), dino (float16 bytes of the DINOv2 targets of that view or image, cropped as TRELLIS
+                         crops its input), dino_shape [N, D]
+The ground truth is rendered by gap3d.render from the object's mesh in TRELLIS's unit cube. The reference arm's
+condition is one of those renders, or, where the objects come with images of their own (TRELLIS's conditioning
+renders of a dataset, the synthetic world's images), that image: a TRELLIS conditioned on images of one look is
+conditioned on that look. `assets_from_files` reads a directory of meshes and a captions CSV (python -m cli
+make-evalset).
 """
 
 import csv
@@ -54,6 +58,7 @@ class Asset:
     vertices: np.ndarray  # (V, 3) in the unit cube, z up
     faces: np.ndarray  # (F, 3)
     colors: np.ndarray | None  # (V, 3) in [0, 1], None for a mesh without colour
+    cond_image: np.ndarray | None = None  # (H, W, 3) uint8 the reference arm is conditioned on; None: a render
 
 
 def png(image: np.ndarray) -> bytes:
@@ -78,8 +83,9 @@ def conditioning_view(protocol: Protocol, seed: int, index: int) -> int:
 def asset_row(asset: Asset, index: int, protocol: Protocol, seed: int, dino, supersample: int = 2) -> dict:
     """Render `asset` per the protocol and encode its conditioning view with `dino` (a DinoTargetEncoder)."""
     renders = render_views(asset.vertices, asset.faces, asset.colors, protocol, supersample)
-    view = conditioning_view(protocol, seed, index)
-    targets = dino.encode(crop_to_object(renders[view], dino.image_size)[None])[0].numpy().astype(np.float16)
+    view = conditioning_view(protocol, seed, index) if asset.cond_image is None else -1
+    image = renders[view] if asset.cond_image is None else asset.cond_image
+    targets = dino.encode(crop_to_object(image, dino.image_size)[None])[0].numpy().astype(np.float16)
     return {
         "index": index,
         "key": asset.key,
@@ -213,9 +219,15 @@ def load_mesh_file(path: Path, up_axis: str = "y") -> tuple[np.ndarray, np.ndarr
 
 
 def assets_from_files(
-    meshes: str, captions: str, seed: int = 0, limit: int | None = None, up_axis: str = "y"
+    meshes: str,
+    captions: str,
+    seed: int = 0,
+    limit: int | None = None,
+    up_axis: str = "y",
+    cond_images: str | None = None,
 ) -> Iterator[Asset]:
-    """The captioned meshes of a directory, in the CSV's order; CSV rows without a mesh are skipped with a warning."""
+    """The captioned meshes of a directory, in the CSV's order; CSV rows without a mesh are skipped with a warning.
+    With `cond_images`, each mesh's conditioning image is `<cond_images>/<mesh file stem>.png` (it must exist)."""
     files = find_meshes(meshes)
     missing, yielded = 0, 0
     for identifier, caption in read_captions(captions, seed):
@@ -226,6 +238,7 @@ def assets_from_files(
             missing += 1
             continue
         yielded += 1
-        yield Asset(identifier, caption, *load_mesh_file(path, up_axis))
+        image = None if cond_images is None else decode_png((Path(cond_images) / f"{path.stem}.png").read_bytes())
+        yield Asset(identifier, caption, *load_mesh_file(path, up_axis), cond_image=image)
     if missing:
         logger.warning("%d captioned rows of %s name no mesh under %s", missing, captions, meshes)

@@ -28,6 +28,8 @@ def test_help_lists_every_command():
         "make-tiny",
         "broker",
         "mirror-checkpoints",
+        "make-evalset",
+        "evaluate-3d",
     ):
         assert f"  {command} " in result.stdout
 

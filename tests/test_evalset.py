@@ -51,7 +51,7 @@ def test_a_y_up_file_is_stood_upright_in_the_unit_cube(tmp_path):
 
 def test_make_evalset_renders_each_captioned_mesh_and_encodes_its_conditioning_view(tmp_path, tiny_config):
     indices = [index for index in range(40) if sample_scene(0, index).split == "eval"][:3]
-    meshes, captions = write_scene_meshes(tmp_path / "input", 0, indices)
+    meshes, captions, _ = write_scene_meshes(tmp_path / "input", 0, indices)
     with open(captions, "a") as handle:
         handle.write('missing.ply,"[""a lost object""]"\n')
     out = tmp_path / "evalset"
@@ -83,3 +83,20 @@ def test_make_evalset_renders_each_captioned_mesh_and_encodes_its_conditioning_v
         assert row["cond_view"] in protocol.fd_views
         assert row_targets(row).shape == (tiny_config.aligner.num_tokens, tiny_config.aligner.token_dim)
         assert decode_png(row["renders"][0]).max() > 0  # the object is in view
+
+
+def test_an_object_with_a_conditioning_image_of_its_own_is_conditioned_on_it(tmp_path, tiny_config):
+    from gap3d.dino import DinoTargetEncoder
+    from gap3d.render import crop_to_object
+
+    index = next(index for index in range(40) if sample_scene(0, index).split == "eval")
+    meshes, captions, images = write_scene_meshes(tmp_path / "input", 0, [index], image_size=112)
+    out = tmp_path / "evalset"
+    args = ["--meshes", str(meshes), "--captions", str(captions), "--out", str(out), "--up-axis", "z"]
+    assert make_evalset.main([*args, "--resolution", "64", "--cond-images", str(images)]) == 0
+    row = pq.read_table(out / read_manifest(str(out))["shards"][0]).to_pylist()[0]
+    image = decode_png((images / f"{index:08d}.png").read_bytes())
+    dino = DinoTargetEncoder.from_pretrained(tiny_config.dino)
+    expected = dino.encode(crop_to_object(image, dino.image_size)[None])[0].half().float().numpy()
+    assert row["cond_view"] == -1
+    np.testing.assert_allclose(row_targets(row), expected)
