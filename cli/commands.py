@@ -6,8 +6,8 @@ The Ray jobs are also scripts of their own (`python ray_jobs/<job>.py`, `ray job
 
 import sys
 
-from cli import broker, demo, make_tiny, smoke, synth
-from ray_jobs import evaluate, preprocess, train, train_decoder
+from cli import broker, demo, make_evalset, make_tiny, mirror_checkpoints, smoke, synth
+from ray_jobs import evaluate, evaluate_3d, preprocess, train, train_decoder
 
 COMMANDS = {
     "demo": demo,
@@ -16,9 +16,12 @@ COMMANDS = {
     "train": train,
     "train-decoder": train_decoder,
     "evaluate": evaluate,
+    "evaluate-3d": evaluate_3d,
     "smoke": smoke,
     "make-tiny": make_tiny,
     "broker": broker,
+    "mirror-checkpoints": mirror_checkpoints,
+    "make-evalset": make_evalset,
 }
 
 

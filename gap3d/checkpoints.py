@@ -1,7 +1,9 @@
 """Where model checkpoints come from, and checks that fail with a message naming what is missing.
 
 A checkpoint is named by a local directory, an object-storage URI (downloaded once into the cache, see
-gap3d.storage.local_dir), or a URI of a scheme another package registers under the entry-point group
+gap3d.storage.local_dir), a Hugging Face hub name `org/name[@revision]` (resolved through huggingface_hub, see
+gap3d.hub for the rule that tells a name from a relative path), or a URI of a scheme another package registers
+under the entry-point group
 `gap3d.checkpoint_schemes` (`NAME -> module:function`, the function mapping the rest of the URI to a local
 directory), as fsspec finds its filesystems: the miniature package registers `tiny://`, the checkpoints of the
 tiny preset. The library itself imports no such package.
@@ -13,7 +15,7 @@ import importlib.metadata
 import json
 from pathlib import Path
 
-from gap3d import storage
+from gap3d import hub, storage
 
 SCHEME_GROUP = "gap3d.checkpoint_schemes"
 
@@ -37,7 +39,8 @@ def resolve(uri: str) -> Path:
     if registered is not None:
         entry, rest = registered
         return Path(entry.load()(rest))
-    return storage.local_dir(uri)
+    name = hub.parse(uri)
+    return hub.snapshot(name) if name is not None else storage.local_dir(uri)
 
 
 def require_files(directory: Path, names: list[str], what: str) -> None:
@@ -48,7 +51,10 @@ def require_files(directory: Path, names: list[str], what: str) -> None:
 
 
 def read_text(uri: str, name: str) -> str:
-    """The text file `name` of a checkpoint, read without downloading the rest of a remote one."""
+    """The text file `name` of a checkpoint, read without downloading the rest of a remote or hub one."""
+    hub_name = hub.parse(uri)
+    if hub_name is not None:
+        return hub.file(hub_name, name).read_text()
     if _registered(uri) is not None or not storage.is_remote(uri):
         path = resolve(uri) / name
         if not path.is_file():

@@ -24,7 +24,8 @@ from gap3d.presets import DEFAULT_PRESET, PRESETS
 class PromptEncoderConfig:
     """The frozen VLM and its soft tokens (gap3d/prompt_encoder.py)."""
 
-    path: str = ""  # local dir, s3:// URI or registered scheme (tiny://) of a transformers VLM checkpoint
+    # A transformers VLM checkpoint: hub name (org/name[@revision]), local dir, s3:// URI or registered scheme (tiny://).
+    path: str = "Qwen/Qwen2.5-VL-3B-Instruct"
     prompt_template: str = "Please generate image based on the following caption: {caption}"  # authors' wording
     num_soft_tokens: int = 64  # s: learnable query tokens appended after the prompt
     trainable: bool = True  # train the soft tokens (through the frozen VLM) or keep them fixed
@@ -48,7 +49,8 @@ class PromptEncoderConfig:
 class DinoConfig:
     """The DINOv2 target encoder (gap3d/dino.py)."""
 
-    path: str = ""  # local dir, s3:// URI or registered scheme of a Dinov2WithRegistersModel checkpoint
+    # A Dinov2WithRegistersModel checkpoint: hub name, local dir, s3:// URI or registered scheme (tiny://).
+    path: str = "facebook/dinov2-with-registers-large"
     image_size: int = 518  # square input side in pixels; tokens = (image_size / patch)^2 + 1 + registers
     dtype: str = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16 / float16
 

@@ -204,3 +204,65 @@ def alignment_metrics(
     if probe is not None and labels is not None:
         result.update({f"{name}_accuracy": value for name, value in probe.accuracy(generated, labels).items()})
     return result
+
+
+# The paper's Tables 1 and 2 (PolyannaG/GAP3D, BLIP3o/eval): alignment per token group, and retrieval with two
+# (B, D) query embeddings taken from the generated tokens, laid out as CLS, registers, patches.
+PAPER_RECALL_KS = (1, 5, 10)
+
+
+def token_groups(num_special_tokens: int) -> dict[str, slice]:
+    """The token groups Table 1 reports apart: the patch grid, the CLS token and the registers (may be empty)."""
+    return {"patches": slice(num_special_tokens, None), "cls": slice(0, 1), "registers": slice(1, num_special_tokens)}
+
+
+def group_alignment(generated: torch.Tensor, target: torch.Tensor, num_special_tokens: int) -> dict[str, dict]:
+    """Table 1: per group, mean and std over samples of the per-sample cosine, MSE and norm ratio ||pred|| / ||gt||.
+    (B, N, D) x2 -> {group: {"cosine_mean", "cosine_std", "mse_mean", ...}}; a group without tokens is left out."""
+    result = {}
+    for group, tokens in token_groups(num_special_tokens).items():
+        g, t = generated[:, tokens], target[:, tokens]
+        if g.shape[1] == 0:
+            continue
+        result[group] = {}
+        for name, fn in (("cosine", token_cosine), ("mse", token_mse), ("norm_ratio", norm_ratio)):
+            values = fn(g, t)
+            result[group][f"{name}_mean"] = values.mean().item()
+            result[group][f"{name}_std"] = values.std(unbiased=False).item()
+    return result
+
+
+def pooled_embedding(tokens: torch.Tensor, num_special_tokens: int) -> torch.Tensor:
+    """Table 2's "pooled" embedding: the patch grid averaged, L2-normalised. (B, N, D) -> (B, D)."""
+    return F.normalize(tokens[:, num_special_tokens:].float().mean(1), dim=-1)
+
+
+def summary_embedding(tokens: torch.Tensor) -> torch.Tensor:
+    """Table 2's "summary" embedding: the CLS token, L2-normalised. (B, N, D) -> (B, D)."""
+    return F.normalize(tokens[:, 0].float(), dim=-1)
+
+
+def paper_retrieval(generated: torch.Tensor, target: torch.Tensor, num_special_tokens: int) -> dict[str, dict]:
+    """Table 2: caption-to-image recall@1/5/10 in percent, the query and gallery embeddings taken the same way from
+    the generated and the true tokens. (B, N, D) x2 -> {"pooled": {"R@1", ...}, "summary": {...}}."""
+    embeddings = {
+        "pooled": lambda tokens: pooled_embedding(tokens, num_special_tokens),
+        "summary": summary_embedding,
+    }
+    return {
+        name: {
+            f"R@{k}": 100.0 * recall
+            for k, recall in retrieval_recall(
+                embed(generated)[:, None], embed(target)[:, None], PAPER_RECALL_KS
+            ).items()
+        }
+        for name, embed in embeddings.items()
+    }
+
+
+def paper_tables(generated: torch.Tensor, target: torch.Tensor, num_special_tokens: int) -> dict[str, dict]:
+    """{"alignment": Table 1, "retrieval": Table 2} of generated tokens against their true targets (B, N, D)."""
+    return {
+        "alignment": group_alignment(generated, target, num_special_tokens),
+        "retrieval": paper_retrieval(generated, target, num_special_tokens),
+    }

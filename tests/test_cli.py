@@ -27,6 +27,9 @@ def test_help_lists_every_command():
         "smoke",
         "make-tiny",
         "broker",
+        "mirror-checkpoints",
+        "make-evalset",
+        "evaluate-3d",
     ):
         assert f"  {command} " in result.stdout
 

@@ -168,6 +168,18 @@ def test_printed_checkpoint_keeps_the_s3_scheme_and_evaluates_like_its_run_direc
     }
 
 
+def test_evaluation_reports_tables_1_and_2_in_the_papers_form(zero1_run, bucket, s3_features):
+    report = evaluate(f"{bucket}/runs/zero1/checkpoint_{STEPS:08d}", s3_features[1])
+    trained = report["paper_tables"]["trained"]
+    assert set(trained["alignment"]) == {"patches", "cls", "registers"}
+    assert set(trained["alignment"]["cls"]) == {
+        f"{m}_{s}" for m in ("cosine", "mse", "norm_ratio") for s in ("mean", "std")
+    }
+    assert set(trained["retrieval"]) == {"pooled", "summary"}
+    chance = 100 * 10 / report["samples"]  # recall@10 of a prompt-blind query, in percent
+    assert report["paper_tables"]["mean_target"]["retrieval"]["pooled"]["R@10"] == pytest.approx(chance)
+
+
 def test_evaluation_scores_the_held_out_mean_as_a_prompt_blind_reference(zero1_run, bucket, s3_features):
     report = evaluate(f"{bucket}/runs/zero1/checkpoint_{STEPS:08d}", s3_features[1])
     targets = load_rows(s3_features[1], zero1_job()[0], limit=report["samples"])[0].dino

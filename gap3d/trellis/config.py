@@ -3,7 +3,10 @@
 Layout (TRELLIS-image-large): {"name": "TrellisImageTo3DPipeline", "args": {"models": {name: "ckpts/<stem>"},
 "sparse_structure_sampler": {"name", "args": {"sigma_min"}, "params": {"steps", "cfg_strength",
 "cfg_interval", "rescale_t"}}, "slat_sampler": {...}, "slat_normalization": {"mean", "std"},
-"image_cond_model": ...}}. Each ckpts/<stem>.json holds {"name": class name, "args": {...}}.
+"image_cond_model": ...}}. Each ckpts/<stem>.json holds {"name": class name, "args": {...}}. A text-to-3D release
+(TrellisTextTo3DPipeline) names its text encoder in "text_cond_model" instead; it guides with the encoded empty
+caption, not zeros, so it decodes only given that negative condition. Arguments the port does not know are refused
+by name: it would not compute them as TRELLIS does.
 """
 
 import json
@@ -12,6 +15,16 @@ from pathlib import Path
 
 # Sampler classes of TRELLIS we reproduce: plain Euler, Euler + CFG, Euler + CFG inside a time interval.
 SAMPLER_NAMES = ("FlowEulerSampler", "FlowEulerCfgSampler", "FlowEulerGuidanceIntervalSampler")
+IMAGE_PIPELINE, TEXT_PIPELINE = "TrellisImageTo3DPipeline", "TrellisTextTo3DPipeline"
+# pipeline.json args the port reads; any other is refused by name.
+PIPELINE_ARGS = (
+    "models",
+    "sparse_structure_sampler",
+    "slat_sampler",
+    "slat_normalization",
+    "image_cond_model",
+    "text_cond_model",
+)
 
 SPARSE_STRUCTURE_FLOW = "sparse_structure_flow_model"
 SPARSE_STRUCTURE_DECODER = "sparse_structure_decoder"
@@ -72,8 +85,19 @@ class PipelineConfig:
     sparse_structure_sampler: SamplerConfig = field(default_factory=SamplerConfig)  # stage-1 sampler
     slat_sampler: SamplerConfig = field(default_factory=SamplerConfig)  # stage-2 sampler
     slat_normalization: dict[str, list[float]] | None = None  # stage-2 latent {"mean": [...], "std": [...]}
+    name: str = IMAGE_PIPELINE  # TRELLIS pipeline class: image- or text-conditioned
+    image_cond_model: str | None = None  # the image release's DINOv2 (its tokens are the condition); informational
+    text_cond_model: str | None = None  # the text release's CLIP text encoder, a hub name (gap3d.text_conditioning)
 
     def __post_init__(self):
+        if self.name not in (IMAGE_PIPELINE, TEXT_PIPELINE):
+            raise ValueError(
+                f"pipeline.json name {self.name!r} is not supported; use {IMAGE_PIPELINE} or {TEXT_PIPELINE}"
+            )
+        if (self.name == TEXT_PIPELINE) != (self.text_cond_model is not None):
+            raise ValueError(
+                f"pipeline.json: text_cond_model is given exactly for {TEXT_PIPELINE}, got name {self.name!r}"
+            )
         missing = [name for name in STAGE1_MODELS if name not in self.models]
         if missing:
             raise ValueError(
@@ -97,15 +121,29 @@ class PipelineConfig:
         path = Path(root) / "pipeline.json"
         if not path.is_file():
             raise FileNotFoundError(f"TRELLIS checkpoint at {root} has no pipeline.json")
-        args = json.loads(path.read_text()).get("args")
+        spec = json.loads(path.read_text())
+        args = spec.get("args")
         if not isinstance(args, dict) or not isinstance(args.get("models"), dict):
             raise ValueError(f"{path}: expected {{'args': {{'models': {{...}}, ...}}}}")
+        unknown = sorted(set(args) - set(PIPELINE_ARGS))
+        if unknown:
+            raise ValueError(
+                f"{path}: args {', '.join(unknown)} are not computed by this port of TRELLIS; it reads "
+                f"{', '.join(PIPELINE_ARGS)}"
+            )
         samplers = {
             key: SamplerConfig.from_json(args[key], f"{path} args.{key}")
             for key in ("sparse_structure_sampler", "slat_sampler")
             if key in args
         }
-        return cls(models=dict(args["models"]), slat_normalization=args.get("slat_normalization"), **samplers)
+        return cls(
+            models=dict(args["models"]),
+            slat_normalization=args.get("slat_normalization"),
+            name=spec.get("name", IMAGE_PIPELINE),
+            image_cond_model=args.get("image_cond_model"),
+            text_cond_model=args.get("text_cond_model"),
+            **samplers,
+        )
 
     def to_json(self) -> dict:
         args = {
@@ -115,7 +153,10 @@ class PipelineConfig:
         }
         if self.slat_normalization is not None:
             args["slat_normalization"] = self.slat_normalization
-        return {"name": "TrellisImageTo3DPipeline", "args": args}
+        for key in ("image_cond_model", "text_cond_model"):
+            if getattr(self, key) is not None:
+                args[key] = getattr(self, key)
+        return {"name": self.name, "args": args}
 
 
 # The release's stage-1 architectures (TRELLIS-image-large ckpts/*.json "args").

@@ -104,6 +104,7 @@ class Decoder:
         dtype: torch.dtype | None = None,
         max_stage2_voxels: int = DEFAULT_MAX_STAGE2_VOXELS,
         min_component_faces: int = DEFAULT_MIN_COMPONENT_FACES,
+        neg_cond: torch.Tensor | None = None,
     ):
         if max_stage2_voxels < 1:
             raise ValueError(f"max_stage2_voxels must be >= 1, got {max_stage2_voxels}")
@@ -115,6 +116,13 @@ class Decoder:
         for model in models.values():
             model.to(device)
             model.set_torso_dtype(dtype or default_dtype(device, model.config.use_fp16))
+        if pipeline.text_cond_model is not None and neg_cond is None:
+            raise ValueError(
+                f"{pipeline.name} guides with the empty caption encoded by {pipeline.text_cond_model}, not zeros: pass "
+                "neg_cond (gap3d.text_conditioning.load_text_trellis does)"
+            )
+        # CFG's negative condition (1, N, D): None is zeros (the image release's); the text release's empty caption.
+        self.neg_cond = None if neg_cond is None else neg_cond.to(device, torch.float32)
         self.sparse_structure_sampler = FlowEulerSampler(pipeline.sparse_structure_sampler)
         self.slat_sampler = FlowEulerSampler(pipeline.slat_sampler)
         if self.has_stage2:
@@ -132,7 +140,7 @@ class Decoder:
         """Load a TRELLIS checkpoint (directory or s3:// URI) onto `device` (default: CUDA if present).
 
         stages: "auto" loads stage 2 when pipeline.json lists slat_flow_model and slat_decoder_mesh,
-        "coarse" only stage 1, "full" requires stage 2. `settings`: max_stage2_voxels, min_component_faces.
+        "coarse" only stage 1, "full" requires stage 2. `settings`: max_stage2_voxels, min_component_faces, neg_cond.
         """
         if stages not in LOAD_STAGES:
             raise ValueError(f"stages must be one of {', '.join(LOAD_STAGES)}, got {stages!r}")
@@ -202,6 +210,10 @@ class Decoder:
             raise ValueError(f"cond must be (B, N, {self.cond_dim}) with B >= 1, got {tuple(cond.shape)}")
         return cond.to(self.device, torch.float32)
 
+    def _neg_cond(self, cond: torch.Tensor) -> torch.Tensor | None:
+        """The negative condition for a checked cond (B, N, D): None (zeros) or the pipeline's, expanded to B."""
+        return None if self.neg_cond is None else self.neg_cond.expand_as(cond)
+
     @torch.no_grad()
     def sample_sparse_structure(
         self,
@@ -219,6 +231,7 @@ class Decoder:
             self.flow_model,
             self.noise(seeds),
             cond,
+            neg_cond=self._neg_cond(cond),
             steps=steps,
             cfg_strength=cfg_strength,
             cfg_interval=cfg_interval,
@@ -273,13 +286,15 @@ class Decoder:
         coords."""
         coords = torch.cat([F.pad(v.int(), (1, 0), value=index) for index, v in enumerate(voxels)])  # (M, 4)
         noise = torch.cat([self.stage2_noise(seed, v.shape[0]) for seed, v in zip(seeds, voxels)])
+        cond = self._check_cond(cond)
         return sample_structured_latent(
             self.models[SLAT_FLOW],
             self.slat_sampler,
             coords,
-            self._check_cond(cond),
+            cond,
             self.pipeline.slat_normalization,
             noise=noise,
+            neg_cond=self._neg_cond(cond),
             **self._stage2_params(params),
         )
 

@@ -21,7 +21,9 @@ class SparseStructureDecoderConfig:
     num_res_blocks: int  # residual blocks at each resolution (2 in the release)
     channels: list[int]  # width per resolution, coarse to fine; each step doubles the side ([512, 128, 32])
     num_res_blocks_middle: int = 2  # residual blocks before the first upsampling
-    norm_type: str = "layer"  # "layer" (channel LayerNorm, the release) or "group" (GroupNorm, 32 groups)
+    # Norm of the output layer: "layer" (channel LayerNorm, the release) or "group" (GroupNorm, 32 groups). The residual
+    # blocks use LayerNorm either way, as TRELLIS's own classes do.
+    norm_type: str = "layer"
     use_fp16: bool = False  # the release runs its blocks in fp16; the Decoder chooses the actual dtype
 
     def __post_init__(self):
@@ -29,8 +31,10 @@ class SparseStructureDecoderConfig:
             raise ValueError("SparseStructureDecoder: channels must list at least one width")
         if self.norm_type not in ("layer", "group"):
             raise ValueError(f"SparseStructureDecoder: norm_type must be 'layer' or 'group', got {self.norm_type!r}")
-        if self.norm_type == "group" and any(width % 32 for width in self.channels):
-            raise ValueError(f"SparseStructureDecoder: group norm needs widths divisible by 32, got {self.channels}")
+        if self.norm_type == "group" and self.channels[-1] % 32:
+            raise ValueError(
+                f"SparseStructureDecoder: norm_type 'group' needs a last width divisible by 32, got {self.channels}"
+            )
 
     @property
     def upsampling_factor(self) -> int:
@@ -65,12 +69,13 @@ def pixel_shuffle_3d(x: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 class ResBlock3d(nn.Module):
-    """norm -> SiLU -> conv, twice, plus a skip (1x1x1 conv when the width changes)."""
+    """norm -> SiLU -> conv, twice, plus a skip (1x1x1 conv when the width changes). The norms are channel LayerNorms
+    whatever the VAE's norm_type: TRELLIS builds its residual blocks with their default, not the VAE's argument."""
 
-    def __init__(self, channels: int, out_channels: int, norm_type: str):
+    def __init__(self, channels: int, out_channels: int):
         super().__init__()
-        self.norm1 = norm_layer(norm_type, channels)
-        self.norm2 = norm_layer(norm_type, out_channels)
+        self.norm1 = ChannelLayerNorm32(channels)
+        self.norm2 = ChannelLayerNorm32(out_channels)
         self.conv1 = nn.Conv3d(channels, out_channels, 3, padding=1)
         self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1)
         self.skip_connection = nn.Conv3d(channels, out_channels, 1) if channels != out_channels else nn.Identity()
@@ -109,11 +114,11 @@ class SparseStructureDecoder(nn.Module):
         channels = config.channels
         self.input_layer = nn.Conv3d(config.latent_channels, channels[0], 3, padding=1)
         self.middle_block = nn.Sequential(
-            *(ResBlock3d(channels[0], channels[0], config.norm_type) for _ in range(config.num_res_blocks_middle))
+            *(ResBlock3d(channels[0], channels[0]) for _ in range(config.num_res_blocks_middle))
         )
         blocks = []
         for index, width in enumerate(channels):
-            blocks.extend(ResBlock3d(width, width, config.norm_type) for _ in range(config.num_res_blocks))
+            blocks.extend(ResBlock3d(width, width) for _ in range(config.num_res_blocks))
             if index < len(channels) - 1:
                 blocks.append(UpsampleBlock3d(width, channels[index + 1]))
         self.blocks = nn.ModuleList(blocks)

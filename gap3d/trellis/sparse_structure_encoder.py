@@ -21,7 +21,7 @@ class SparseStructureEncoderConfig:
     num_res_blocks: int  # residual blocks at each resolution (2 in the release)
     channels: list[int]  # width per resolution, fine to coarse; each step halves the side ([32, 128, 512])
     num_res_blocks_middle: int = 2  # residual blocks after the last downsampling
-    norm_type: str = "layer"  # "layer" (channel LayerNorm, the release) or "group"
+    norm_type: str = "layer"  # norm of the output layer, "layer" (the release) or "group"; blocks use LayerNorm
     use_fp16: bool = False  # the release runs its blocks in fp16; training and the Decoder choose the actual dtype
 
     def __post_init__(self):
@@ -29,6 +29,10 @@ class SparseStructureEncoderConfig:
             raise ValueError("SparseStructureEncoder: channels must list at least one width")
         if self.norm_type not in ("layer", "group"):
             raise ValueError(f"SparseStructureEncoder: norm_type must be 'layer' or 'group', got {self.norm_type!r}")
+        if self.norm_type == "group" and self.channels[-1] % 32:
+            raise ValueError(
+                f"SparseStructureEncoder: norm_type 'group' needs a last width divisible by 32, got {self.channels}"
+            )
 
     @property
     def downsampling_factor(self) -> int:
@@ -56,12 +60,12 @@ class SparseStructureEncoder(nn.Module):
         self.input_layer = nn.Conv3d(config.in_channels, channels[0], 3, padding=1)
         blocks = []
         for index, width in enumerate(channels):
-            blocks.extend(ResBlock3d(width, width, config.norm_type) for _ in range(config.num_res_blocks))
+            blocks.extend(ResBlock3d(width, width) for _ in range(config.num_res_blocks))
             if index < len(channels) - 1:
                 blocks.append(DownsampleBlock3d(width, channels[index + 1]))
         self.blocks = nn.ModuleList(blocks)
         self.middle_block = nn.Sequential(
-            *(ResBlock3d(channels[-1], channels[-1], config.norm_type) for _ in range(config.num_res_blocks_middle))
+            *(ResBlock3d(channels[-1], channels[-1]) for _ in range(config.num_res_blocks_middle))
         )
         self.out_layer = nn.Sequential(
             norm_layer(config.norm_type, channels[-1]),

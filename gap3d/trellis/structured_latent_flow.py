@@ -200,10 +200,12 @@ def sample_structured_latent(
 ) -> sp.SparseTensor:
     """Stage 2: noise on voxels `coords` (M, 4) [batch, x, y, z] -> un-normalised structured latent (M, C).
 
-    cond (B, N, cond_channels); the negative condition is zeros (TRELLIS's). `noise` (M, C) is the
+    cond (B, N, cond_channels); the negative condition is zeros (the image release's) unless `neg_cond` is among the
+    overrides. `noise` (M, C) is the
     starting point at t=1 (default: drawn from `generator`). `normalization` is pipeline.json's
     slat_normalization {"mean": [C], "std": [C]} (None leaves the latent as sampled).
-    `sampler_overrides` (steps, cfg_strength, cfg_interval, rescale_t) override pipeline.json's values.
+    `sampler_overrides` (steps, cfg_strength, cfg_interval, rescale_t) override pipeline.json's values; neg_cond
+    (B, N, cond_channels) replaces the zeros.
     """
     if coords.shape[0] == 0:
         raise ValueError("stage 2 got no voxels: the sparse structure from stage 1 is empty, nothing to decode")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from gap3d import storage
 from miniature.checkpoints.encoders import write_tiny_dino, write_tiny_vlm
+from miniature.checkpoints.metric_extractors import write_random_inception, write_tiny_clip
 from miniature.checkpoints.trained_trellis import write_trained_tiny_trellis
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ BUILDERS = {
     "vlm": (write_tiny_vlm, "3"),
     "dino": (write_tiny_dino, "3"),
     "trellis": (write_trained_tiny_trellis, "3.1"),
+    "clip": (write_tiny_clip, "1"),  # Table 3's extractors (miniature.checkpoints.metric_extractors)
+    "inception": (write_random_inception, "1"),
 }
 _COMPLETE = ".complete"
 
