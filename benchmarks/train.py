@@ -293,6 +293,45 @@ def gpu_figures(peak_tflops: float, steps: int, warmup: int) -> list[dict]:
     ]
 
 
+def emit(figure: str, value: float, **keys) -> None:
+    """One JSON line of one figure."""
+    print(json.dumps({"figure": figure, "value": value, **keys}))
+
+
+def emit_run(figures: dict, keys: dict) -> None:
+    """The figures of one measured configuration: throughput, the step's phases, the batch alone, the all-reduce."""
+    emit("train_samples_per_s", round(figures["samples_per_s"], 2), torch_threads=figures["torch_threads"], **keys)
+    for phase, seconds in figures["phases"].items():
+        emit("train_step_phase_s", round(seconds, 5), phase=phase, **keys)
+    emit("data_batch_alone_s", round(figures["batch_alone_s"], 5), **keys)
+    if figures["allreduce_s"] is not None:
+        emit("gloo_allreduce_s", round(figures["allreduce_s"], 5), bytes=figures["gradient_bytes"], **keys)
+
+
+def emit_scaling(one: dict, one_half: dict, two: dict, ddp: dict, plain: dict, full: int, half: int, keys: dict):
+    """How 2 workers compare with 1, and where the difference goes (`plain`: {(workers, batch): step seconds})."""
+    step_s = {name: sum(run["phases"].values()) for name, run in (("one", one), ("one_half", one_half), ("two", two))}
+    emit("scaling_2_vs_1_workers", round(two["samples_per_s"] / one["samples_per_s"], 3), **keys)
+    # Where the 2-worker step loses against half the 1-worker step: costs that do not shrink with the batch (1 worker,
+    # half batch, against half the full-batch step), then communication and sharing the machine (2 workers against
+    # that).
+    emit("step_s_lost_to_per_step_costs", round(step_s["one_half"] - step_s["one"] / 2, 5), **keys)
+    emit("step_s_lost_to_two_workers", round(step_s["two"] - step_s["one_half"], 5), **keys)
+    common = {key: value for key, value in keys.items() if key != "global_batch"}
+    for (world, global_batch), seconds in plain.items():
+        emit(
+            "plain_processes_samples_per_s",
+            round(global_batch / seconds, 2),
+            workers=world,
+            global_batch=global_batch,
+            **common,
+        )
+    emit("scaling_2_vs_1_plain_processes", round(plain[(1, full)] / plain[(2, full)], 3), **keys)
+    ceiling = plain[(1, full)] / (plain[(1, half)] + two["allreduce_s"])
+    emit("scaling_2_vs_1_ceiling", round(ceiling, 3), **keys)
+    emit("deepspeed_vs_ddp_throughput_ratio", round(two["samples_per_s"] / ddp["samples_per_s"], 3), **keys)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=40, help="timed optimiser steps per configuration")
@@ -304,10 +343,9 @@ def main() -> None:
     config, sections = job_config_from_args(args, TRAIN_SECTIONS)
     config = derive_shapes(config)
     scaling = sections["scaling"]
-    half = dataclasses.replace(
-        config, train=dataclasses.replace(config.train, global_batch_size=config.train.global_batch_size // 2)
-    )
-    table, manifest = feature_rows(config, 8 * config.train.global_batch_size)
+    full = config.train.global_batch_size
+    half = dataclasses.replace(config, train=dataclasses.replace(config.train, global_batch_size=full // 2))
+    table, manifest = feature_rows(config, 8 * full)
     plain = {  # measured before Ray starts, so nothing of Ray's runs beside them
         (world, sized.train.global_batch_size): plain_step_seconds(
             sized, table, manifest, world, args.steps, args.warmup
@@ -320,118 +358,29 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     dataset = ray.data.from_arrow(table).materialize()
     runs = {  # (backend, workers, global batch) -> figures
-        ("deepspeed", 1, config.train.global_batch_size): measure(
-            config, scaling, dataset, manifest, "deepspeed", 1, args.steps, args.warmup
-        ),
-        ("deepspeed", 1, half.train.global_batch_size): measure(
-            half, scaling, dataset, manifest, "deepspeed", 1, args.steps, args.warmup
-        ),
-        ("deepspeed", 2, config.train.global_batch_size): measure(
-            config, scaling, dataset, manifest, "deepspeed", 2, args.steps, args.warmup
-        ),
-        ("ddp", 2, config.train.global_batch_size): measure(
-            config, scaling, dataset, manifest, "ddp", 2, args.steps, args.warmup
-        ),
+        (backend, workers, sized.train.global_batch_size): measure(
+            sized, scaling, dataset, manifest, backend, workers, args.steps, args.warmup
+        )
+        for backend, workers, sized in (
+            ("deepspeed", 1, config),
+            ("deepspeed", 1, half),
+            ("deepspeed", 2, config),
+            ("ddp", 2, config),
+        )
     }
     common = {"preset": config.preset, "zero_stage": scaling.zero_stage, "device": "cpu"}
     for (backend, workers, batch), figures in runs.items():
-        keys = {"backend": backend, "workers": workers, "global_batch": batch, **common}
-        print(
-            json.dumps(
-                {
-                    "figure": "train_samples_per_s",
-                    "value": round(figures["samples_per_s"], 2),
-                    "torch_threads": figures["torch_threads"],
-                    **keys,
-                }
-            )
-        )
-        for phase, seconds in figures["phases"].items():
-            print(json.dumps({"figure": "train_step_phase_s", "phase": phase, "value": round(seconds, 5), **keys}))
-        print(json.dumps({"figure": "data_batch_alone_s", "value": round(figures["batch_alone_s"], 5), **keys}))
-        if figures["allreduce_s"] is not None:
-            print(
-                json.dumps(
-                    {
-                        "figure": "gloo_allreduce_s",
-                        "bytes": figures["gradient_bytes"],
-                        "value": round(figures["allreduce_s"], 5),
-                        **keys,
-                    }
-                )
-            )
-    one, one_half, two = (
-        runs[("deepspeed", w, b)]
-        for w, b in (
-            (1, config.train.global_batch_size),
-            (1, half.train.global_batch_size),
-            (2, config.train.global_batch_size),
-        )
-    )
-    step_s = {
-        name: sum(figures["phases"].values()) for name, figures in (("one", one), ("one_half", one_half), ("two", two))
-    }
-    batch = {"global_batch": config.train.global_batch_size, **common}
-    print(
-        json.dumps(
-            {
-                "figure": "scaling_2_vs_1_workers",
-                "value": round(two["samples_per_s"] / one["samples_per_s"], 3),
-                **batch,
-            }
-        )
-    )
-    # Where the 2-worker step loses against half the 1-worker step: costs that do not shrink with the batch (1 worker,
-    # half batch, against half the full-batch step), then communication and sharing the machine (2 workers against
-    # that).
-    print(
-        json.dumps(
-            {
-                "figure": "step_s_lost_to_per_step_costs",
-                "value": round(step_s["one_half"] - step_s["one"] / 2, 5),
-                **batch,
-            }
-        )
-    )
-    print(
-        json.dumps(
-            {"figure": "step_s_lost_to_two_workers", "value": round(step_s["two"] - step_s["one_half"], 5), **batch}
-        )
-    )
-    full, half_batch = config.train.global_batch_size, half.train.global_batch_size
-    for (world, global_batch), seconds in plain.items():
-        print(
-            json.dumps(
-                {
-                    "figure": "plain_processes_samples_per_s",
-                    "value": round(global_batch / seconds, 2),
-                    "workers": world,
-                    "global_batch": global_batch,
-                    **common,
-                }
-            )
-        )
-    print(
-        json.dumps(
-            {
-                "figure": "scaling_2_vs_1_plain_processes",
-                "value": round(plain[(1, full)] / plain[(2, full)], 3),
-                **batch,
-            }
-        )
-    )
-    ceiling = plain[(1, full)] / (plain[(1, half_batch)] + two["allreduce_s"])
-    print(json.dumps({"figure": "scaling_2_vs_1_ceiling", "value": round(ceiling, 3), **batch}))
-    print(
-        json.dumps(
-            {
-                "figure": "deepspeed_vs_ddp_throughput_ratio",
-                "value": round(
-                    two["samples_per_s"] / runs[("ddp", 2, config.train.global_batch_size)]["samples_per_s"], 3
-                ),
-                **batch,
-            }
-        )
+        emit_run(figures, {"backend": backend, "workers": workers, "global_batch": batch, **common})
+    half_batch = half.train.global_batch_size
+    emit_scaling(
+        runs[("deepspeed", 1, full)],
+        runs[("deepspeed", 1, half_batch)],
+        runs[("deepspeed", 2, full)],
+        runs[("ddp", 2, full)],
+        plain,
+        full,
+        half_batch,
+        {"global_batch": full, **common},
     )
     if torch.cuda.is_available():
         for figure in gpu_figures(args.peak_tflops, args.steps, args.warmup):

@@ -5,7 +5,8 @@ synthetic world -> Ray Data preprocessing -> Ray Train + DeepSpeed (2 workers, h
 captions, and the 3D structures the tiny TRELLIS decodes from true and from generated tokens) -> pictures
 (alignment.png, learning_curve.png) -> `serve run serve/config.yaml` (with a Redis broker for async jobs) -> every
 scored held-out prompt generated over HTTP, one through the async job route -> the returned assets scored per shape
-and colour -> assets.png (one held-out pair per shape: prompt, ground truth, the GLB the service returned). Run as
+and colour -> assets.png (one held-out pair per shape: prompt, ground truth, the GLB the service returned) -> the
+paper's Table 3 (FD / KD of renders) on held-out objects, as the 3D evaluation job computes it. Run as
 `python -m cli demo [--workdir DIR]`. Artifacts land where serve/config.yaml expects them by default
 (~/.cache/gap3d/demo), so `serve run serve/config.yaml` works afterwards.
 """
@@ -13,6 +14,7 @@ and colour -> assets.png (one held-out pair per shape: prompt, ground truth, the
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -22,6 +24,7 @@ import ray
 
 from cli.broker import start_redis
 from cli.demo_service import ServedAsset, generate_held_out, score_served, start_service
+from cli.table3_miniature import run_miniature_table3
 from gap3d import storage
 from gap3d.build import derive_shapes
 from gap3d.export import find_export_dir
@@ -37,11 +40,13 @@ from ray_jobs.preprocess import run_preprocess
 from ray_jobs.train import TRAIN_SECTIONS, run_training, trained_checkpoint
 from ray_jobs.train_worker import EVALS_NAME
 from serve.launch import free_port
+from serve.proxy_guard import CALLBACK, CALLBACK_ENV
 
 logger = logging.getLogger("gap3d.demo")
 
 PICTURE_ROWS = 8  # held-out prompts drawn in alignment.png
 SCORED_PER_PAIR = 4  # held-out captions per shape x colour pair generated over HTTP and scored
+TABLE3_OBJECTS = 24  # held-out objects of the Table-3 job (docs/evaluation_3d.md)
 
 
 def stage(name: str, timings: dict):
@@ -65,9 +70,11 @@ def run_demo(args: argparse.Namespace) -> dict:
     config = derive_shapes(config)
     workdir = Path(args.workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    raw, features, runs = workdir / "raw", workdir / "features", workdir / "checkpoints"
+    raw, features = workdir / "raw", workdir / "features"
     timings: dict = {}
     broker = None
+    # Serve's proxy stops reading a request body past the upload limit, as on a deployed cluster (serve/proxy_guard.py).
+    os.environ.setdefault(CALLBACK_ENV, CALLBACK)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)  # workers log training progress
     try:
         with stage("synthetic data", timings):
@@ -76,21 +83,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         with stage("preprocessing (Ray Data)", timings):
             preprocess = run_preprocess(config, sections["encode"], str(raw), str(features))
         with stage("training (Ray Train + DeepSpeed)", timings):
-            result = run_training(
-                config,
-                sections["scaling"],
-                str(runs),
-                features=str(features / "train-*.parquet"),
-                eval_features=str(features / "eval-*.parquet"),
-                name="demo",
-                max_failures=1,
-                attributes=str(raw / "synth.json"),
-            )
-            checkpoint = trained_checkpoint(result, str(runs))
-            shutil.rmtree(workdir / "export", ignore_errors=True)
-            shutil.copytree(find_export_dir(checkpoint), workdir / "export")
-            shutil.rmtree(workdir / "trellis", ignore_errors=True)
-            shutil.copytree(tiny_checkpoint("trellis"), workdir / "trellis")
+            checkpoint = train_and_export(config, sections["scaling"], raw, features, workdir)
         with stage("evaluation on held-out attribute pairs", timings):
             evaluation = run_evaluation(
                 str(workdir / "export"),
@@ -118,6 +111,17 @@ def run_demo(args: argparse.Namespace) -> dict:
             pictures["assets"] = str(
                 draw_assets(config, served, evaluation.eval_set, args.seed, workdir / "assets.png")
             )
+        with stage("Table 3: the paper's 3D generation metrics on held-out objects (Ray Data)", timings):
+            table3 = run_miniature_table3(
+                workdir,
+                str(workdir / "export"),
+                str(workdir / "trellis"),
+                config,
+                seed=args.seed,
+                num_samples=args.num_samples,
+                limit=TABLE3_OBJECTS,
+            )
+            logger.info("table 3 %s", json.dumps(table3["arms"]))
     finally:
         from ray import serve
 
@@ -135,6 +139,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         "attributes": report["attributes"],
         "structure": report["structure"],
         "service": service,
+        "table3": {key: table3[key] for key in ("arms", "ground_truth", "assets", "contact_sheet")},
         "chance": chance_levels(report["samples"]),
         "pictures": pictures,
         "assets": [asset.summary() for asset in served],
@@ -142,10 +147,32 @@ def run_demo(args: argparse.Namespace) -> dict:
     }
 
 
+def train_and_export(config, scaling, raw: Path, features: Path, workdir: Path) -> str:
+    """Train on the preprocessed features under `workdir`/checkpoints; copy the export and the tiny TRELLIS to where
+    serve/config.yaml expects them. Returns the trained checkpoint."""
+    runs = str(workdir / "checkpoints")
+    result = run_training(
+        config,
+        scaling,
+        runs,
+        features=str(features / "train-*.parquet"),
+        eval_features=str(features / "eval-*.parquet"),
+        name="demo",
+        max_failures=1,
+        attributes=str(raw / "synth.json"),
+    )
+    checkpoint = trained_checkpoint(result, runs)
+    for name, source in (("export", find_export_dir(checkpoint)), ("trellis", tiny_checkpoint("trellis"))):
+        shutil.rmtree(workdir / name, ignore_errors=True)
+        shutil.copytree(source, workdir / name)
+    return checkpoint
+
+
 def per_class(service: dict) -> dict:
     """The served assets' figures per class, for the log."""
     return {
         "shape": service["shape"]["per_class"],
+        "color": service["color"]["per_class"],
         "iou_per_shape": {k: round(v, 3) for k, v in service["iou_per_shape"].items()},
         **{f"{name} (tokens)": report["per_class"] for name, report in service["tokens"].items()},
     }
@@ -221,7 +248,8 @@ def draw_pictures(
 
 def draw_assets(config, served: list[ServedAsset], eval_set, seed: int, path: Path) -> Path:
     """assets.png: one row per shape, each a held-out pair: the prompt, the held-out object its caption came from,
-    and a render of the GLB the service returned, seen from that object's camera (grey: stage 1 carries no colour)."""
+    and a render of the GLB the service returned, seen from that object's camera, in its vertex colours (grey when
+    the decoder ran stage 1 alone)."""
     rows, shown = [], set()
     for asset in served:
         scene = sample_scene(seed, int(eval_set.keys[asset.row]))
@@ -229,7 +257,8 @@ def draw_assets(config, served: list[ServedAsset], eval_set, seed: int, path: Pa
             continue
         shown.add(scene.shape)
         mesh = load_mesh(asset.path.read_bytes())
-        image = render_in_scene(mesh.vertices, mesh.faces, scene, 2 * config.dino.image_size, (0.7, 0.7, 0.7))
+        colors = mesh.visual.vertex_colors[:, :3] / 255.0 if mesh.visual.kind == "vertex" else (0.7, 0.7, 0.7)
+        image = render_in_scene(mesh.vertices, mesh.faces, scene, 2 * config.dino.image_size, colors)
         rows.append({"prompt": asset.prompt, "truth": render_scene(scene, 2 * config.dino.image_size), "asset": image})
     return assets_figure(rows, path)
 

@@ -14,7 +14,10 @@ import torch
 
 from gap3d.data.occupancy import downsample, read_occupancy
 from gap3d.evaluation import EvalSet
-from miniature.scoring import asset_structure, served_asset_report
+from gap3d.metrics import class_report
+from gap3d.trellis.mesh_export import load_mesh
+from miniature.scoring import dominant_color, mesh_structure, served_asset_report
+from miniature.world import COLORS
 from serve.api import stage_timings
 from serve.launch import local_config, serve_run
 
@@ -94,15 +97,17 @@ def generate_held_out(base: str, eval_set: EvalSet, rows: list[int], out_dir: Pa
 
 def score_served(served: list[ServedAsset], eval_set: EvalSet, shards: str, resolution: int) -> dict:
     """Per shape and per colour, what the service returned for the held-out prompts: the shape of each asset (its
-    nearest true grid among the held-out objects) and its IoU with the best-matching true object of the prompted
-    shape; the colour the attribute probe reads from the service's tokens (the coarse asset carries none)."""
+    nearest true grid among the held-out objects), its IoU with the best-matching true object of the prompted shape,
+    its colour (the dominant vertex colour's nearest palette colour, "none" for a coarse asset), and the colour and
+    shape the attribute probe reads from the service's tokens."""
     grids = read_occupancy(shards, set(eval_set.keys))
     references = torch.from_numpy(np.stack([downsample(grids[key], resolution) for key in eval_set.keys]))
-    structures = torch.stack([asset_structure(asset.path.read_bytes(), resolution) for asset in served])
-    prompted = [eval_set.labels["shape"][asset.row] for asset in served]
-    report = served_asset_report(structures, prompted, references, eval_set.labels["shape"])
-    tokens = torch.from_numpy(np.stack([asset.tokens for asset in served]))
+    meshes = [load_mesh(asset.path.read_bytes()) for asset in served]
+    structures = torch.stack([mesh_structure(mesh, resolution) for mesh in meshes])
     labels = {name: [values[asset.row] for asset in served] for name, values in eval_set.labels.items()}
+    report = served_asset_report(structures, labels["shape"], references, eval_set.labels["shape"])
+    report["color"] = class_report(labels["color"], [dominant_color(mesh, COLORS) or "none" for mesh in meshes])
+    tokens = torch.from_numpy(np.stack([asset.tokens for asset in served]))
     report["tokens"] = eval_set.probe.report(tokens, labels)
     report["assets"] = len(served)
     return report

@@ -1,12 +1,15 @@
-"""Write a tiny random TRELLIS checkpoint in the release layout (pipeline.json + ckpts/), for serving and tests.
+"""Write a tiny TRELLIS checkpoint in the release layout (pipeline.json + ckpts/): random, for tests, or trained.
 
     python -m cli make-tiny --out DIR [--cond-dim 64] [--steps 4] [--coarse-only]
+    python -m cli make-tiny --trained --out miniature/checkpoints/tiny_trellis   # rebuild the shipped tiny://trellis
 
+--trained runs the shipped release's recipe (miniature/checkpoints/trained_trellis.py; an hour or more on 2 cores).
 The tiny VLM and DINOv2 need no command: the tiny preset names them tiny://vlm and tiny://dino, built on first use.
 """
 
 import argparse
 
+from miniature.checkpoints.trained_trellis import write_trained_tiny_trellis
 from miniature.checkpoints.trellis import write_tiny_trellis
 from ray_jobs.config import configure_logging
 
@@ -18,6 +21,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="directory to write pipeline.json and ckpts/ into")
     parser.add_argument(
         "--cond-dim", type=int, default=64, help="feature size of the condition tokens (the tiny DINOv2's hidden size)"
+    )
+    parser.add_argument(
+        "--trained", action="store_true", help="train both stages on the synthetic world (the shipped tiny://trellis)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--steps", type=int, default=4, help="sampler steps written to pipeline.json")
@@ -32,7 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging()
-    write_tiny_trellis(args.out, cond_dim=args.cond_dim, seed=args.seed, steps=args.steps, stage2=not args.coarse_only)
+    if args.trained:
+        write_trained_tiny_trellis(args.out)
+    else:
+        write_tiny_trellis(
+            args.out, cond_dim=args.cond_dim, seed=args.seed, steps=args.steps, stage2=not args.coarse_only
+        )
     return 0
 
 

@@ -99,23 +99,25 @@ def rasterize(
 def render_mesh(
     vertices: np.ndarray,
     faces: np.ndarray,
-    color: tuple[float, float, float],
+    color: tuple[float, float, float] | np.ndarray,
     image_size: int,
     camera: Camera = DEFAULT_CAMERA,
     light: np.ndarray = LIGHT_DIRECTION,
 ) -> np.ndarray:
-    """RGB image (S, S, 3) uint8 of a closed mesh (V, 3) / (F, 3) in `color` (RGB in [0, 1]) on black, lit from
-    `light` (unit, 3)."""
+    """RGB image (S, S, 3) uint8 of a closed mesh (V, 3) / (F, 3) in `color` (RGB in [0, 1], or one per vertex
+    (V, 3): each face takes its corners' mean) on black, lit from `light` (unit, 3)."""
+    color = np.asarray(color, dtype=np.float64)
+    face_color = color[faces].mean(axis=1) if color.ndim == 2 else np.broadcast_to(color, (len(faces), 3))
     triangles = vertices[faces]  # (F, 3, 3)
     normals = np.cross(triangles[:, 1] - triangles[:, 0], triangles[:, 2] - triangles[:, 0])
     normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
     # Back faces of a closed mesh are always hidden; dropping them halves the rasterisation work.
     facing = np.einsum("fd,fd->f", normals, camera.position() - triangles.mean(axis=1)) > 0
-    faces, normals = faces[facing], normals[facing]
+    faces, normals, face_color = faces[facing], normals[facing], face_color[facing]
     screen, depth = project(vertices, image_size, camera)
     pixel, face = rasterize(screen, depth, faces, image_size)
     shade = AMBIENT + (1.0 - AMBIENT) * np.clip(normals @ light, 0.0, 1.0)  # (F,)
-    face_rgb = np.clip(np.outer(shade, color) * 255.0 + 0.5, 0, 255).astype(np.uint8)  # (F, 3)
+    face_rgb = np.clip(shade[:, None] * face_color * 255.0 + 0.5, 0, 255).astype(np.uint8)  # (F, 3)
     image = np.zeros((image_size * image_size, 3), dtype=np.uint8)
     image[pixel] = face_rgb[face]
     return image.reshape(image_size, image_size, 3)

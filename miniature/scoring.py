@@ -1,4 +1,5 @@
-"""Scoring what the service returns in the miniature: the asset's shape and how well it matches a true object.
+"""Scoring what the service returns in the miniature: the asset's shape, how well it matches a true object, and its
+colour.
 
 A served GLB is voxelised back onto the decoder's structure grid as a surface shell (the form of the ground truth,
 gap3d.data.occupancy) and named by the true grid it overlaps most. A prompt names a shape and a colour but no turn
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import trimesh
 
 from gap3d.data.occupancy import surface_voxels
 from gap3d.metrics import class_report
@@ -18,9 +20,24 @@ from gap3d.trellis.structure_metrics import nearest_labels, pairwise_iou
 
 def asset_structure(glb: bytes, resolution: int) -> torch.Tensor:
     """bool (R, R, R): the voxels of TRELLIS's grid that a served GLB's surface crosses."""
-    mesh = load_mesh(glb)
+    return mesh_structure(load_mesh(glb), resolution)
+
+
+def mesh_structure(mesh: trimesh.Trimesh, resolution: int) -> torch.Tensor:
+    """bool (R, R, R): the voxels of TRELLIS's grid that a mesh's surface crosses."""
     vertices = np.clip(np.asarray(mesh.vertices, dtype=np.float64), -0.5, 0.5)
     return torch.from_numpy(surface_voxels(vertices, np.asarray(mesh.faces), resolution))
+
+
+def dominant_color(mesh: trimesh.Trimesh, palette: dict[str, tuple[float, float, float]]) -> str | None:
+    """The palette colour most of the mesh's vertices are nearest to (RGB distance), or None for a mesh without
+    vertex colours (a coarse, stage-1 asset)."""
+    if mesh.visual.kind != "vertex" or len(mesh.vertices) == 0:
+        return None
+    rgb = np.asarray(mesh.visual.vertex_colors)[:, :3] / 255.0
+    names = list(palette)
+    nearest = np.linalg.norm(rgb[:, None] - np.asarray([palette[n] for n in names])[None], axis=-1).argmin(axis=1)
+    return names[int(np.bincount(nearest, minlength=len(names)).argmax())]
 
 
 def served_asset_report(

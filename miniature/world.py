@@ -96,8 +96,8 @@ def sample_scene(seed: int, index: int) -> Scene:
 
 
 @functools.cache
-def base_mesh(shape: str) -> tuple[np.ndarray, np.ndarray]:
-    """Vertices (V, 3) centred on the origin with largest half-extent 1, z up, and faces (F, 3)."""
+def primitive_mesh(shape: str):
+    """The trimesh primitive `shape` is made of, in the frame trimesh builds it in (the torus stood up)."""
     import trimesh
 
     builders = {
@@ -116,21 +116,35 @@ def base_mesh(shape: str) -> tuple[np.ndarray, np.ndarray]:
     if shape == "torus":
         # Stand the ring up towards the camera; lying flat it reads as a thin line from a low camera.
         mesh.apply_transform(trimesh.transformations.rotation_matrix(np.deg2rad(70.0), [1.0, 0.0, 0.0]))
+    return mesh
+
+
+@functools.cache
+def base_mesh(shape: str) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices (V, 3) centred on the origin with largest half-extent 1, z up, and faces (F, 3)."""
+    mesh = primitive_mesh(shape)
     vertices = np.asarray(mesh.vertices, dtype=np.float64)
     low, high = vertices.min(axis=0), vertices.max(axis=0)
     vertices = (vertices - (low + high) / 2) / ((high - low).max() / 2)
     return vertices, np.asarray(mesh.faces, dtype=np.int64)
 
 
+def object_frame(scene: Scene) -> tuple[np.ndarray, np.ndarray, float]:
+    """(turn (3, 3), centre (3,), scale) that put the base mesh into TRELLIS's frame: p = (base @ turn.T - centre) /
+    scale."""
+    yaw = np.deg2rad(scene.yaw_deg)
+    turn = np.array([[np.cos(yaw), -np.sin(yaw), 0.0], [np.sin(yaw), np.cos(yaw), 0.0], [0.0, 0.0, 1.0]])
+    turned = base_mesh(scene.shape)[0] @ turn.T
+    low, high = turned.min(axis=0), turned.max(axis=0)
+    return turn, (low + high) / 2, float((high - low).max())
+
+
 def object_mesh(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     """The scene's object in TRELLIS's frame: turned by its yaw about z (up), scaled so its longest side is 1 and
     centred in the unit cube [-0.5, 0.5]^3. -> vertices (V, 3), faces (F, 3)."""
     vertices, faces = base_mesh(scene.shape)
-    yaw = np.deg2rad(scene.yaw_deg)
-    rotation = np.array([[np.cos(yaw), -np.sin(yaw), 0.0], [np.sin(yaw), np.cos(yaw), 0.0], [0.0, 0.0, 1.0]])
-    turned = vertices @ rotation.T
-    low, high = turned.min(axis=0), turned.max(axis=0)
-    return (turned - (low + high) / 2) / (high - low).max(), faces
+    turn, centre, scale = object_frame(scene)
+    return (vertices @ turn.T - centre) / scale, faces
 
 
 def scene_occupancy(scene: Scene, resolution: int = 64) -> np.ndarray:
@@ -144,7 +158,11 @@ def render_scene(scene: Scene, image_size: int) -> np.ndarray:
 
 
 def render_in_scene(
-    vertices: np.ndarray, faces: np.ndarray, scene: Scene, image_size: int, color: tuple[float, float, float]
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    scene: Scene,
+    image_size: int,
+    color: tuple[float, float, float] | np.ndarray,
 ) -> np.ndarray:
     """RGB image (S, S, 3) uint8 of any mesh in TRELLIS's frame under the scene's camera and light, cropped like its
     render."""

@@ -6,6 +6,7 @@ deployments, limits and autoscaling a user gets, changed only where it says so.
 
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -59,11 +60,12 @@ def wait_until_ready(base: str, timeout_s: float) -> None:
 
 
 def serve_run(config: dict, path: Path, address: str, timeout_s: float = 600) -> str:
-    """Write `config` to `path`, `serve run --non-blocking` it against the cluster at `address`; the base URL once "
-    "ready."""
+    """Write `config` to `path`, `serve run --non-blocking` it against the cluster at `address`; the base URL once
+    ready."""
     path.write_text(yaml.safe_dump(config, sort_keys=False))
+    # The `serve` CLI of this interpreter's Ray, whether or not its virtualenv is on PATH.
     subprocess.run(
-        ["serve", "run", str(path), "--address", address, "--non-blocking"],
+        [sys.executable, "-m", "ray.serve.scripts", "run", str(path), "--address", address, "--non-blocking"],
         check=True,
         timeout=timeout_s,
         capture_output=True,

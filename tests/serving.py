@@ -52,7 +52,7 @@ def service_config(port: int, artifacts: dict, broker: str, jobs_store: str) -> 
         artifacts,
         jobs=jobs,
         limits={"deadline_s": DEADLINE_S, "body_stall_s": BODY_STALL_S},
-        args={"api_keys_env": KEYS_ENV},
+        args={"api_keys_env": KEYS_ENV, "decoder_stages": "coarse"},
     )
     gateway = next(d for d in config["applications"][0]["deployments"] if d["name"] == "GatewayDeployment")
     gateway["ray_actor_options"]["runtime_env"] = {"env_vars": {KEYS_ENV: f"{API_KEY},{QUOTA_KEY}"}}

@@ -10,12 +10,12 @@ from cli import commands
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(*args, timeout=300, cwd=REPO):
+def run(*args, timeout=600, cwd=REPO):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def test_help_lists_every_command():
-    result = run("-m", "cli", "--help", timeout=120)
+    result = run("-m", "cli", "--help", timeout=600)
     assert result.returncode == 0
     for command in (
         "demo",
@@ -60,12 +60,12 @@ def test_smoke_generates_aligned_tokens_for_the_tiny_preset():
 
 
 def test_a_job_runs_as_a_script_from_the_checkout():
-    result = run("ray_jobs/train.py", "--help", timeout=120)
+    result = run("ray_jobs/train.py", "--help", timeout=600)
     assert result.returncode == 0, result.stderr
     assert "--features" in result.stdout
 
 
 def test_bad_override_exits_nonzero_naming_the_key():
-    result = run("-m", "cli", "smoke", "train.nope=1", timeout=120)
+    result = run("-m", "cli", "smoke", "train.nope=1", timeout=600)
     assert result.returncode != 0
     assert "train.nope" in result.stderr

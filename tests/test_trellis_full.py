@@ -167,10 +167,33 @@ def test_reshaped_stage2_tensor_fails_naming_the_key_and_both_shapes(tiny_copy):
         Decoder.from_pretrained(str(tiny_copy), device="cpu")
 
 
-def test_stage2_models_at_another_resolution_than_stage1_are_rejected(tiny_copy):
-    stem = tiny_stage2_specs()["slat_decoder_mesh"].stem
-    spec = json.loads((tiny_copy / f"{stem}.json").read_text())
-    spec["args"]["resolution"] = 32
-    (tiny_copy / f"{stem}.json").write_text(json.dumps(spec))
-    with pytest.raises(ValueError, match="slat_decoder_mesh has resolution 32, but stage 1 decodes a 64\\^3 grid"):
+def set_stage2_resolution(root, resolution: int, names=("slat_decoder_mesh", "slat_flow_model")) -> None:
+    for name in names:
+        stem = tiny_stage2_specs()[name].stem
+        spec = json.loads((root / f"{stem}.json").read_text())
+        spec["args"]["resolution"] = resolution
+        (root / f"{stem}.json").write_text(json.dumps(spec))
+
+
+def test_stage2_models_on_different_grids_are_rejected(tiny_copy):
+    set_stage2_resolution(tiny_copy, 32, names=("slat_decoder_mesh",))
+    with pytest.raises(ValueError, match="the stage-2 models disagree on their grid"):
         Decoder.from_pretrained(str(tiny_copy), device="cpu")
+
+
+def test_a_stage2_grid_that_does_not_divide_stage1s_by_a_power_of_two_is_rejected(tiny_copy):
+    set_stage2_resolution(tiny_copy, 48)
+    with pytest.raises(ValueError, match="stage 1 decodes a 64\\^3 grid; it must be stage 1's, or smaller"):
+        Decoder.from_pretrained(str(tiny_copy), device="cpu")
+
+
+def test_a_coarser_stage2_runs_on_the_structure_max_pooled_to_its_grid(tiny_copy):
+    set_stage2_resolution(tiny_copy, 32)
+    decoder = Decoder.from_pretrained(str(tiny_copy), device="cpu")
+    cond = conditions(1)
+    structure = decoder.sample_sparse_structure(cond, seed=0)
+    pooled = decoder.stage2_occupancy(structure)
+    assert pooled.shape == (1, 32, 32, 32) and decoder.stage2_resolution == 32
+    coarse = structure.occupancy.reshape(1, 32, 2, 32, 2, 32, 2).any(dim=(2, 4, 6))  # every 2^3 block with a voxel
+    assert torch.equal(pooled, coarse) and pooled.any()
+    decoder.full_meshes(cond, structure, allow_empty=True)  # stage 2 runs on the pooled voxels

@@ -151,13 +151,15 @@ class Decoder:
         return cls(pipeline, models, device, dtype, **settings)
 
     def _check_stage2_models(self) -> None:
-        resolution = self.structure_resolution
-        for name in STAGE2_MODELS:
-            if self.models[name].config.resolution != resolution:
-                raise ValueError(
-                    f"{name} has resolution {self.models[name].config.resolution}, but stage 1 decodes a "
-                    f"{resolution}^3 grid; they must match"
-                )
+        resolutions = {name: self.models[name].config.resolution for name in STAGE2_MODELS}
+        if len(set(resolutions.values())) > 1:
+            raise ValueError(f"the stage-2 models disagree on their grid: {resolutions}; they must match")
+        factor = self.structure_resolution // self.stage2_resolution
+        if factor * self.stage2_resolution != self.structure_resolution or factor & (factor - 1):
+            raise ValueError(
+                f"the stage-2 models run on a {self.stage2_resolution}^3 grid, but stage 1 decodes a "
+                f"{self.structure_resolution}^3 grid; it must be stage 1's, or smaller by a power of two"
+            )
         if self.models[SLAT_FLOW].config.cond_channels != self.cond_dim:
             raise ValueError(
                 f"{SLAT_FLOW} takes cond_channels {self.models[SLAT_FLOW].config.cond_channels}, stage 1 takes "
@@ -172,6 +174,12 @@ class Decoder:
     def structure_resolution(self) -> int:
         """Side of the stage-1 occupancy grid (64 in the release): latent side x 2 per decoder upsampling."""
         return self.flow_model.config.resolution * 2 ** (len(self.models[SPARSE_STRUCTURE_DECODER].config.channels) - 1)
+
+    @property
+    def stage2_resolution(self) -> int:
+        """Side of the grid stage 2 runs on: stage 1's in the release; a tiny release's may be coarser (CPU budget),
+        and stage 2 then takes the structure max-pooled to it."""
+        return self.models[SLAT_FLOW].config.resolution
 
     @property
     def has_stage2(self) -> bool:
@@ -298,6 +306,13 @@ class Decoder:
             **self._stage2_params(params),
         )
 
+    def stage2_occupancy(self, structure: SparseStructure) -> torch.Tensor:
+        """(B, r, r, r) bool: the voxels stage 2 runs on, the structure max-pooled to the stage-2 grid."""
+        factor = self.structure_resolution // self.stage2_resolution
+        if factor == 1:
+            return structure.occupancy
+        return F.max_pool3d(structure.occupancy[:, None].float(), factor)[:, 0] > 0
+
     def full_meshes(
         self,
         cond: torch.Tensor,
@@ -312,7 +327,11 @@ class Decoder:
         labels = [f"sample {index} (seed {seed})" for index, seed in enumerate(structure.seeds)]
         meshes = [empty_mesh() for _ in labels]
         voxels = {}
-        for index, occupancy in enumerate(structure.occupancy):
+        factor = self.structure_resolution // self.stage2_resolution
+        occupancies = (
+            F.max_pool3d(structure.occupancy[:, None].float(), factor)[:, 0] > 0 if factor > 1 else structure.occupancy
+        )
+        for index, occupancy in enumerate(occupancies):
             if not occupancy.any():
                 self._finish(meshes[index], labels[index], "decoded to an empty occupancy grid", allow_empty)
                 continue

@@ -26,6 +26,7 @@ MODEL_MODULES = {
     "SparseStructureEncoder": "gap3d.trellis.sparse_structure_encoder",
     "SLatFlowModel": "gap3d.trellis.structured_latent_flow",
     "SLatMeshDecoder": "gap3d.trellis.structured_latent_decoder",
+    "SLatEncoder": "gap3d.trellis.structured_latent_encoder",
 }
 
 
@@ -119,15 +120,26 @@ class ModelSpec:
 
 
 def write_trellis_checkpoint(
-    out_dir: str | Path, specs: dict[str, ModelSpec], models: dict[str, nn.Module], pipeline: PipelineConfig
+    out_dir: str | Path,
+    specs: dict[str, ModelSpec],
+    models: dict[str, nn.Module],
+    pipeline: PipelineConfig,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write pipeline.json and, per model, <stem>.json + <stem>.safetensors under `out_dir`."""
+    """Write pipeline.json and, per model, <stem>.json + <stem>.safetensors under `out_dir` (floating-point tensors in
+    `dtype` when given; loading casts them to the model's)."""
     root = Path(out_dir)
     for name, spec in specs.items():
         stem_path = root / spec.stem
         stem_path.parent.mkdir(parents=True, exist_ok=True)
         stem_path.with_suffix(".json").write_text(json.dumps({"name": spec.class_name, "args": spec.args}, indent=2))
-        state = {key: tensor.detach().contiguous().cpu() for key, tensor in models[name].state_dict().items()}
+        state = {
+            key: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
+            .detach()
+            .contiguous()
+            .cpu()
+            for key, tensor in models[name].state_dict().items()
+        }
         save_file(state, str(stem_path.with_suffix(".safetensors")))
     (root / "pipeline.json").write_text(json.dumps(pipeline.to_json(), indent=2))
     return root

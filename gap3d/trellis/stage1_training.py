@@ -260,8 +260,9 @@ class Stage1Trainer:
         flow.load_state_dict({**self.flow.state_dict(), **self.ema.state_dict()})
         return flow.eval()
 
-    def write_release(self, out_dir: str | Path) -> Path:
-        """A TRELLIS release directory (pipeline.json + ckpts/) with the trained stage 1."""
+    def write_release(self, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """A TRELLIS release directory (pipeline.json + ckpts/) with the trained stage 1, its floating-point weights
+        stored in `dtype` (as trained when None; the release stores float16)."""
         stems = {
             SPARSE_STRUCTURE_ENCODER: "ckpts/ss_enc_conv3d_trained",
             SPARSE_STRUCTURE_DECODER: "ckpts/ss_dec_conv3d_trained",
@@ -276,7 +277,7 @@ class Stage1Trainer:
         pipeline = PipelineConfig(
             models={name: spec.stem for name, spec in specs.items()}, sparse_structure_sampler=self.config.sampler
         )
-        return write_trellis_checkpoint(out_dir, specs, models, pipeline)
+        return write_trellis_checkpoint(out_dir, specs, models, pipeline, dtype)
 
     def state_dict(self) -> dict:
         return {

@@ -3,9 +3,10 @@ as the real ones.
 
 `tiny://vlm` (a Qwen2.5-VL) and `tiny://dino` (a DINOv2 with registers) are what the tiny preset names; they
 are loaded through exactly the code that loads real checkpoints (`from_pretrained` on a directory), so nothing
-reaches a model hub. `tiny://trellis` is a TRELLIS release whose stage 1 is trained on the synthetic world
-(miniature.checkpoints.trained_trellis; minutes on 2 cores). Each is built once per machine under <cache>/tiny/
-on first use; processes that ask at the same time wait for the first. The scheme reaches gap3d.checkpoints.resolve
+reaches a model hub; each is built once per machine under <cache>/tiny/ on first use (seconds), and processes that
+ask at the same time wait for the first. `tiny://trellis` is a TRELLIS release whose stage 1 is trained on the
+synthetic world (miniature.checkpoints.trained_trellis): its training takes longer than a CI run allows, so the
+release is shipped in this package. The scheme reaches gap3d.checkpoints.resolve
 through the entry point this package registers (pyproject.toml), so the library never imports it.
 `miniature.checkpoints.trellis` writes tiny random TRELLIS checkpoints in the release layout, for tests.
 """
@@ -18,24 +19,26 @@ from pathlib import Path
 from gap3d import storage
 from miniature.checkpoints.encoders import write_tiny_dino, write_tiny_vlm
 from miniature.checkpoints.metric_extractors import write_random_inception, write_tiny_clip
-from miniature.checkpoints.trained_trellis import write_trained_tiny_trellis
+from miniature.checkpoints.trained_trellis import SHIPPED_RELEASE
 
 logger = logging.getLogger(__name__)
 
-# Bump a builder's version when it changes what it writes, so caches built by older code are not reused.
-# tiny://trellis is trained on tiny://dino's tokens: bump it with dino, and with Stage1Config's defaults.
+# Bump a builder's version when it changes what it writes, so caches built by older code are not reused. The shipped
+# tiny://trellis records the fingerprint of the tiny://dino it was trained on (tests/test_trained_trellis.py checks it).
 BUILDERS = {
     "vlm": (write_tiny_vlm, "3"),
     "dino": (write_tiny_dino, "3"),
-    "trellis": (write_trained_tiny_trellis, "3.1"),
     "clip": (write_tiny_clip, "1"),  # Table 3's extractors (miniature.checkpoints.metric_extractors)
     "inception": (write_random_inception, "1"),
 }
+SHIPPED = {"trellis": SHIPPED_RELEASE}
 _COMPLETE = ".complete"
 
 
 def tiny_checkpoint(name: str) -> Path:
-    """The directory of tiny checkpoint `name` ("vlm", "dino" or "trellis"), built on first use."""
+    """The directory of tiny checkpoint `name` ("vlm", "dino", "trellis", ...): shipped, or built on first use."""
+    if name in SHIPPED:
+        return _shipped(name)
     target = _cache_dir(name)
     builder = BUILDERS[name][0]
     with storage.cache_lock(target):
@@ -52,16 +55,18 @@ def tiny_checkpoint(name: str) -> Path:
     return target
 
 
-def cached_tiny_checkpoint(name: str) -> Path | None:
-    """The directory of tiny checkpoint `name` if this machine's cache already holds it complete, else None (never
-    builds)."""
-    target = _cache_dir(name)
-    return target if (target / _COMPLETE).is_file() else None
+def _shipped(name: str) -> Path:
+    release = SHIPPED[name]
+    if not (release / "pipeline.json").is_file():
+        raise FileNotFoundError(
+            f"tiny://{name} is not in this checkout ({release}); rebuild it with "
+            f"`python -m cli make-tiny --trained --out {release}`"
+        )
+    return release
 
 
 def _cache_dir(name: str) -> Path:
     if name not in BUILDERS:
-        raise ValueError(
-            f"unknown tiny checkpoint tiny://{name}; there are {', '.join(f'tiny://{n}' for n in BUILDERS)}"
-        )
+        known = ", ".join(f"tiny://{n}" for n in (*BUILDERS, *SHIPPED))
+        raise ValueError(f"unknown tiny checkpoint tiny://{name}; there are {known}")
     return storage.cache_root() / "tiny" / f"{name}-v{BUILDERS[name][1]}"
