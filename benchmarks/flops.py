@@ -43,7 +43,7 @@ def utilisation(flops_per_step: float, step_s: float, peak_tflops: float | None)
     """Achieved TFLOP/s of a step and its fraction of the peak (None without a known peak): the MFU."""
     achieved = flops_per_step / step_s / 1e12
     return {
-        "tflops": round(achieved, 2),
+        "tflops": round(achieved, 4),
         "bf16_peak_tflops": peak_tflops,
         "mfu": round(achieved / peak_tflops, 4) if peak_tflops else None,
     }
