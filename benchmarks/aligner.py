@@ -11,16 +11,13 @@ import tempfile
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.flops import aligner_train_flops, bf16_peak_tflops, utilisation
 from gap3d.aligner import AlignerDiT
 from gap3d.build import derive_shapes
 from gap3d.config import load_config
 from gap3d.flow import flow_matching_loss, sample
 from miniature.checkpoints.paper_widths import paper_config_without_weights
-
-# Dense bf16 tensor-core peaks (no sparsity), by substring of torch.cuda.get_device_name().
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 
 
 def emit(name: str, value: float, unit: str, **extra) -> None:
@@ -86,18 +83,9 @@ def main() -> None:
     step_times = timed(train_step, args.repeats, device)
     median = statistics.median(step_times)
     emit("train_step_samples_per_s", batch / median, "samples/s", median_step_s=round(median, 4), **context)
-    with FlopCounterMode(display=False) as counter:
-        train_step()
-    achieved = counter.get_total_flops() / median / 1e12
-    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if device.type == "cuda" and k in context["device"]), None)
-    emit(
-        "train_step_tflops",
-        achieved,
-        "TFLOP/s",
-        bf16_peak_tflops=peak,
-        fraction_of_peak=round(achieved / peak, 4) if peak else None,
-        **context,
-    )
+    peak = bf16_peak_tflops(device)
+    use = utilisation(aligner_train_flops(aligner_config, batch), median, peak)
+    emit("train_step_tflops", use["tflops"], "TFLOP/s", bf16_peak_tflops=peak, fraction_of_peak=use["mfu"], **context)
 
     model.eval()
     steps = args.sample_steps or config.flow.sample_steps

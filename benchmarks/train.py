@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.flops import aligner_train_flops, utilisation
 from gap3d.build import build_aligner, derive_shapes
 from gap3d.config import Gap3DConfig
 from gap3d.data.encode import FeatureEncoder
@@ -256,15 +257,7 @@ def gpu_figures(peak_tflops: float, steps: int, warmup: int) -> list[dict]:
         batch, config.aligner.num_cond_tokens, config.aligner.cond_dim, device="cuda", dtype=torch.bfloat16
     )
     t = torch.rand(batch, device="cuda")
-    params = sum(p.numel() for p in aligner.parameters())
-    n, s, hidden, depth = (
-        config.aligner.num_tokens,
-        config.aligner.num_cond_tokens,
-        config.aligner.hidden_size,
-        config.aligner.depth,
-    )
-    # 6 FLOPs per parameter per token (forward + backward) plus self- and cross-attention score/value products.
-    flops = batch * (6 * params * n + 3 * depth * 4 * hidden * (n * n + n * s))
+    flops = aligner_train_flops(config.aligner, batch)
     times = []
     for index in range(warmup + steps):
         torch.cuda.synchronize()
@@ -276,7 +269,7 @@ def gpu_figures(peak_tflops: float, steps: int, warmup: int) -> list[dict]:
         if index >= warmup:
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    achieved = flops / seconds / 1e12
+    use = utilisation(flops, seconds, peak_tflops)
     return [
         {
             "figure": "paper_aligner_step_samples_per_s",
@@ -286,9 +279,9 @@ def gpu_figures(peak_tflops: float, steps: int, warmup: int) -> list[dict]:
         },
         {
             "figure": "paper_aligner_tflops",
-            "value": achieved,
+            "value": use["tflops"],
             "peak_tflops": peak_tflops,
-            "fraction_of_peak": achieved / peak_tflops,
+            "fraction_of_peak": use["mfu"],
         },
     ]
 

@@ -53,11 +53,12 @@ def sincos_2d(grid_size: int, dim: int) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of x (B, H, N, hd) by the angles in cos/sin (N, hd/2)."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, N, hd/2, 2)
+    """Rotate channel pairs (2i, 2i+1) of x (B, H, N, hd) by the angles in cos/sin (N, hd/2), in x's dtype: a float32
+    round trip would double the memory traffic of bf16 queries and keys, for a result within two bf16 steps of it."""
+    pairs = x.unflatten(-1, (-1, 2))  # (B, H, N, hd/2, 2)
     real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(-2)
 
 
 class Attention(nn.Module):

@@ -20,6 +20,7 @@ WorkerJob.resume_step), and a newer checkpoint whose record matches is taken ove
 import dataclasses
 import json
 import logging
+import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -164,7 +165,8 @@ class _WorkerRun:
         checkpoint = _due(step, train.checkpoint_every, train.max_steps)
         if not (checkpoint or _due(step, train.log_every, train.max_steps)):
             return
-        metrics = {**self.window.flush(self.engine, self.scheduler, grad_norm), **self.progress, **self.resume_info}
+        window = self.window.flush(self.engine, self.scheduler, grad_norm)
+        metrics = {**window, "peak_memory_gib": peak_memory_gib(self.device), **self.progress, **self.resume_info}
         if self.rank == 0 and self.job.eval_set is not None and _due(step, train.eval_every, train.max_steps):
             evaluation = _evaluate(self.config, self.ema, self.prompt_encoder, self.job.eval_set, self.device)
             metrics.update({f"eval_{k}": v for k, v in evaluation.items()})
@@ -205,6 +207,13 @@ def _configure_worker_logging(rank: int) -> None:
     package_logger.handlers[:] = [handler]
     package_logger.setLevel(logging.INFO)
     package_logger.propagate = False
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """The worker's peak memory so far: allocated on its GPU, else the process's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _due(step: int, every: int, max_steps: int) -> bool:

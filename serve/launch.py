@@ -14,6 +14,7 @@ import httpx
 import yaml
 
 SHIPPED_CONFIG = Path(__file__).resolve().parent / "config.yaml"
+SHIPPED_GPU_CONFIG = SHIPPED_CONFIG.with_name("config.gpu.yaml")
 
 
 def free_port() -> int:
@@ -24,11 +25,16 @@ def free_port() -> int:
 
 
 def local_config(
-    port: int, artifacts: dict, jobs: dict | None = None, limits: dict | None = None, args: dict | None = None
+    port: int,
+    artifacts: dict,
+    jobs: dict | None = None,
+    limits: dict | None = None,
+    args: dict | None = None,
+    shipped: Path = SHIPPED_CONFIG,
 ) -> dict:
-    """The shipped config on 127.0.0.1:`port` with `artifacts` ({export, trellis}); `jobs` updates the jobs section
+    """The `shipped` config on 127.0.0.1:`port` with `artifacts` ({export, trellis}); `jobs` updates the jobs section
     (its broker also reaches the JobRunner's autoscaling policy), or None removes the async jobs (and the JobRunner)."""
-    config = yaml.safe_load(SHIPPED_CONFIG.read_text())
+    config = yaml.safe_load(shipped.read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     application = config["applications"][0]
     application["args"].update(artifacts, **(args or {}))

@@ -20,6 +20,11 @@ from gap3d.trellis import export_mesh
 from serve.stage_calls import AlignRequest
 
 
+def replica_device() -> torch.device:
+    """The GPU Serve gave this replica (its ray_actor_options' num_gpus), else the CPU, as the Decoder chooses."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def check_deadline(deadline: float | None) -> None:
     """Raise Cancelled("deadline") for work whose requester has already given up on it."""
     CancelToken(deadline).check()
@@ -31,7 +36,7 @@ class PromptEncoderDeployment:
 
     def __init__(self, export_uri: str, vlm_path: str | None = None):
         export = load_export(export_uri, with_aligner=False)
-        self.encoder = load_prompt_encoder(export, vlm_path)
+        self.encoder = load_prompt_encoder(export, vlm_path, replica_device())
         self.info = {
             "vlm": self.encoder.config.path,
             "soft_tokens": list(self.encoder.soft_tokens.shape),
@@ -49,7 +54,8 @@ class PromptEncoderDeployment:
     def encode(self, prompt: str, image=None, deadline: float | None = None) -> np.ndarray:
         check_deadline(deadline)
         with torch.no_grad():
-            return self.encoder([prompt], None if image is None else [image])[0].float().numpy()  # (s, d_vlm)
+            latents = self.encoder([prompt], None if image is None else [image])[0]
+            return latents.float().cpu().numpy()  # (s, d_vlm)
 
 
 @serve.deployment
@@ -57,7 +63,7 @@ class AlignerDeployment:
     """AlignerDiT sampler; concurrent requests are batched, each keeping its own seed's noise."""
 
     def __init__(self, export_uri: str, max_batch_size: int, batch_wait_timeout_s: float):
-        self.export = load_export(export_uri)
+        self.export = load_export(export_uri, replica_device())
         self.align_batch.set_max_batch_size(max_batch_size)
         self.align_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         flow = self.export.config.flow
@@ -74,7 +80,7 @@ class AlignerDeployment:
     def _align_group(self, requests: list[AlignRequest]) -> np.ndarray:
         cond = torch.from_numpy(np.stack([r.cond for r in requests]))
         first = requests[0]
-        return align(self.export, cond, [r.seed for r in requests], first.steps, first.cfg_scale).numpy()
+        return align(self.export, cond, [r.seed for r in requests], first.steps, first.cfg_scale).cpu().numpy()
 
     @serve.batch  # size and wait are set per replica from serve/config.yaml (`aligner_batch:`)
     async def align_batch(self, requests: list[AlignRequest]) -> list[tuple[np.ndarray, int] | Cancelled]:

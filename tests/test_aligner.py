@@ -88,6 +88,18 @@ def test_rope_leaves_special_tokens_unrotated_and_rotates_patches_by_row_and_col
     assert sin[5 + 5, 2] == pytest.approx(torch.tensor(2.0).sin().item())
 
 
+def test_rope_in_bf16_stays_within_two_bf16_steps_of_the_float32_rotation():
+    cos, sin = rope_2d(grid_size=16, num_special=5, head_dim=64, theta=10000.0)
+    q = torch.randn(2, 4, 5 + 16 * 16, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    rotated = apply_rope(q, cos, sin)
+    assert rotated.dtype == torch.bfloat16
+    in_float32 = apply_rope(q.float(), cos, sin)  # what the rotation computed before it stayed in bf16
+    # A rotation keeps each channel pair's length: errors count in bf16 steps at that length (8 bits of mantissa).
+    length = in_float32.unflatten(-1, (-1, 2)).norm(dim=-1, keepdim=True).expand(-1, -1, -1, -1, 2).flatten(-2)
+    step = 2.0 ** (torch.floor(torch.log2(length)) - 7)
+    assert ((rotated.float() - in_float32).abs() / step).max() <= 2.0
+
+
 def test_rope_preserves_norms_and_relative_positions():
     cos, sin = rope_2d(grid_size=4, num_special=5, head_dim=8, theta=100.0)
     q = torch.randn(1, 1, 21, 8)

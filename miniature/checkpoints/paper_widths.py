@@ -81,10 +81,12 @@ def write_paper_width_vlm(
     text_layers: int = QWEN25_VL_3B_TEXT_LAYERS,
     vision_layers: int = QWEN25_VL_3B_VISION_LAYERS,
     weights: bool = True,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """A Qwen2.5-VL-3B-width VLM (random weights, or config.json alone) + tokenizer + image processor at `out_dir`."""
+    """A Qwen2.5-VL-3B-width VLM (random weights in `dtype`, or config.json alone) + tokenizer + image processor at
+    `out_dir`."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
 
     out_dir = Path(out_dir)
@@ -93,7 +95,7 @@ def write_paper_width_vlm(
     if weights:
         torch.manual_seed(seed)
         with torch.device(device):
-            Qwen2_5_VLForConditionalGeneration(config).save_pretrained(out_dir)
+            Qwen2_5_VLForConditionalGeneration(config).to(dtype).save_pretrained(out_dir)
     else:
         config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -102,16 +104,21 @@ def write_paper_width_vlm(
 
 
 def write_paper_width_dino(
-    out_dir: str | Path, layers: int = DINOV2_LARGE_LAYERS, weights: bool = True, device: str = "cpu", seed: int = 0
+    out_dir: str | Path,
+    layers: int = DINOV2_LARGE_LAYERS,
+    weights: bool = True,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """A DINOv2 ViT-L/14-reg (random weights, or config.json alone) at `out_dir`."""
+    """A DINOv2 ViT-L/14-reg (random weights in `dtype`, or config.json alone) at `out_dir`."""
     from transformers import Dinov2WithRegistersModel
 
     config = dinov2_large_config(layers)
     if weights:
         torch.manual_seed(seed)
         with torch.device(device):
-            Dinov2WithRegistersModel(config).save_pretrained(out_dir)
+            Dinov2WithRegistersModel(config).to(dtype).save_pretrained(out_dir)
     else:
         config.save_pretrained(out_dir)
     return Path(out_dir)

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from gap3d.trellis.config import (
+    OFFICIAL_SLAT_FLOW_ARGS,
+    OFFICIAL_SLAT_MESH_DECODER_ARGS,
     OFFICIAL_SLAT_SAMPLER,
     OFFICIAL_SPARSE_STRUCTURE_DECODER_ARGS,
     OFFICIAL_SPARSE_STRUCTURE_FLOW_ARGS,
@@ -77,6 +79,22 @@ TINY_SDF_BIAS = -0.2
 TINY_SDF_SCALE = 0.1
 TINY_COLOR_BIAS = 0.5
 TINY_COLOR_SCALE = 0.3
+
+# TRELLIS-image-large's models and checkpoint stems, for random release-size checkpoints (the GPU check).
+RELEASE_MODELS = {
+    SPARSE_STRUCTURE_FLOW: ("SparseStructureFlowModel", OFFICIAL_SPARSE_STRUCTURE_FLOW_ARGS),
+    SPARSE_STRUCTURE_DECODER: ("SparseStructureDecoder", OFFICIAL_SPARSE_STRUCTURE_DECODER_ARGS),
+    SLAT_FLOW: ("SLatFlowModel", OFFICIAL_SLAT_FLOW_ARGS),
+    SLAT_DECODER_MESH: ("SLatMeshDecoder", OFFICIAL_SLAT_MESH_DECODER_ARGS),
+}
+RELEASE_STEMS = {
+    SPARSE_STRUCTURE_FLOW: "ckpts/ss_flow_img_dit_L_16l8_fp16",
+    SPARSE_STRUCTURE_DECODER: "ckpts/ss_dec_conv3d_16l8_fp16",
+    SLAT_FLOW: "ckpts/slat_flow_img_dit_L_64l8p2_fp16",
+    SLAT_DECODER_MESH: "ckpts/slat_dec_mesh_swin8_B_64l8m256c_fp16",
+}
+# A real object's structure: about 12k of the 64^3 voxels (benchmarks/decoder.py's shell holds 12,496).
+RELEASE_OCCUPANCY = 0.05
 
 
 def tiny_model_specs(cond_dim: int = 64) -> dict[str, ModelSpec]:
@@ -164,16 +182,20 @@ def smooth_random_convs(decoder: nn.Module, generator: torch.Generator) -> None:
 
 
 def calibrate_occupancy(
-    flow: nn.Module, decoder: nn.Module, sampler: SamplerConfig, generator: torch.Generator
+    flow: nn.Module,
+    decoder: nn.Module,
+    sampler: SamplerConfig,
+    generator: torch.Generator,
+    occupancy: float = TINY_OCCUPANCY,
 ) -> None:
-    """Shift the tiny decoder's output bias so that on probe stage-1 samples (random conditions) the
-    median share of occupied voxels is TINY_OCCUPANCY."""
-    config = flow.config
-    noise = torch.randn(4, config.in_channels, *[config.resolution] * 3, generator=generator)
-    cond = torch.randn(4, 16, config.cond_channels, generator=generator)
+    """Shift the random decoder's output bias so that on probe stage-1 samples (random conditions) the
+    median share of occupied voxels is `occupancy`. The probes run on the flow's device."""
+    config, device = flow.config, next(flow.parameters()).device
+    noise = torch.randn(4, config.in_channels, *[config.resolution] * 3, generator=generator).to(device)
+    cond = torch.randn(4, 16, config.cond_channels, generator=generator).to(device)
     with torch.no_grad():
         logits = decoder(FlowEulerSampler(sampler).sample(flow, noise, cond)).flatten(1)  # (4, R^3)
-        thresholds = torch.quantile(logits, 1.0 - TINY_OCCUPANCY, dim=1)
+        thresholds = torch.quantile(logits, 1.0 - occupancy, dim=1)
         decoder.out_layer[-1].bias -= thresholds.median()
 
 
@@ -193,12 +215,39 @@ def write_tiny_trellis(
     `extra_specs` adds or replaces models in ckpts/ and pipeline.json.
     """
     specs = {**tiny_model_specs(cond_dim), **(tiny_stage2_specs(cond_dim) if stage2 else {}), **(extra_specs or {})}
+    root = write_random_trellis(out_dir, specs, steps, seed, slat_normalization)
+    logger.info("wrote tiny TRELLIS checkpoint (cond_dim %d) to %s", cond_dim, root)
+    return root
+
+
+def write_release_size_trellis(out_dir: str | Path, device: str | torch.device = "cuda", seed: int = 0) -> Path:
+    """A random TRELLIS-image-large: the release's architectures, checkpoint stems and samplers (25 steps), its
+    stage-1 occupancy calibrated on `device` to an object's share of the grid, so stage 2 decodes an object-sized
+    structure. Float32 weights, about 4.5 GB."""
+    specs = {
+        name: ModelSpec(RELEASE_STEMS[name], class_name, args) for name, (class_name, args) in RELEASE_MODELS.items()
+    }
+    steps = OFFICIAL_SPARSE_STRUCTURE_SAMPLER.steps
+    return write_random_trellis(out_dir, specs, steps, seed, device=device, occupancy=RELEASE_OCCUPANCY)
+
+
+def write_random_trellis(
+    out_dir: str | Path,
+    specs: dict[str, ModelSpec],
+    steps: int,
+    seed: int,
+    slat_normalization: dict[str, list[float]] | None = None,
+    device: str | torch.device = "cpu",
+    occupancy: float = TINY_OCCUPANCY,
+) -> Path:
+    """Random weights for `specs` (shaped as the TINY_* constants say), stage-1 occupancy calibrated on `device`,
+    the release's samplers at `steps`, written in the release layout at `out_dir`."""
     generator = torch.Generator().manual_seed(seed)
-    if stage2 and slat_normalization is None:
+    if SLAT_FLOW in specs and slat_normalization is None:
         slat_normalization = tiny_slat_normalization(generator)
     models = {}
     for name, spec in specs.items():
-        models[name] = build_model({"name": spec.class_name, "args": spec.args}, f"tiny spec {name}")
+        models[name] = build_model({"name": spec.class_name, "args": spec.args}, f"random spec {name}")
         randomize(models[name], generator)
     smooth_random_convs(models[SPARSE_STRUCTURE_DECODER], generator)
     with torch.no_grad():
@@ -208,7 +257,8 @@ def write_tiny_trellis(
     if SLAT_DECODER_MESH in models:
         shape_tiny_mesh_decoder(models[SLAT_DECODER_MESH])
     sampler = SamplerConfig(**{**OFFICIAL_SPARSE_STRUCTURE_SAMPLER.__dict__, "steps": steps})
-    calibrate_occupancy(models[SPARSE_STRUCTURE_FLOW], models[SPARSE_STRUCTURE_DECODER], sampler, generator)
+    flow, decoder = (models[name].to(device) for name in (SPARSE_STRUCTURE_FLOW, SPARSE_STRUCTURE_DECODER))
+    calibrate_occupancy(flow, decoder, sampler, generator, occupancy)
     slat_sampler = SamplerConfig(**{**OFFICIAL_SLAT_SAMPLER.__dict__, "steps": steps})
     pipeline = PipelineConfig(
         models={name: spec.stem for name, spec in specs.items()},
@@ -216,6 +266,4 @@ def write_tiny_trellis(
         slat_sampler=slat_sampler,
         slat_normalization=slat_normalization,
     )
-    root = write_trellis_checkpoint(out_dir, specs, models, pipeline)
-    logger.info("wrote tiny TRELLIS checkpoint (cond_dim %d) to %s", cond_dim, root)
-    return root
+    return write_trellis_checkpoint(out_dir, specs, models, pipeline)
