@@ -96,7 +96,7 @@ def write_checkpoints(root: Path, device: torch.device) -> dict[str, Path]:
 
 
 def write_trellis(root: Path, token_dim: int, device: torch.device) -> Path:
-    """TRELLIS-image-large's layout and sizes on a GPU; on the CPU the tiny stage 1 that serve/config.yaml decodes."""
+    """TRELLIS-image-large's layout and sizes on a GPU; on the CPU a tiny random stage 1."""
     if device.type == "cuda":
         return write_release_size_trellis(root / "trellis", device=device)
     return write_tiny_trellis(root / "trellis", cond_dim=token_dim, stage2=False)
@@ -185,9 +185,10 @@ def check_export(figures: Figures, checkpoint: str, workdir: Path) -> Path:
 
 
 def service_config(port: int, artifacts: dict, jobs: dict, device: torch.device) -> dict:
-    """serve/config.yaml on the CPU; on a GPU serve/config.gpu.yaml scaled to one GPU and one replica each."""
+    """serve/config.yaml on the CPU (stage 1 only, as the random tiny release has no trained stage 2 to time); on a
+    GPU serve/config.gpu.yaml scaled to one GPU and one replica each."""
     if device.type != "cuda":
-        return local_config(port, artifacts, jobs=jobs)
+        return local_config(port, artifacts, jobs=jobs, args={"decoder_stages": "coarse"})
     config = local_config(port, artifacts, jobs=jobs, args={"api_keys_file": None}, shipped=SHIPPED_GPU_CONFIG)
     config["proxy_location"] = "HeadOnly"
     for deployment in config["applications"][0]["deployments"]:
