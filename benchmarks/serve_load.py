@@ -372,7 +372,9 @@ def main() -> None:
     mode = "throughput_optimized" if args.throughput_optimized else "default"
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        config = local_config(free_port(), artifacts, jobs=None)
+        # The random tiny artifacts have stage 1 only; given artifacts are served as serve/config.yaml says.
+        stages = None if args.export else {"decoder_stages": "coarse"}
+        config = local_config(free_port(), artifacts, jobs=None, args=stages)
         app_args = config["applications"][0]["args"]
         base = serve_run(config, workdir / "config.yaml", ray.get_runtime_context().gcs_address)
         if args.hostile:
