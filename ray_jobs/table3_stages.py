@@ -36,6 +36,7 @@ class Table3Settings:
     untrained_arm: bool = False  # also decode an untrained aligner's tokens (what training adds)
     trellis_text: str = ""  # a TRELLIS-text release: the TRELLIS-text arm; "" leaves it out
     text_encoder: str = ""  # overrides the text release's text_cond_model
+    decoder_stages: str = "auto"  # TRELLIS stages per asset, as Decoder.from_pretrained(stages=): auto, coarse, full
     actors: int = 1  # actors per stage; both stages' actors and the Parquet reads must fit the cluster's CPUs together
     num_cpus: float = 1.0  # CPUs per actor
     num_gpus: float = 0.0  # GPUs per actor
@@ -51,6 +52,8 @@ class Table3Settings:
             raise ValueError(
                 f"table3.num_gpus and table3.sheet_rows must be >= 0, got {self.num_gpus}, {self.sheet_rows}"
             )
+        if self.decoder_stages not in ("auto", "coarse", "full"):
+            raise ValueError(f"table3.decoder_stages must be auto, coarse or full, got {self.decoder_stages!r}")
         if not self.dino:
             raise ValueError(
                 "table3.dino must name a DINOv2 checkpoint: FD and KD on DINOv2 features are always reported"
@@ -62,9 +65,15 @@ class Table3Settings:
 
 
 TABLE3_PRESETS = {
-    # The miniature: tiny encoders' features, a tiny random CLIP (plumbing only), the untrained arm as a floor.
+    # The miniature: tiny encoders' features, a tiny random CLIP (plumbing only), the untrained arm as a floor;
+    # stage 1 alone, as three arms' full decodes and renders of their 10-55k-face meshes take minutes on 2 cores.
     "tiny": Table3Settings(
-        inception="", dino="tiny://dino", dino_image_size=112, clip="tiny://clip", untrained_arm=True
+        inception="",
+        dino="tiny://dino",
+        dino_image_size=112,
+        clip="tiny://clip",
+        untrained_arm=True,
+        decoder_stages="coarse",
     ),
     "paper": Table3Settings(actors=8, num_gpus=1.0, batch_size=8),
 }
@@ -84,7 +93,7 @@ class GenerateArms:
         config = self.export.config
         self.encoder = PromptEncoder.from_pretrained(config.vlm, device).eval()
         self.initial_tokens = self.encoder.soft_tokens.detach().clone()  # what an untrained run starts from
-        self.decoder = Decoder.from_pretrained(trellis, device)
+        self.decoder = Decoder.from_pretrained(trellis, device, stages=settings.decoder_stages)
         check_decoder_matches(self.export, self.decoder)
         self.untrained = None
         if settings.untrained_arm:

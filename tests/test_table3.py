@@ -123,3 +123,11 @@ def test_a_table3_value_out_of_range_fails_naming_the_key():
 
     with pytest.raises(ValueError, match="table3.actors must be >= 1"):
         load_job_config("tiny", overrides=["table3.actors=0"], sections=TABLE3_SECTION)
+
+
+def test_an_unknown_decoder_stage_fails_naming_the_choices():
+    from gap3d.config import load_job_config
+    from ray_jobs.table3_stages import TABLE3_SECTION
+
+    with pytest.raises(ValueError, match="table3.decoder_stages must be auto, coarse or full"):
+        load_job_config("tiny", overrides=["table3.decoder_stages=fine"], sections=TABLE3_SECTION)
