@@ -91,6 +91,24 @@ class SparseSubdivideBlock3d(nn.Module):
         return h + self.skip_connection(self.sub(x))
 
 
+def swin_blocks(width: int, config) -> nn.ModuleList:
+    """The structured-latent VAE's transformer: config.num_blocks sparse blocks, windows shifted every other block
+    under attn_mode "swin" (shared by SLatEncoder and SLatMeshDecoder, as TRELLIS's SparseTransformerBase is)."""
+    swin = config.attn_mode == "swin"
+    return nn.ModuleList(
+        sp.SparseTransformerBlock(
+            width,
+            config.num_heads,
+            mlp_ratio=config.mlp_ratio,
+            attn_mode="windowed" if swin else "full",
+            window_size=config.window_size,
+            shift_window=config.window_size // 2 * (i % 2) if swin else 0,
+            qk_rms_norm=config.qk_rms_norm,
+        )
+        for i in range(config.num_blocks)
+    )
+
+
 class SLatMeshDecoder(nn.Module):
     config_class = SLatMeshDecoderConfig
 
@@ -99,18 +117,7 @@ class SLatMeshDecoder(nn.Module):
         self.config = config
         width = config.model_channels
         self.input_layer = sp.SparseLinear(config.latent_channels, width)
-        self.blocks = nn.ModuleList(
-            sp.SparseTransformerBlock(
-                width,
-                config.num_heads,
-                mlp_ratio=config.mlp_ratio,
-                attn_mode="windowed" if config.attn_mode == "swin" else "full",
-                window_size=config.window_size,
-                shift_window=config.window_size // 2 * (i % 2) if config.attn_mode == "swin" else 0,
-                qk_rms_norm=config.qk_rms_norm,
-            )
-            for i in range(config.num_blocks)
-        )
+        self.blocks = swin_blocks(width, config)
         self.upsample = nn.ModuleList(
             [SparseSubdivideBlock3d(width, width // 4), SparseSubdivideBlock3d(width // 4, width // 8)]
         )

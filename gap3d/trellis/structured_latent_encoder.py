@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gap3d.trellis.sparse as sp
-from gap3d.trellis.structured_latent_decoder import ATTN_MODES
+from gap3d.trellis.structured_latent_decoder import ATTN_MODES, swin_blocks
 from gap3d.trellis.transformer import absolute_position_embedding
 
 
@@ -59,18 +59,7 @@ class SLatEncoder(nn.Module):
         self.config = config
         width = config.model_channels
         self.input_layer = sp.SparseLinear(config.in_channels, width)
-        self.blocks = nn.ModuleList(
-            sp.SparseTransformerBlock(
-                width,
-                config.num_heads,
-                mlp_ratio=config.mlp_ratio,
-                attn_mode="windowed" if config.attn_mode == "swin" else "full",
-                window_size=config.window_size,
-                shift_window=config.window_size // 2 * (i % 2) if config.attn_mode == "swin" else 0,
-                qk_rms_norm=config.qk_rms_norm,
-            )
-            for i in range(config.num_blocks)
-        )
+        self.blocks = swin_blocks(width, config)
         self.out_layer = sp.SparseLinear(width, 2 * config.latent_channels)
         self.torso_dtype = torch.float32
         self.initialize_weights()
