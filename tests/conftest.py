@@ -98,6 +98,23 @@ def tiny_config():
     return derive_shapes(load_config("tiny"))
 
 
+SHORT_RUN_STEPS = 400  # enough for the tiny aligner to use the prompt on held-out pairs
+SHORT_RUN_SCENES = 600  # the synthetic world it trains on (its train split), seed 0
+
+
+@pytest.fixture(scope="session")
+def short_run():
+    """(config, world, trained): the tiny aligner trained in process for SHORT_RUN_STEPS on a SHORT_RUN_SCENES world.
+    The learning test scores it and Table 3's test evaluates it; training is seeded, so sharing it changes no figure."""
+    from gap3d.build import derive_shapes
+    from gap3d.config import load_config
+    from miniature.experiment import encode_world, train_in_process
+
+    config = derive_shapes(load_config("tiny", overrides=[f"train.max_steps={SHORT_RUN_STEPS}"]))
+    world = encode_world(config, SHORT_RUN_SCENES, seed=0)
+    return config, world, train_in_process(config, world.train, SHORT_RUN_STEPS)
+
+
 @pytest.fixture(scope="session")
 def redis_broker():
     """A real Redis server on 127.0.0.1 (the async jobs' broker); yields its redis:// URL."""

@@ -1,12 +1,12 @@
 """Table 3 in the miniature, as a test that can fail (issue 32 item 6).
 
-An aligner trained in this process on the tiny world, the shipped tiny TRELLIS (tiny://trellis; stage 1, as the
-tiny table3 preset decodes), and the demo's held-out objects (shape x colour pairs no training image showed) as the
-evaluation set: the 3D job's FD and KD on DINOv2 features must put the reference (TRELLIS on the true tokens of each
-object's image) and GAP3D (tokens generated from the caption) far below an untrained aligner, and FD the reference
-below GAP3D (with the earlier, weaker stage-1 release the two tied: 5.17 against 5.02). The CLIP score runs end to
-end on a tiny random CLIP (tiny://clip), and a TRELLIS-text arm on a tiny random text release conditioned by that
-CLIP's text tower: both plumbing only, their figures mean nothing.
+The aligner the learning test trains in process on the tiny world (the session's `short_run`), the shipped tiny
+TRELLIS (tiny://trellis; stage 1, as the tiny table3 preset decodes), and the demo's held-out objects (shape x
+colour pairs no training image showed) as the evaluation set: the 3D job's FD and KD on DINOv2 features must put the
+reference (TRELLIS on the true tokens of each object's image) and GAP3D (tokens generated from the caption) far
+below an untrained aligner, and FD the reference below GAP3D (with the earlier, weaker stage-1 release the two tied:
+5.17 against 5.02). The CLIP score runs end to end on a tiny random CLIP (tiny://clip), and a TRELLIS-text arm on a
+tiny random text release conditioned by that CLIP's text tower: both plumbing only, their figures mean nothing.
 """
 
 import dataclasses
@@ -17,17 +17,12 @@ import shutil
 import pytest
 
 from cli.table3_miniature import run_miniature_table3
-from gap3d.build import derive_shapes
-from gap3d.config import load_config
 from gap3d.export import save_export
 from gap3d.trellis.config import TEXT_PIPELINE
 from miniature.checkpoints import tiny_checkpoint
 from miniature.checkpoints.trellis import write_tiny_trellis
-from miniature.experiment import encode_world, train_in_process
 from ray_jobs.table3_stages import TABLE3_PRESETS
 
-STEPS = 400  # the learning test's run: enough to use the prompt on held-out pairs
-NUM_SCENES = 600  # the world the aligner trains on (its train split)
 DEMO_SAMPLES = 1000  # the demo's world, whose held-out objects are evaluated
 OBJECTS = 36  # 144 FD views per arm: FD on 64-d features of fewer is noisy
 CLIP_WIDTH = 32  # tiny://clip's text width, the text release's condition width
@@ -36,15 +31,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def config():
-    return derive_shapes(load_config("tiny", overrides=[f"train.max_steps={STEPS}"]))
+def config(short_run):
+    return short_run[0]
 
 
 @pytest.fixture(scope="module")
-def export(config, tmp_path_factory):
-    trained = train_in_process(config, encode_world(config, NUM_SCENES, seed=0).train, STEPS)
+def export(short_run, tmp_path_factory):
+    config, _, trained = short_run
     soft_tokens = None if trained.prompt_encoder is None else trained.prompt_encoder.soft_tokens
-    return str(save_export(tmp_path_factory.mktemp("export"), trained.aligner.state_dict(), soft_tokens, config, STEPS))
+    out = tmp_path_factory.mktemp("export")
+    return str(save_export(out, trained.aligner.state_dict(), soft_tokens, config, config.train.max_steps))
 
 
 @pytest.fixture(scope="module")

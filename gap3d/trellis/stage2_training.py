@@ -48,7 +48,8 @@ class Stage2Config:
     vae_blocks: int = 2  # transformer blocks of encoder and decoder (12 in the release)
     vae_heads: int = 4  # attention heads of encoder and decoder
     window_size: int = 8  # swin window side in voxels
-    vae_steps: int = 1500  # VAE optimiser steps, one object each
+    vae_steps: int = 1500  # VAE optimiser steps
+    vae_batch_size: int = 1  # objects per VAE step (one object's colour is all a step sees at 1)
     vae_lr: float = 3e-4  # AdamW learning rate of the VAE (constant)
     kl_weight: float = 1e-6  # weight of the KL term (TRELLIS's structured-latent VAE)
     crop: int = 8  # the decoder trains on the voxels of a random crop of this side
@@ -73,7 +74,15 @@ class Stage2Config:
     seed: int = 0  # initial weights, crops, batches, noise
 
     def __post_init__(self):
-        for name in ("resolution", "latent_channels", "vae_blocks", "flow_blocks", "crop", "flow_batch_size"):
+        for name in (
+            "resolution",
+            "latent_channels",
+            "vae_blocks",
+            "flow_blocks",
+            "crop",
+            "vae_batch_size",
+            "flow_batch_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"stage2.{name} must be >= 1, got {getattr(self, name)}")
         if self.decoder_width % 256:
@@ -207,23 +216,34 @@ class Stage2Trainer:
         return torch.nonzero(((voxels >= low) & (voxels < low + self.config.crop)).all(dim=1))[:, 0]
 
     def vae_step(self) -> dict[str, torch.Tensor]:
-        """One object: encode every voxel, decode a crop's, supervise the fine cubes' corners with its fields."""
+        """A batch of objects: encode every voxel, decode a crop's, supervise the fine cubes' corners with the
+        objects' fields."""
         config = self.config
-        index = int(self.rng.integers(len(self.voxels)))
-        coords = F.pad(self.voxels[index].int(), (1, 0))
-        mean, logvar = self.models[SLAT_ENCODER](sp.SparseTensor(self.features[index].float(), coords))
+        batch = self.rng.integers(len(self.voxels), size=config.vae_batch_size).tolist()
+        coords = torch.cat([F.pad(self.voxels[i].int(), (1, 0), value=row) for row, i in enumerate(batch)])
+        features = torch.cat([self.features[i].float() for i in batch])
+        mean, logvar = self.models[SLAT_ENCODER](sp.SparseTensor(features, coords))
         latent = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=self.generator)
-        rows = self._crop(index)
+        offsets = np.cumsum([0] + [len(self.voxels[i]) for i in batch])
+        rows = torch.cat([offsets[row] + self._crop(i) for row, i in enumerate(batch)])
         cubes = self.models[SLAT_DECODER_MESH](sp.SparseTensor(latent[rows], coords[rows]))
-        fine = SUBDIVISION * config.resolution
-        points = corner_points(cubes.coords[:, 1:], fine)  # (M, 8, 3)
-        sdf, color = self.fields(index, points.reshape(-1, 3).numpy())
-        sdf = torch.as_tensor(sdf, dtype=torch.float32).reshape(-1, 8)
-        color = torch.as_tensor(np.broadcast_to(color, (sdf.numel(), 3)).copy(), dtype=torch.float32).reshape(-1, 8, 3)
-        terms = decoder_targets(cubes.feats, sdf, color, fine, config)
+        sdf, color = self._corner_targets(batch, cubes.coords)
+        terms = decoder_targets(cubes.feats, sdf, color, SUBDIVISION * config.resolution, config)
         terms["kl"] = kl_to_standard_normal(mean, logvar)
         terms["loss"] = terms["loss"] + config.kl_weight * terms["kl"]
         return terms
+
+    def _corner_targets(self, batch: list[int], cube_coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """True signed distances (M, 8) and colours (M, 8, 3) at the corners of fine cubes (M, 4) [row, x, y, z], each
+        cube's from the fields of the object `batch[row]`."""
+        points = corner_points(cube_coords[:, 1:], SUBDIVISION * self.config.resolution)  # (M, 8, 3)
+        sdf, color = torch.empty(points.shape[:2]), torch.empty(points.shape)
+        for row, index in enumerate(batch):
+            mine = cube_coords[:, 0] == row
+            distance, rgb = self.fields(index, points[mine].reshape(-1, 3).numpy())
+            sdf[mine] = torch.as_tensor(distance, dtype=torch.float32).reshape(-1, 8)
+            color[mine] = torch.as_tensor(rgb, dtype=torch.float32).expand(len(distance), 3).reshape(-1, 8, 3)
+        return sdf, color
 
     def flow_step(self) -> dict[str, torch.Tensor]:
         """A batch of objects' normalised latents through TRELLIS's flow objective on their voxels."""

@@ -54,13 +54,14 @@ class TinyTrellisRecipe:
 
 
 # The shipped release's recipe: a wider stage-1 flow trained longer on more scenes than Stage1Config's defaults, so
-# that it reads each object's turn from its render; stage 2 on a grid half stage 1's, for the CPU (docs/miniature.md).
+# that it reads each object's turn from its render; stage 2 on a grid half stage 1's, for the CPU, its VAE on batches of
+# objects so that colour is learned beside shape (docs/miniature.md).
 RECIPE = TinyTrellisRecipe(
     stage1=Stage1Config(
         vae_steps=500, flow_width=160, flow_blocks=6, flow_heads=5, flow_steps=5000, flow_batch_size=32
     ),
     scenes=4000,
-    stage2=Stage2Config(),
+    stage2=Stage2Config(vae_steps=2000, vae_batch_size=4, crop=6, vae_lr=5e-4, color_weight=3.0),
     stage2_scenes=800,
 )
 
