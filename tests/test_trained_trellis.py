@@ -151,6 +151,9 @@ def test_stage2_gives_unseen_objects_their_colour_and_shape_far_above_random_wei
     random = stage2_scores(with_random_stage2(shipped, tmp_path / "random"), scenes, occupancy, tokens)
     # The shipped stage 2 gives every colour its own (150 held-out objects of its recipe's seed: 1.00 each).
     assert min(trained["color"]["per_class"].values()) >= 0.8, trained["color"]
-    assert trained["color"]["accuracy"] >= random["color"]["accuracy"] + 0.5, (trained["color"], random["color"])
+    assert trained["color"]["accuracy"] >= max(random["color"]["accuracy"] + 0.5, 3 * random["color"]["accuracy"]), (
+        trained["color"],
+        random["color"],
+    )
     # A random stage 2 still meshes inside stage 1's (trained) structure, so its IoU is far from zero (0.26).
     assert trained["structure"]["iou"] >= random["structure"]["iou"] + 0.15, (trained["structure"], random["structure"])
