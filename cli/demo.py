@@ -46,6 +46,7 @@ logger = logging.getLogger("gap3d.demo")
 
 PICTURE_ROWS = 8  # held-out prompts drawn in alignment.png
 SCORED_PER_PAIR = 4  # held-out captions per shape x colour pair generated over HTTP and scored
+CONCURRENT_REQUESTS = 2  # generations in flight: the Decoder scales to two single-threaded replicas, one per core
 TABLE3_OBJECTS = 24  # held-out objects of the Table-3 job (docs/evaluation_3d.md)
 
 
@@ -79,7 +80,9 @@ def run_demo(args: argparse.Namespace) -> dict:
     try:
         with stage("synthetic data", timings):
             # Rendered at the encoder's input size: real shards come larger and get resized, which only costs time.
-            synth = write_synth(str(raw), num=args.num_samples, seed=args.seed, image_size=config.dino.image_size)
+            synth = write_synth(
+                str(raw), args.num_samples, args.seed, image_size=config.dino.image_size, workers=os.cpu_count() or 1
+            )
         with stage("preprocessing (Ray Data)", timings):
             preprocess = run_preprocess(config, sections["encode"], str(raw), str(features))
         with stage("training (Ray Train + DeepSpeed)", timings):
@@ -103,7 +106,7 @@ def run_demo(args: argparse.Namespace) -> dict:
             broker = start_redis(broker_port)
             base = start_service(workdir, args.port, f"redis://127.0.0.1:{broker_port}/0")
             rows = rows_per_pair(evaluation.eval_set.keys, args.seed, SCORED_PER_PAIR)
-            served = generate_held_out(base, evaluation.eval_set, rows, workdir / "assets")
+            served = generate_held_out(base, evaluation.eval_set, rows, workdir / "assets", CONCURRENT_REQUESTS)
         with stage("scoring the served assets", timings):
             resolution = evaluation.report["structure"]["resolution"]
             service = score_served(served, evaluation.eval_set, str(raw / "eval-*.tar"), resolution)

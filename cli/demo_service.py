@@ -4,6 +4,7 @@
 import io
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,21 +79,28 @@ def embed(base: str, body: dict) -> np.ndarray:
     return np.load(io.BytesIO(response.content))
 
 
-def generate_held_out(base: str, eval_set: EvalSet, rows: list[int], out_dir: Path) -> list[ServedAsset]:
-    """One asset per held-out row's caption (seed = the row), the last through the async job route."""
+def generate_held_out(
+    base: str, eval_set: EvalSet, rows: list[int], out_dir: Path, concurrency: int = 1
+) -> list[ServedAsset]:
+    """One asset per held-out row's caption (seed = the row), `concurrency` requests in flight at a time (the
+    Decoder deployment scales out to meet them), the last row through the async job route."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    served = []
-    for index, row in enumerate(rows):
-        body = {"prompt": eval_set.captions[row], "seed": row}
-        as_job = index == len(rows) - 1
-        response, seconds = generate_as_job(base, body) if as_job else generate_now(base, body)
-        path = out_dir / f"{row:04d}_{body['prompt'].replace(' ', '_')}.glb"
-        path.write_bytes(response.content)
-        stage_ms = {stage: round(value * 1000, 1) for stage, value in seconds.items()}
-        route = "/v1/jobs" if as_job else "/v1/generate"
-        served.append(ServedAsset(row, body["prompt"], route, path, embed(base, body), stage_ms))
+    with ThreadPoolExecutor(concurrency) as pool:
+        served = list(pool.map(lambda row: generate_one(base, eval_set, row, out_dir, as_job=False), rows[:-1]))
+    served += [generate_one(base, eval_set, row, out_dir, as_job=True) for row in rows[-1:]]
     logger.info("received %d assets over HTTP in %s", len(served), out_dir)
     return served
+
+
+def generate_one(base: str, eval_set: EvalSet, row: int, out_dir: Path, as_job: bool) -> ServedAsset:
+    """Row `row`'s caption generated over HTTP (seed = the row), its GLB written under `out_dir`."""
+    body = {"prompt": eval_set.captions[row], "seed": row}
+    response, seconds = generate_as_job(base, body) if as_job else generate_now(base, body)
+    path = out_dir / f"{row:04d}_{body['prompt'].replace(' ', '_')}.glb"
+    path.write_bytes(response.content)
+    stage_ms = {stage: round(value * 1000, 1) for stage, value in seconds.items()}
+    route = "/v1/jobs" if as_job else "/v1/generate"
+    return ServedAsset(row, body["prompt"], route, path, embed(base, body), stage_ms)
 
 
 def score_served(served: list[ServedAsset], eval_set: EvalSet, shards: str, resolution: int) -> dict:

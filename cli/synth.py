@@ -1,12 +1,14 @@
 """Render the synthetic image-caption world into WebDataset tar shards (train/eval splits).
 
-    python -m cli synth --out URI --num N [--seed S] [--shard-size K] [--image-size PX]
+    python -m cli synth --out URI --num N [--seed S] [--shard-size K] [--image-size PX] [--workers W]
 
-Same arguments give the same bytes. Prints the summary (also written as synth.json) as one JSON line.
+Same arguments give the same bytes, whatever the number of worker processes. Prints the summary (also written as
+synth.json) as one JSON line.
 """
 
 import argparse
 import json
+import os
 import sys
 
 from miniature.shards import write_synth
@@ -22,13 +24,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="same seed and arguments give the same bytes")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
     parser.add_argument("--image-size", type=int, default=224, help="image side in pixels")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="rendering processes (default: CPUs)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging()
-    summary = write_synth(args.out, args.num, seed=args.seed, shard_size=args.shard_size, image_size=args.image_size)
+    summary = write_synth(args.out, args.num, args.seed, args.shard_size, args.image_size, workers=args.workers)
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
 

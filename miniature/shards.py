@@ -7,11 +7,15 @@ the held-out pairs and the attribute vocabulary (`attributes`, what the evaluati
 Output bytes depend only on the arguments.
 """
 
+import contextlib
+import functools
 import io
 import json
 import logging
+import multiprocessing
 import tarfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
@@ -112,35 +116,47 @@ def _write_json(out_uri: str, name: str, payload: dict) -> None:
     fs.pipe_file(storage.join(root, name), json.dumps(payload, indent=2, sort_keys=True).encode())
 
 
-def write_synth(out_uri: str, num: int, seed: int = 0, shard_size: int = 1000, image_size: int = 224) -> dict:
+def sample_members(index: int, seed: int, image_size: int) -> tuple[str, dict[str, bytes]]:
+    """Sample `index`'s split and its shard members: image, caption, attributes and occupancy grid."""
+    scene = sample_scene(seed, index)
+    attributes = {**scene.attributes, "caption": scene.caption}
+    return scene.split, {
+        "png": encode_png(render_scene(scene, image_size)),
+        "txt": scene.caption.encode(),
+        "json": json.dumps(attributes, sort_keys=True).encode(),
+        "occupancy.npy": encode_occupancy(scene_occupancy(scene)),
+    }
+
+
+def write_synth(
+    out_uri: str, num: int, seed: int = 0, shard_size: int = 1000, image_size: int = 224, workers: int = 1
+) -> dict:
     """Render `num` samples into train/eval WebDataset shards under `out_uri`; returns the summary.
 
-    The summary (also written last, as `synth.json`) lists shards and counts per split, the held-out
-    pairs and the vocabulary.
+    `workers` processes render (the same bytes for any number). The summary (also written last, as `synth.json`)
+    lists shards and counts per split, the held-out pairs and the vocabulary.
     """
-    if num < 1 or shard_size < 1:
-        raise ValueError(f"--num and --shard-size must be positive, got num={num}, shard_size={shard_size}")
+    if num < 1 or shard_size < 1 or workers < 1:
+        raise ValueError(
+            f"--num, --shard-size and --workers must be positive, got num={num}, shard_size={shard_size}, "
+            f"workers={workers}"
+        )
     if image_size < 16:
         raise ValueError(f"--image-size must be at least 16 pixels, got {image_size}")
     writers = {split: ShardWriter(out_uri, split, shard_size) for split in SPLITS}
     counts = dict.fromkeys(SPLITS, 0)
     start = time.perf_counter()
-    for index in range(num):
-        scene = sample_scene(seed, index)
-        attributes = {**scene.attributes, "caption": scene.caption}
-        writers[scene.split].add(
-            f"{index:08d}",
-            {
-                "png": encode_png(render_scene(scene, image_size)),
-                "txt": scene.caption.encode(),
-                "json": json.dumps(attributes, sort_keys=True).encode(),
-                "occupancy.npy": encode_occupancy(scene_occupancy(scene)),
-            },
-        )
-        counts[scene.split] += 1
-        if (index + 1) % 500 == 0 or index + 1 == num:
-            elapsed = time.perf_counter() - start
-            logger.info("rendered %d/%d samples (%.0f images/s)", index + 1, num, (index + 1) / elapsed)
+    make = functools.partial(sample_members, seed=seed, image_size=image_size)
+    # Spawned, not forked: the caller may hold threads (a Ray driver does). Results come back in index order.
+    spawned = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    with spawned or contextlib.nullcontext():
+        samples = spawned.map(make, range(num), chunksize=16) if spawned else map(make, range(num))
+        for index, (split, members) in enumerate(samples):
+            writers[split].add(f"{index:08d}", members)
+            counts[split] += 1
+            if (index + 1) % 500 == 0 or index + 1 == num:
+                elapsed = time.perf_counter() - start
+                logger.info("rendered %d/%d samples (%.0f images/s)", index + 1, num, (index + 1) / elapsed)
     for writer in writers.values():
         writer.close()
     _warn_about_stale_shards(out_uri, writers)

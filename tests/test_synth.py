@@ -66,6 +66,20 @@ def test_same_arguments_give_identical_bytes(synth_dir, tmp_path):
     assert all(first[name] == second[name] for name in first)
 
 
+def test_worker_processes_write_the_same_bytes_as_one(tmp_path):
+    write_synth(str(tmp_path / "one"), 40, seed=5, shard_size=16, image_size=48)
+    write_synth(str(tmp_path / "two"), 40, seed=5, shard_size=16, image_size=48, workers=2)
+    one = {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()}
+    two = {p.name: p.read_bytes() for p in (tmp_path / "two").iterdir()}
+    assert one.keys() == two.keys() and {"train-000001.tar", "eval-000000.tar", "synth.json"} <= one.keys()
+    assert all(one[name] == two[name] for name in one)
+
+
+def test_workers_below_one_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="workers=0"):
+        write_synth(str(tmp_path), 4, workers=0)
+
+
 def test_different_seeds_give_different_samples(tmp_path):
     write_synth(str(tmp_path / "a"), 8, seed=1, image_size=32)
     write_synth(str(tmp_path / "b"), 8, seed=2, image_size=32)
