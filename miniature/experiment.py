@@ -141,16 +141,20 @@ def train_in_process(config: Gap3DConfig, split: Split, steps: int, oracle: bool
     return Trained(aligner, encoder, seconds)
 
 
+def held_out_condition(config: Gap3DConfig, world: World, trained: Trained, oracle: bool = False) -> torch.Tensor:
+    """Each eval row's condition (B, s, d_vlm): its caption through the trained prompt encoder, or the oracle's."""
+    if oracle:
+        return oracle_condition(world.eval.labels, config)
+    if trained.prompt_encoder is None and world.eval.batch.latents is None:
+        raise ValueError("frozen soft tokens need features in soft_latents mode (vlm.trainable=false when encoding)")
+    return evaluation_condition(world.eval.batch, trained.prompt_encoder, torch.device("cpu"))
+
+
 def score(
     config: Gap3DConfig, world: World, trained: Trained, oracle: bool = False, flow: FlowConfig | None = None
 ) -> dict[str, float]:
     """Held-out metrics (gap3d.metrics.alignment_metrics) of tokens sampled from each eval row's condition."""
-    if oracle:
-        cond = oracle_condition(world.eval.labels, config)
-    elif trained.prompt_encoder is None and world.eval.batch.latents is None:
-        raise ValueError("frozen soft tokens need features in soft_latents mode (vlm.trainable=false when encoding)")
-    else:
-        cond = evaluation_condition(world.eval.batch, trained.prompt_encoder, torch.device("cpu"))
+    cond = held_out_condition(config, world, trained, oracle)
     return evaluate_alignment(trained.aligner, cond, world.eval_set(), flow or config.flow, seed=config.train.seed)
 
 
