@@ -25,11 +25,11 @@ from gap3d.trellis.config import (
 )
 from gap3d.trellis.loading import ModelSpec, build_model, write_trellis_checkpoint
 from gap3d.trellis.objectives import flow_loss, vae_loss
+from gap3d.trellis.phased_training import PhasedTrainer
 
 logger = logging.getLogger(__name__)
 
 SPARSE_STRUCTURE_ENCODER = "sparse_structure_encoder"  # the release ships it as ckpts/ss_enc_conv3d_16l8_fp16
-LOG_EVERY = 100  # steps between progress lines
 
 
 @dataclass
@@ -116,12 +116,10 @@ def model_specs(config: Stage1Config, cond_dim: int) -> dict[str, dict]:
     }
 
 
-def _named(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return dict(model.named_parameters())
-
-
-class Stage1Trainer:
+class Stage1Trainer(PhasedTrainer):
     """Trains the VAE, then the flow, on occupancy (N, R, R, R) bool and condition tokens (N, T, D)."""
+
+    stage = "stage 1"
 
     def __init__(self, config: Stage1Config, occupancy: torch.Tensor, cond: torch.Tensor):
         if occupancy.ndim != 4 or occupancy.shape[1:] != (config.resolution,) * 3:
@@ -148,7 +146,7 @@ class Stage1Trainer:
         self.flow_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.flow_optimizer, max(1, config.flow_steps), eta_min=config.flow_lr / 10
         )
-        self.ema = EMA(_named(self.flow), config.ema_decay)
+        self.ema = EMA(dict(self.flow.named_parameters()), config.ema_decay)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0  # VAE steps, then flow steps: vae_steps + flow_steps in all
         self.latents: torch.Tensor | None = None  # (N, C, r, r, r) posterior means, once the VAE is done
@@ -166,62 +164,39 @@ class Stage1Trainer:
     def flow(self) -> torch.nn.Module:
         return self.models[SPARSE_STRUCTURE_FLOW]
 
-    @property
-    def total_steps(self) -> int:
-        return self.config.vae_steps + self.config.flow_steps
-
     def _batch(self, size: int) -> torch.Tensor:
         return torch.randint(self.occupancy.shape[0], (size,), generator=self.generator)
 
-    def train_step(self) -> dict[str, float]:
-        """One optimiser step of the current phase (VAE, then flow); returns its loss terms."""
+    def vae_step(self) -> dict[str, torch.Tensor]:
+        """A batch of occupancy grids through the VAE's reconstruction and KL terms."""
         config = self.config
-        if self.step < config.vae_steps:
-            index = self._batch(config.vae_batch_size)
-            terms = vae_loss(
-                self.encoder,
-                self.decoder,
-                self.occupancy[index, None].float(),
-                self.generator,
-                config.kl_weight,
-                config.dice_weight,
-            )
-            optimizer = self.vae_optimizer
-        else:
-            if self.latents is None:
-                self._finish_vae()
-            index = self._batch(config.flow_batch_size)
-            terms = {
-                "flow": flow_loss(
-                    self.flow,
-                    self.latents[index],
-                    self.cond[index],
-                    self.generator,
-                    config.sigma_min,
-                    config.t_mean,
-                    config.t_std,
-                    config.p_uncond,
-                )
-            }
-            terms["loss"] = terms["flow"]
-            optimizer = self.flow_optimizer
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
-        if self.step >= config.vae_steps:
-            self.flow_schedule.step()
-            self.ema.update(_named(self.flow))
-        self.step += 1
-        values = {name: float(value.detach()) for name, value in terms.items()}
-        self.history.append({"step": self.step, **values})
-        if self.step % LOG_EVERY == 0 or self.step == self.total_steps:
-            logger.info(
-                "stage 1 step %d/%d %s",
-                self.step,
-                self.total_steps,
-                " ".join(f"{k} {v:.4f}" for k, v in values.items()),
-            )
-        return values
+        index = self._batch(config.vae_batch_size)
+        return vae_loss(
+            self.encoder,
+            self.decoder,
+            self.occupancy[index, None].float(),
+            self.generator,
+            config.kl_weight,
+            config.dice_weight,
+        )
+
+    def flow_step(self) -> dict[str, torch.Tensor]:
+        """A batch of latents through TRELLIS's flow objective, conditioned on their tokens."""
+        config = self.config
+        if self.latents is None:
+            self._finish_vae()
+        index = self._batch(config.flow_batch_size)
+        loss = flow_loss(
+            self.flow,
+            self.latents[index],
+            self.cond[index],
+            self.generator,
+            config.sigma_min,
+            config.t_mean,
+            config.t_std,
+            config.p_uncond,
+        )
+        return {"flow": loss, "loss": loss}
 
     @torch.no_grad()
     def encode(self, occupancy: torch.Tensor) -> torch.Tensor:
@@ -244,14 +219,6 @@ class Stage1Trainer:
             float(scale),
             tuple(self.latents.shape),
         )
-
-    def fit(self) -> list[dict]:
-        """Run to vae_steps + flow_steps from wherever the trainer stands; returns the per-step losses."""
-        while self.step < self.total_steps:
-            self.train_step()
-        if self.latents is None:
-            self._finish_vae()
-        return self.history
 
     def flow_for_release(self) -> torch.nn.Module:
         """The flow with its EMA weights (what the release ships)."""

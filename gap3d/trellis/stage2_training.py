@@ -27,12 +27,12 @@ from gap3d.trellis.config import SLAT_DECODER_MESH, SLAT_FLOW, PipelineConfig, S
 from gap3d.trellis.loading import ModelSpec, build_model, write_trellis_checkpoint
 from gap3d.trellis.mesh_extraction import CUBE_CORNERS
 from gap3d.trellis.objectives import diffuse, drop_condition, kl_to_standard_normal, sample_time, velocity_target
+from gap3d.trellis.phased_training import PhasedTrainer
 from gap3d.trellis.sampler import MODEL_TIME_SCALE
 
 logger = logging.getLogger(__name__)
 
 SLAT_ENCODER = "slat_encoder"  # the release ships it as ckpts/slat_enc_swin8_B_64l8_fp16
-LOG_EVERY = 100  # steps between progress lines
 SUBDIVISION = 4  # the mesh decoder's cubes per voxel side (two subdivisions)
 # An object's ground truth as fields: (object index, points (P, 3) in TRELLIS's frame) -> (signed distance (P,),
 # negative inside; colour (3,) in [0, 1] or (P, 3)).
@@ -161,13 +161,11 @@ def decoder_targets(
     return terms
 
 
-def _named(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return dict(model.named_parameters())
-
-
-class Stage2Trainer:
+class Stage2Trainer(PhasedTrainer):
     """Trains the structured-latent VAE, then the flow, on each object's voxels (M_i, 3) at config.resolution, their
     features (M_i, F), condition tokens (N, T, D) and ground-truth fields."""
+
+    stage = "stage 2"
 
     def __init__(
         self,
@@ -192,7 +190,7 @@ class Stage2Trainer:
         self.flow_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.flow_optimizer, max(1, config.flow_steps), eta_min=config.flow_lr / 10
         )
-        self.ema = EMA(_named(self.flow), config.ema_decay)
+        self.ema = EMA(dict(self.flow.named_parameters()), config.ema_decay)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
         self.step = 0
@@ -203,10 +201,6 @@ class Stage2Trainer:
     @property
     def flow(self) -> torch.nn.Module:
         return self.models[SLAT_FLOW]
-
-    @property
-    def total_steps(self) -> int:
-        return self.config.vae_steps + self.config.flow_steps
 
     def _crop(self, index: int) -> torch.Tensor:
         """Rows of object `index`'s voxels inside a crop of side config.crop around a random voxel of it."""
@@ -262,29 +256,6 @@ class Stage2Trainer:
         loss = F.mse_loss(prediction.feats, velocity_target(x0, noise, config.sigma_min))
         return {"loss": loss, "flow": loss}
 
-    def train_step(self) -> dict[str, float]:
-        """One optimiser step of the current phase (VAE, then flow); returns its loss terms."""
-        vae_phase = self.step < self.config.vae_steps
-        terms = self.vae_step() if vae_phase else self.flow_step()
-        optimizer = self.vae_optimizer if vae_phase else self.flow_optimizer
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
-        if not vae_phase:
-            self.flow_schedule.step()
-            self.ema.update(_named(self.flow))
-        self.step += 1
-        values = {name: float(value.detach()) for name, value in terms.items()}
-        self.history.append({"step": self.step, **values})
-        if self.step % LOG_EVERY == 0 or self.step == self.total_steps:
-            logger.info(
-                "stage 2 step %d/%d %s",
-                self.step,
-                self.total_steps,
-                " ".join(f"{k} {v:.4f}" for k, v in values.items()),
-            )
-        return values
-
     @torch.no_grad()
     def encode(self, index: int) -> torch.Tensor:
         """Posterior mean (M_i, C) of object `index`'s latent (what the flow is trained on, before normalising)."""
@@ -305,14 +276,6 @@ class Stage2Trainer:
             self.normalization["mean"],
             self.normalization["std"],
         )
-
-    def fit(self) -> list[dict]:
-        """Run to vae_steps + flow_steps from wherever the trainer stands; returns the per-step losses."""
-        while self.step < self.total_steps:
-            self.train_step()
-        if self.latents is None:
-            self._finish_vae()
-        return self.history
 
     def flow_for_release(self) -> torch.nn.Module:
         """The flow with its EMA weights (what the release ships)."""
