@@ -13,7 +13,7 @@ class PhasedTrainer:
     done), `vae_optimizer`, `flow_optimizer`, `flow_schedule` and `ema`, and defines `flow`, `vae_step`, `flow_step`
     (each returns its loss terms, "loss" among them) and `_finish_vae`."""
 
-    stage = "stage ?"  # how progress lines name the stage
+    stage: str  # how progress lines name the stage ("stage 1"), set by the subclass
 
     @property
     def total_steps(self) -> int:
