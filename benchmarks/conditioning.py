@@ -12,7 +12,8 @@ preset: `aligner` (as configured), `oracle` (the attributes one-hot as the condi
 (cross-attention gates start at 0, as the authors'), `rope_only` (no absolute position embedding, as the
 authors'), `no_pool` (no pooled condition in adaLN), `lr_low`/`lr_high` (train.lr / 3, x 3), `soft_16` (16 soft
 tokens), `frozen_soft` (soft tokens kept at their initial values), `soft_lr_full` (soft tokens at train.lr, as the
-authors train them), and `cfg_1`/`cfg_4` (the `aligner` model sampled at those guidance scales). Training and
+authors train them), `random_vlm` (tiny://vlm's random weights, before it learns the world's language), and
+`cfg_1`/`cfg_4` (the `aligner` model sampled at those guidance scales). Training and
 sampling are seeded, so quality figures repeat exactly across runs on one machine; `train_seconds` does not.
 """
 
@@ -20,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 
 import numpy as np
 
@@ -27,6 +29,7 @@ from gap3d.build import derive_shapes
 from gap3d.config import Gap3DConfig, load_config
 from gap3d.evaluation import generate_tokens
 from gap3d.metrics import alignment_metrics
+from miniature.checkpoints.encoders import write_tiny_vlm
 from miniature.experiment import (
     World,
     caption_ceiling,
@@ -46,6 +49,7 @@ VARIANTS = (
     "soft_16",
     "frozen_soft",
     "soft_lr_full",
+    "random_vlm",
     "cfg_1",
     "cfg_4",
 )
@@ -74,6 +78,8 @@ def variant_config(config: Gap3DConfig, name: str) -> Gap3DConfig:
         "frozen_soft": {"vlm": {"trainable": False}},
         "soft_lr_full": {"train": {"soft_token_lr_scale": 1.0}},
     }.get(name, {})
+    if name == "random_vlm":
+        changes = {"vlm": {"path": str(write_tiny_vlm(tempfile.mkdtemp(prefix="random-vlm-")))}}
     return derive_shapes(
         replace(config, **{section: replace(getattr(config, section), **fields) for section, fields in changes.items()})
     )

@@ -7,7 +7,9 @@ import httpx
 import torch
 
 from gap3d.build import build_aligner
+from gap3d.evaluation import generate_tokens
 from gap3d.export import save_export
+from gap3d.prompt_encoder import PromptEncoder
 from miniature.checkpoints.trellis import write_tiny_trellis
 from serve.launch import local_config
 
@@ -19,21 +21,24 @@ KEYS_ENV = "GAP3D_TEST_API_KEYS"
 # The synchronous deadline of the test service: short, so overload tests end quickly, yet long enough that a loaded
 # machine still finishes one decode within it (admission refuses everything it expects to miss the deadline).
 DEADLINE_S = 20.0
-# A seed whose structures the session's random aligner and stage-1 TRELLIS decode to some hundreds of faces for the
-# prompts the tests generate (other seeds may decode an empty structure, a 422).
-SEED = 5
+SEED = 5  # the seed the tests generate with; any seed decodes some structure (write_artifacts calibrates for it)
+CALIBRATION_PROMPTS = ("a red cone", "a large blue cube", "a medium green sphere", "a white torus")
 LEASE_S = 4.0  # a JobRunner killed mid-job is noticed after this long at the latest
 MAX_ACTIVE_JOBS = 6  # queued or running jobs per key: above what the job tests keep in flight with one key
 BODY_STALL_S = 8.0  # an upload stalled this long gets 408: long enough to open hundreds of stalled uploads first
 
 
 def write_artifacts(root: Path, config) -> dict:
-    """A random aligner export with a non-trivial velocity field and a stage-1-only tiny TRELLIS."""
+    """A random aligner export with a non-trivial velocity field and a stage-1-only tiny TRELLIS, its occupancy
+    calibrated on that aligner's tokens so that what it decodes is an object's share of the grid, not empty."""
     aligner = build_aligner(config, seed=0)
     torch.nn.init.normal_(aligner.final_layer.linear.weight, std=0.05)
     save_export(root / "export", aligner.state_dict(), None, config, step=0)
+    with torch.no_grad():
+        cond = PromptEncoder.from_pretrained(config.vlm)(list(CALIBRATION_PROMPTS))  # (4, s, d_vlm)
+    tokens = generate_tokens(aligner.eval(), cond, config.flow, seed=0)  # (4, N, D)
     # Stage 1 only keeps each generation around a second; stage 2 has its own tests in test_trellis_full.py.
-    write_tiny_trellis(root / "trellis", cond_dim=config.aligner.token_dim, stage2=False)
+    write_tiny_trellis(root / "trellis", cond_dim=config.aligner.token_dim, stage2=False, calibration_cond=tokens)
     return {"export": str(root / "export"), "trellis": str(root / "trellis")}
 
 

@@ -1,13 +1,14 @@
 """The `tiny://` checkpoint scheme: tiny checkpoints for the tests and the embedded default, in the same layouts
 as the real ones.
 
-`tiny://vlm` (a Qwen2.5-VL) and `tiny://dino` (a DINOv2 with registers) are what the tiny preset names; they
-are loaded through exactly the code that loads real checkpoints (`from_pretrained` on a directory), so nothing
-reaches a model hub; each is built once per machine under <cache>/tiny/ on first use (seconds), and processes that
-ask at the same time wait for the first. `tiny://trellis` is a TRELLIS release whose stage 1 is trained on the
+`tiny://vlm` (a Qwen2.5-VL whose language model has learned the world's captions before it is frozen,
+miniature.checkpoints.world_language) and `tiny://dino` (a random DINOv2 with registers) are what the tiny preset
+names; they are loaded through exactly the code that loads real checkpoints (`from_pretrained` on a directory), so
+nothing reaches a model hub; each is built once per machine under <cache>/tiny/ on first use (seconds), and
+processes that ask at the same time wait for the first. `tiny://trellis` is a TRELLIS release trained on the
 synthetic world (miniature.checkpoints.trained_trellis): its training takes longer than a CI run allows, so the
-release is shipped in this package. The scheme reaches gap3d.checkpoints.resolve
-through the entry point this package registers (pyproject.toml), so the library never imports it.
+release is shipped in this package. The scheme reaches gap3d.checkpoints.resolve through the entry point this
+package registers (pyproject.toml), so the library never imports it.
 `miniature.checkpoints.trellis` writes tiny random TRELLIS checkpoints in the release layout, for tests.
 """
 
@@ -17,16 +18,17 @@ import tempfile
 from pathlib import Path
 
 from gap3d import storage
-from miniature.checkpoints.encoders import write_tiny_dino, write_tiny_vlm
+from miniature.checkpoints.encoders import write_tiny_dino
 from miniature.checkpoints.metric_extractors import write_random_inception, write_tiny_clip
 from miniature.checkpoints.trained_trellis import SHIPPED_RELEASE
+from miniature.checkpoints.world_language import write_world_vlm
 
 logger = logging.getLogger(__name__)
 
 # Bump a builder's version when it changes what it writes, so caches built by older code are not reused. The shipped
 # tiny://trellis records the fingerprint of the tiny://dino it was trained on (tests/test_trained_trellis.py checks it).
 BUILDERS = {
-    "vlm": (write_tiny_vlm, "3"),
+    "vlm": (write_world_vlm, "4"),
     "dino": (write_tiny_dino, "3"),
     "clip": (write_tiny_clip, "1"),  # Table 3's extractors (miniature.checkpoints.metric_extractors)
     "inception": (write_random_inception, "1"),

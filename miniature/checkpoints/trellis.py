@@ -187,14 +187,18 @@ def calibrate_occupancy(
     sampler: SamplerConfig,
     generator: torch.Generator,
     occupancy: float = TINY_OCCUPANCY,
+    cond: torch.Tensor | None = None,
 ) -> None:
-    """Shift the random decoder's output bias so that on probe stage-1 samples (random conditions) the
-    median share of occupied voxels is `occupancy`. The probes run on the flow's device."""
+    """Shift the random decoder's output bias so that on probe stage-1 samples of `cond` ((n, N, D); default four
+    random conditions) the median share of occupied voxels is `occupancy`. The probes run on the flow's device."""
     config, device = flow.config, next(flow.parameters()).device
-    noise = torch.randn(4, config.in_channels, *[config.resolution] * 3, generator=generator).to(device)
-    cond = torch.randn(4, 16, config.cond_channels, generator=generator).to(device)
+    probes = 4 if cond is None else len(cond)
+    noise = torch.randn(probes, config.in_channels, *[config.resolution] * 3, generator=generator).to(device)
+    if cond is None:
+        cond = torch.randn(probes, 16, config.cond_channels, generator=generator)
+    cond = cond.to(device)
     with torch.no_grad():
-        logits = decoder(FlowEulerSampler(sampler).sample(flow, noise, cond)).flatten(1)  # (4, R^3)
+        logits = decoder(FlowEulerSampler(sampler).sample(flow, noise, cond)).flatten(1)  # (probes, R^3)
         thresholds = torch.quantile(logits, 1.0 - occupancy, dim=1)
         decoder.out_layer[-1].bias -= thresholds.median()
 
@@ -207,15 +211,17 @@ def write_tiny_trellis(
     extra_specs: dict[str, ModelSpec] | None = None,
     slat_normalization: dict[str, list[float]] | None = None,
     stage2: bool = True,
+    calibration_cond: torch.Tensor | None = None,
 ) -> Path:
     """A tiny random TRELLIS checkpoint in the release layout at `out_dir`; returns its path.
 
     The release's sampler settings are kept except `steps` (few, for speed). `stage2` adds the tiny
     structured-latent flow and mesh decoder (and a random slat_normalization unless one is given);
-    `extra_specs` adds or replaces models in ckpts/ and pipeline.json.
+    `extra_specs` adds or replaces models in ckpts/ and pipeline.json. `calibration_cond` (n, N, cond_dim): the
+    conditions stage 1's occupancy is calibrated on, such as the tokens of the aligner it will decode; default random.
     """
     specs = {**tiny_model_specs(cond_dim), **(tiny_stage2_specs(cond_dim) if stage2 else {}), **(extra_specs or {})}
-    root = write_random_trellis(out_dir, specs, steps, seed, slat_normalization)
+    root = write_random_trellis(out_dir, specs, steps, seed, slat_normalization, calibration_cond=calibration_cond)
     logger.info("wrote tiny TRELLIS checkpoint (cond_dim %d) to %s", cond_dim, root)
     return root
 
@@ -239,9 +245,11 @@ def write_random_trellis(
     slat_normalization: dict[str, list[float]] | None = None,
     device: str | torch.device = "cpu",
     occupancy: float = TINY_OCCUPANCY,
+    calibration_cond: torch.Tensor | None = None,
 ) -> Path:
-    """Random weights for `specs` (shaped as the TINY_* constants say), stage-1 occupancy calibrated on `device`,
-    the release's samplers at `steps`, written in the release layout at `out_dir`."""
+    """Random weights for `specs` (shaped as the TINY_* constants say), stage-1 occupancy calibrated on `device`
+    (on `calibration_cond`, default random conditions), the release's samplers at `steps`, written in the release
+    layout at `out_dir`."""
     generator = torch.Generator().manual_seed(seed)
     if SLAT_FLOW in specs and slat_normalization is None:
         slat_normalization = tiny_slat_normalization(generator)
@@ -258,7 +266,7 @@ def write_random_trellis(
         shape_tiny_mesh_decoder(models[SLAT_DECODER_MESH])
     sampler = SamplerConfig(**{**OFFICIAL_SPARSE_STRUCTURE_SAMPLER.__dict__, "steps": steps})
     flow, decoder = (models[name].to(device) for name in (SPARSE_STRUCTURE_FLOW, SPARSE_STRUCTURE_DECODER))
-    calibrate_occupancy(flow, decoder, sampler, generator, occupancy)
+    calibrate_occupancy(flow, decoder, sampler, generator, occupancy, calibration_cond)
     slat_sampler = SamplerConfig(**{**OFFICIAL_SLAT_SAMPLER.__dict__, "steps": steps})
     pipeline = PipelineConfig(
         models={name: spec.stem for name, spec in specs.items()},
