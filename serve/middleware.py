@@ -12,6 +12,7 @@ however many uploads are open. (serve/proxy_guard.py also stops the proxy readin
 import asyncio
 import time
 
+from ray.exceptions import TaskCancelledError
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -113,6 +114,9 @@ class BodyReader:
             kind="bad_input",
         )
 
+    def _client_gone(self) -> ApiError:
+        return ApiError(CLIENT_GONE, "the client went away during its upload", field="body", kind="client_gone")
+
     def _wait_s(self) -> float:
         """How long the next piece of the body may take: the stall limit, or less once the rate must hold."""
         elapsed = time.monotonic() - self.started
@@ -129,8 +133,10 @@ class BodyReader:
             message = await asyncio.wait_for(self.receive(), timeout=self._wait_s())
         except TimeoutError:
             raise self._too_slow() from None
+        except TaskCancelledError:  # Serve cancelled the request, its client gone, while the body was fetched
+            raise self._client_gone() from None
         if message["type"] == "http.disconnect":
-            raise ApiError(CLIENT_GONE, "the client went away during its upload", field="body", kind="client_gone")
+            raise self._client_gone()
         if message["type"] == "http.request":
             self.size += len(message.get("body", b""))
             if self.size > self.limits.max_body_bytes:

@@ -8,6 +8,7 @@ import asyncio
 
 import httpx
 import pytest
+from ray.exceptions import TaskCancelledError
 
 from serve.api import ApiError, ServeLimits
 from serve.middleware import BodyReader
@@ -177,6 +178,14 @@ def test_a_chunked_body_past_the_limit_is_a_413_as_soon_as_it_passes():
 def test_a_client_gone_mid_body_is_a_499():
     reader = BodyReader(messages((0, body(b"ab")), (0, {"type": "http.disconnect"})), LIMITS, None)
     assert refusal_status(reader) == 499
+
+
+def test_a_request_cancelled_by_serve_mid_body_is_a_499_not_a_400():
+    # Serve cancels the request when its client disconnects; fetching the rest of the body then raises this.
+    async def receive():
+        raise TaskCancelledError()
+
+    assert refusal_status(BodyReader(receive, LIMITS, None)) == 499
 
 
 def test_the_proxy_stops_reading_a_body_at_the_first_message_past_its_cut_off():
