@@ -145,15 +145,8 @@ class PromptEncoder(nn.Module):
         return count - 1 + patches // self.image_processor.merge_size**2  # the one placeholder becomes the image's
 
     def _chat_text(self, prompt: str, with_image: bool) -> str:
-        content = [{"type": "text", "text": self.config.prompt_template.format(caption=prompt)}]
-        if with_image:
-            content.insert(0, {"type": "image"})
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}],
-            chat_template=self.chat_template,
-            tokenize=False,
-            add_generation_prompt=True,
-        )
+        text = self.config.prompt_template.format(caption=prompt)
+        return chat_text(self.tokenizer, self.chat_template, text, with_image)
 
     def _expand_image(self, text: str, image) -> tuple[str, torch.Tensor, torch.Tensor]:
         """Replace the one image placeholder by as many tokens as the vision tower emits (Qwen-VL family)."""
@@ -272,6 +265,17 @@ def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | Non
 def _left_pad(key_values: torch.Tensor, length: int) -> torch.Tensor:
     """(layers, 2, kv, L, hd) -> (layers, 2, kv, length, hd) with zeros on the left."""
     return torch.nn.functional.pad(key_values, (0, 0, length - key_values.shape[3], 0))
+
+
+def chat_text(tokenizer, chat_template: str, text: str, with_image: bool = False) -> str:
+    """The VLM's input for one user turn of `text` (an image placeholder first if `with_image`), up to the
+    assistant's turn: what the prompt encoder sends, and what a VLM taught for it must read."""
+    content = [{"type": "text", "text": text}]
+    if with_image:
+        content.insert(0, {"type": "image"})
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], chat_template=chat_template, tokenize=False, add_generation_prompt=True
+    )
 
 
 def _left_pad_mask(true_length: int, length: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from gap3d.config import PromptEncoderConfig
+from gap3d.prompt_encoder import chat_text
 from miniature.checkpoints.encoders import write_tiny_vlm
 from miniature.world import COLORS, HELD_OUT, SHAPES, TEMPLATES
 
@@ -44,11 +45,9 @@ def world_pairs(split: str) -> list[tuple[str, str]]:
 
 
 def chat_prompt(tokenizer, caption: str) -> str:
-    """The text the prompt encoder sends the VLM for `caption`, up to the assistant's turn."""
-    text = PromptEncoderConfig().prompt_template.format(caption=caption)
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": [{"type": "text", "text": text}]}], tokenize=False, add_generation_prompt=True
-    )
+    """The text the prompt encoder sends the VLM for `caption` (the default prompt template), up to the assistant's
+    turn."""
+    return chat_text(tokenizer, tokenizer.chat_template, PromptEncoderConfig().prompt_template.format(caption=caption))
 
 
 def dialogues(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,11 +70,6 @@ def dialogues(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, to
     return input_ids, mask, labels
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """M-RoPE position ids (3, B, L) that count only real tokens, as the prompt encoder's do."""
-    return (mask.cumsum(-1) - 1).clamp(min=0).expand(3, -1, -1)
-
-
 def teach_world_language(model, tokenizer, recipe: LanguageRecipe) -> list[dict]:
     """Train `model`'s language model in place on the training pairs' dialogues; returns the loss curve."""
     input_ids, mask, labels = dialogues(tokenizer, world_pairs("train"))
@@ -85,12 +79,9 @@ def teach_world_language(model, tokenizer, recipe: LanguageRecipe) -> list[dict]
     curve = []
     for step in range(recipe.steps):
         index = torch.randint(len(input_ids), (recipe.batch_size,), generator=generator)
-        loss = model(
-            input_ids=input_ids[index],
-            attention_mask=mask[index],
-            position_ids=_positions(mask[index]),
-            labels=labels[index],
-        ).loss
+        rows = mask[index]
+        positions = (rows.cumsum(-1) - 1).clamp(min=0).expand(3, -1, -1)  # (3, B, L): M-RoPE, real tokens counted
+        loss = model(input_ids=input_ids[index], attention_mask=rows, position_ids=positions, labels=labels[index]).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
