@@ -133,18 +133,28 @@ def _chunk_from_row(batch: dict[str, np.ndarray], row: int) -> tuple[dict, Decod
     return stats, chunk
 
 
+def _shard_from_row(batch: dict[str, np.ndarray], row: int) -> Shard:
+    """The Shard of row `row` of a shard-row batch (`_shard_row`)."""
+    fields = {name: batch[name][row] for name in ("uri", "shard_id", "format", "size", "version", "metadata_uri")}
+    return Shard(
+        **{
+            name: None if _missing(value) else (int(value) if name == "size" else str(value))
+            for name, value in fields.items()
+        }
+    )
+
+
+def _missing(value) -> bool:
+    """Whether a batch field is absent: Ray Data hands a None of a numpy batch over as a float NaN."""
+    return value is None or (isinstance(value, float | np.floating) and bool(np.isnan(value)))
+
+
 def _read_chunks(
     batch: dict[str, np.ndarray], image_size: int, min_side: int, chunk_size: int, registry
 ) -> Iterator[dict[str, np.ndarray]]:
     """Decode-task body: input shard rows -> one block per chunk (a generator, so blocks stream out as decoded)."""
     for row in range(len(batch["shard"])):
-        fields = {name: batch[name][row] for name in ("uri", "shard_id", "format", "size", "version", "metadata_uri")}
-        shard = Shard(
-            **{
-                name: None if value is None else (int(value) if name == "size" else str(value))
-                for name, value in fields.items()
-            }
-        )
+        shard = _shard_from_row(batch, row)
         claim = None if registry is None else lambda keys, stem=shard.stem: ray.get(registry.claim.remote(stem, keys))
         for chunk in decode_chunks(shard, image_size, min_side, chunk_size, claim):
             yield _chunk_block(int(batch["shard"][row]), shard, chunk)

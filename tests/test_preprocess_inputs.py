@@ -16,9 +16,10 @@ import pytest
 import ray
 from PIL import Image
 
+from gap3d.data.shards import Shard
 from gap3d.features.store import feature_files, read_manifest
 from miniature.img2dataset import Download, sample_key, write_img2dataset_shard
-from ray_jobs.pipeline import ENCODE_PRESETS, KeyRegistry
+from ray_jobs.pipeline import ENCODE_PRESETS, KeyRegistry, _shard_from_row, _shard_row
 from ray_jobs.preprocess import run_preprocess
 
 ENCODE = ENCODE_PRESETS["tiny"]
@@ -169,3 +170,16 @@ def test_key_registry_keeps_the_first_claimant_and_lets_a_retried_shard_keep_its
     assert ray.get(registry.claim.remote("s1", ["a", "b", "c"])) == [False, True, True]
     assert ray.get(registry.claim.remote("s2", ["b", "d"])) == [False, True]
     assert ray.get(registry.claim.remote("s1", ["b", "c"])) == [True, True]  # the same shard again, as a retried task
+
+
+def test_a_shard_without_metadata_or_version_reaches_the_decode_task_as_it_was_listed(ray_cluster):
+    # Ray Data turns a None field into a float NaN in numpy batches; it must not become a metadata path "nan".
+    shards = [
+        Shard(uri="/data/00000.tar", shard_id="00000.tar", format="webdataset", size=10),
+        Shard("/data/00001.tar", "00001.tar", "webdataset", 20, "v1", "/data/00001.parquet"),
+    ]
+    rows = ray.data.from_items([_shard_row(i, shard) for i, shard in enumerate(shards)], override_num_blocks=2)
+    seen = [
+        _shard_from_row(batch, 0) for batch in rows.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0)
+    ]
+    assert sorted(seen, key=lambda shard: shard.uri) == shards
