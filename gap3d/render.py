@@ -107,10 +107,6 @@ def head_light(view: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return AMBIENT + (1.0 - AMBIENT) * np.abs(np.einsum("fd,fd->f", normals, towards))
 
 
-def _edge(a: np.ndarray, b: np.ndarray, p: np.ndarray) -> np.ndarray:
-    return (b[:, 0] - a[:, 0]) * (p[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (p[:, 0] - a[:, 0])
-
-
 def rasterize(
     screen: np.ndarray, depth: np.ndarray, faces: np.ndarray, size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -120,43 +116,53 @@ def rasterize(
     low = np.clip(np.ceil(corners.min(axis=1) - 0.5), 0, size).astype(np.int64)
     high = np.clip(np.floor(corners.max(axis=1) - 0.5), -1, size - 1).astype(np.int64)
     counts = np.maximum(high[:, 0] - low[:, 0] + 1, 0) * np.maximum(high[:, 1] - low[:, 1] + 1, 0)
+    planes, area = _barycentric_planes(corners)
+    counts[area == 0] = 0  # a degenerate face covers nothing
+    inverse_depth = 1.0 / depth[faces]  # (F, 3): 1/z interpolates linearly on the screen
     nearest = np.full(size * size, np.inf)
     face_of = np.full(size * size, -1)
     weights_of = np.zeros((size * size, 3))
     chunk_of_face = np.cumsum(counts) // CHUNK_CANDIDATES
     for chunk in np.unique(chunk_of_face[counts > 0]):
         chosen = np.flatnonzero((chunk_of_face == chunk) & (counts > 0))
-        pixel, face, z, weights = _candidates(corners, low, high, counts, depth, faces, chosen, size)
-        order = np.lexsort((z, pixel))
-        pixel, face, z, weights = pixel[order], face[order], z[order], weights[order]
-        first = np.ones(len(pixel), dtype=bool)
-        first[1:] = pixel[1:] != pixel[:-1]
-        pixel, face, z, weights = pixel[first], face[first], z[first], weights[first]
-        closer = z < nearest[pixel]
-        pixel = pixel[closer]
-        nearest[pixel], face_of[pixel], weights_of[pixel] = z[closer], face[closer], weights[closer]
+        pixel, face, bary = _covered(planes, low, high, counts, chosen, size)
+        perspective = bary * inverse_depth[face]
+        inverse = perspective.sum(axis=1)
+        z = 1.0 / inverse
+        np.minimum.at(nearest, pixel, z)
+        won = z == nearest[pixel]  # among candidates at equal depth the last written wins
+        pixel = pixel[won]
+        face_of[pixel], weights_of[pixel] = face[won], perspective[won] / inverse[won, None]
     covered = np.flatnonzero(face_of >= 0)
     return covered, face_of[covered], weights_of[covered]
 
 
-def _candidates(corners, low, high, counts, depth, faces, chosen, size):
-    """Pixel centres inside the chosen faces: pixel (N,), face (N,), depth (N,), perspective-correct weights (N, 3)."""
-    width = high[chosen, 0] - low[chosen, 0] + 1
+def _barycentric_planes(corners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per face, each barycentric weight as a plane over the screen, w_i(x, y) = planes[f, i] . (x, y, 1) (F, 3, 3),
+    and the face's signed doubled area (F,): a candidate pixel then costs one gather and a few multiply-adds."""
+    a, b, c = corners[:, 0], corners[:, 1], corners[:, 2]
+    area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+    planes = np.empty((len(corners), 3, 3))
+    for i, (p, q) in enumerate(((b, c), (c, a), (a, b))):  # weight i: the edge opposite corner i
+        planes[:, i, 0] = p[:, 1] - q[:, 1]
+        planes[:, i, 1] = q[:, 0] - p[:, 0]
+        planes[:, i, 2] = (q[:, 1] - p[:, 1]) * p[:, 0] - (q[:, 0] - p[:, 0]) * p[:, 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return planes / area[:, None, None], area
+
+
+def _covered(planes, low, high, counts, chosen, size) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel centres inside the chosen faces' bounding boxes and triangles: pixel (N,), face (N,), screen-space
+    barycentric weights (N, 3)."""
     face = np.repeat(chosen, counts[chosen])
     start = np.repeat(np.cumsum(counts[chosen]) - counts[chosen], counts[chosen])
     local = np.arange(len(face)) - start
-    step = np.repeat(width, counts[chosen])
-    px, py = low[face, 0] + local % step, low[face, 1] + local // step
-    centre = np.stack([px + 0.5, py + 0.5], axis=1)
-    a, b, c = corners[face, 0], corners[face, 1], corners[face, 2]
-    area = _edge(a, b, c)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        bary = np.stack([_edge(b, c, centre), _edge(c, a, centre), _edge(a, b, centre)], axis=1) / area[:, None]
-    inside = (area != 0) & np.all(bary >= 0, axis=1)
-    face, px, py, bary = face[inside], px[inside], py[inside], bary[inside]
-    perspective = bary / depth[faces[face]]  # 1/z interpolates linearly on the screen
-    inverse = perspective.sum(axis=1)
-    return py * size + px, face, 1.0 / inverse, perspective / inverse[:, None]
+    width = np.repeat(high[chosen, 0] - low[chosen, 0] + 1, counts[chosen])
+    px, py = low[face, 0] + local % width, low[face, 1] + local // width
+    plane = planes[face]  # (N, 3, 3)
+    bary = plane[:, :, 0] * (px + 0.5)[:, None] + plane[:, :, 1] * (py + 0.5)[:, None] + plane[:, :, 2]
+    inside = bary.min(axis=1) >= 0
+    return (py * size + px)[inside], face[inside], bary[inside]
 
 
 def crop_to_object(image: np.ndarray, size: int, margin: float = CROP_MARGIN) -> np.ndarray:
