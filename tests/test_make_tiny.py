@@ -1,5 +1,6 @@
 """`python -m cli make-tiny` writes a TRELLIS checkpoint the Decoder loads."""
 
+import pytest
 import torch
 
 from cli.make_tiny import main
@@ -21,3 +22,8 @@ def test_make_tiny_writes_a_loadable_checkpoint_with_the_requested_condition_wid
     assert decoder.cond_dim == 24
     assert decoder.pipeline.sparse_structure_sampler.steps == 2
     assert decoder.sample_sparse_structure(torch.zeros(1, 5, 24)).logits.shape == (1, 64, 64, 64)
+
+
+def test_make_tiny_refuses_to_train_and_rescore_at_once(tmp_path):
+    with pytest.raises(SystemExit, match="pick one"):
+        main(["--out", str(tmp_path), "--trained", "--rescore"])

@@ -1,8 +1,10 @@
 """tiny://trellis: the shipped release, trained on the synthetic world, decodes every shape of unseen objects from
 their renders' tokens; it was trained on these tiny encoders, and the recipe that rebuilds it still runs."""
 
+import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ from miniature.checkpoints.trained_trellis import (
     TRAINING_RECORD,
     TinyTrellisRecipe,
     recipe_record,
+    rescore_release,
     stage2_scores,
     world_structures,
     write_trained_tiny_trellis,
@@ -88,13 +91,43 @@ def test_the_shipped_release_was_trained_on_these_tiny_encoders_with_the_shipped
     assert record["recipe"] == recipe_record(RECIPE)
 
 
-def test_the_recipe_builds_a_release_the_decoder_loads_with_its_training_record(tmp_path, shipped):
-    root = write_trained_tiny_trellis(tmp_path / "short", SHORT_RECIPE)
-    decoder = Decoder.from_pretrained(str(root), device="cpu", stages="full")
+@pytest.fixture(scope="module")
+def short_release(tmp_path_factory) -> Path:
+    return write_trained_tiny_trellis(tmp_path_factory.mktemp("short"), SHORT_RECIPE)
+
+
+def test_the_recipe_builds_a_release_the_decoder_loads_with_its_training_record(short_release, shipped):
+    decoder = Decoder.from_pretrained(str(short_release), device="cpu", stages="full")
     assert decoder.cond_dim == DinoTargetEncoder.from_pretrained(load_config("tiny").dino).dim
-    record = json.loads((root / TRAINING_RECORD).read_text())
+    record = json.loads((short_release / TRAINING_RECORD).read_text())
     assert record.keys() == json.loads((shipped / TRAINING_RECORD).read_text()).keys()
     assert record["recipe"] == recipe_record(SHORT_RECIPE)
+
+
+def test_rescoring_with_the_recipe_it_was_built_with_reproduces_the_builds_record(short_release, tmp_path):
+    root = shutil.copytree(short_release, tmp_path / "release")
+    assert rescore_release(root, SHORT_RECIPE) == json.loads((short_release / TRAINING_RECORD).read_text())
+    assert (root / "pipeline.json").read_text() == (short_release / "pipeline.json").read_text()
+
+
+def test_rescoring_writes_the_recipes_new_samplers_and_keeps_what_training_measured(short_release, tmp_path):
+    root = shutil.copytree(short_release, tmp_path / "release")
+    built = json.loads((short_release / TRAINING_RECORD).read_text())
+    sampler = dataclasses.replace(SHORT_RECIPE.stage1.sampler, steps=3)
+    recipe = dataclasses.replace(SHORT_RECIPE, stage1=dataclasses.replace(SHORT_RECIPE.stage1, sampler=sampler))
+    record = rescore_release(root, recipe)
+    assert PipelineConfig.load(root).sparse_structure_sampler.steps == 3
+    assert record["recipe"] == recipe_record(recipe) == json.loads((root / TRAINING_RECORD).read_text())["recipe"]
+    assert record["loss_curve"] == built["loss_curve"] and record["seconds"] == built["seconds"]
+    assert record["held_out"]["stage1"]["vae_reconstruction"] == built["held_out"]["stage1"]["vae_reconstruction"]
+
+
+def test_rescoring_refuses_a_release_another_recipe_trained(short_release, tmp_path):
+    root = shutil.copytree(short_release, tmp_path / "release")
+    other = dataclasses.replace(SHORT_RECIPE, scenes=SHORT_RECIPE.scenes + 1)
+    with pytest.raises(ValueError, match="another recipe"):
+        rescore_release(root, other)
+    assert (root / "pipeline.json").read_text() == (short_release / "pipeline.json").read_text()
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -29,6 +29,7 @@ from gap3d.config import load_config
 from gap3d.data.occupancy import downsample
 from gap3d.dino import DinoTargetEncoder
 from gap3d.metrics import class_report
+from gap3d.trellis.config import PipelineConfig
 from gap3d.trellis.stage1_training import Stage1Config, Stage1Trainer
 from gap3d.trellis.stage2_training import Stage2Config, Stage2Trainer
 from gap3d.trellis.structure_metrics import structure_metrics
@@ -64,6 +65,13 @@ RECIPE = TinyTrellisRecipe(
     stage2=Stage2Config(vae_steps=2000, vae_batch_size=4, crop=6, vae_lr=5e-4, color_weight=3.0),
     stage2_scenes=800,
 )
+
+
+def recipe_scenes(recipe: TinyTrellisRecipe) -> tuple[list, list]:
+    """(the scenes the recipe trains on, the held-out-pair scenes after them that it is scored on)."""
+    scenes = [sample_scene(STAGE1_SEED, index) for index in range(recipe.scenes)]
+    later = (sample_scene(STAGE1_SEED, recipe.scenes + index) for index in range(10 * recipe.eval_rows))
+    return scenes, [scene for scene in later if scene.split == "eval"][: recipe.eval_rows]
 
 
 def world_structures(scenes: list, resolution: int, dino: DinoTargetEncoder) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,9 +110,7 @@ def write_trained_tiny_trellis(
     start = time.perf_counter()
     dino_config = load_config("tiny").dino
     dino = DinoTargetEncoder.from_pretrained(dino_config)
-    scenes = [sample_scene(STAGE1_SEED, index) for index in range(recipe.scenes)]
-    later = (sample_scene(STAGE1_SEED, recipe.scenes + index) for index in range(10 * recipe.eval_rows))
-    eval_scenes = [scene for scene in later if scene.split == "eval"][: recipe.eval_rows]
+    scenes, eval_scenes = recipe_scenes(recipe)
     occupancy, tokens = world_structures(scenes, recipe.stage1.resolution, dino)
     logger.info(
         "stage 1 data: %d scenes rendered, encoded and voxelised in %.0f s", len(scenes), time.perf_counter() - start
@@ -159,17 +165,24 @@ def stage1_scores(
     root: Path, trainer: Stage1Trainer, eval_scenes, eval_occupancy, eval_tokens, scenes, occupancy
 ) -> dict:
     """Held-out structures: the VAE's reconstruction, and the release's stage 1 from the true tokens."""
-    from gap3d.trellis.decoder import Decoder
-
-    decoder = Decoder.from_pretrained(str(root), device="cpu", stages="coarse")
-    decoded = decoder.sample_sparse_structure(eval_tokens, seed=list(range(len(eval_scenes)))).occupancy
     with torch.no_grad():
         reconstructed = trainer.decoder(trainer.encode(eval_occupancy))[:, 0] > 0
     shapes, reference_shapes = [s.shape for s in eval_scenes], [s.shape for s in scenes]
     return {
         "vae_reconstruction": structure_metrics(reconstructed, eval_occupancy, shapes, occupancy, reference_shapes),
-        "from_true_tokens": structure_metrics(decoded, eval_occupancy, shapes, occupancy, reference_shapes),
+        "from_true_tokens": stage1_decoded_scores(root, eval_scenes, eval_occupancy, eval_tokens, scenes, occupancy),
     }
+
+
+def stage1_decoded_scores(root: Path, eval_scenes, eval_occupancy, eval_tokens, scenes, occupancy) -> dict:
+    """The release's stage-1 structures from the held-out true tokens (structure_metrics, shapes named by the
+    nearest training grid)."""
+    from gap3d.trellis.decoder import Decoder
+
+    decoder = Decoder.from_pretrained(str(root), device="cpu", stages="coarse")
+    decoded = decoder.sample_sparse_structure(eval_tokens, seed=list(range(len(eval_scenes)))).occupancy
+    shapes, reference_shapes = [s.shape for s in eval_scenes], [s.shape for s in scenes]
+    return structure_metrics(decoded, eval_occupancy, shapes, occupancy, reference_shapes)
 
 
 def stage2_scores(root: Path, eval_scenes, eval_occupancy, eval_tokens) -> dict:
@@ -189,4 +202,44 @@ def stage2_scores(root: Path, eval_scenes, eval_occupancy, eval_tokens) -> dict:
     return {
         "structure": structure_metrics(structures, eval_occupancy, shapes, eval_occupancy, shapes),
         "color": class_report([s.color for s in eval_scenes], colors),
+    }
+
+
+def rescore_release(root: str | Path, recipe: TinyTrellisRecipe = RECIPE) -> dict:
+    """Write the recipe's samplers into the release that `recipe` trained at `root` and score it again on the held-out
+    scenes, as the build does: a sampler is not trained, so changing one needs no retraining. What training measured
+    (the VAE's reconstruction, the loss curves, the build's seconds) is kept. Returns the new training record."""
+    root = Path(root)
+    record = json.loads((root / TRAINING_RECORD).read_text())
+    if _without_samplers(record["recipe"]) != _without_samplers(recipe_record(recipe)):
+        raise ValueError(
+            f"{root / TRAINING_RECORD} records another recipe than the one given; only the samplers may differ "
+            "(rebuild with `python -m cli make-tiny --trained`)"
+        )
+    pipeline = PipelineConfig.load(root)
+    pipeline.sparse_structure_sampler = recipe.stage1.sampler
+    if recipe.stage2 is not None:
+        pipeline.slat_sampler = recipe.stage2.sampler
+    (root / "pipeline.json").write_text(json.dumps(pipeline.to_json(), indent=2))
+    dino = DinoTargetEncoder.from_pretrained(load_config("tiny").dino)
+    scenes, eval_scenes = recipe_scenes(recipe)
+    resolution = recipe.stage1.resolution
+    occupancy = torch.from_numpy(np.stack([downsample(scene_occupancy(scene), resolution) for scene in scenes]))
+    eval_occupancy, eval_tokens = world_structures(eval_scenes, resolution, dino)
+    held_out = record["held_out"]
+    held_out["stage1"]["from_true_tokens"] = stage1_decoded_scores(
+        root, eval_scenes, eval_occupancy, eval_tokens, scenes, occupancy
+    )
+    if recipe.stage2 is not None:
+        held_out["stage2"] = stage2_scores(root, eval_scenes, eval_occupancy, eval_tokens)
+    record["recipe"] = recipe_record(recipe)
+    (root / TRAINING_RECORD).write_text(json.dumps(record, indent=2))
+    logger.info("%s re-scored with the recipe's samplers; held out: %s", root, json.dumps(held_out))
+    return record
+
+
+def _without_samplers(recipe: dict) -> dict:
+    return {
+        key: {k: v for k, v in value.items() if k != "sampler"} if isinstance(value, dict) else value
+        for key, value in recipe.items()
     }
