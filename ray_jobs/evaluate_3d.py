@@ -73,6 +73,9 @@ def run_table3(
     rows = ray.data.read_parquet(paths, filesystem=filesystem)
     if limit is not None:
         rows = rows.limit(limit)
+    # Blocks of one actor batch each, so that every actor of the pool gets rows whatever the eval set's file layout
+    # (a one-file eval set is one block, which one actor would take alone).
+    rows = rows.repartition(target_num_rows_per_block=settings.batch_size)
     resources = {
         "concurrency": settings.actors,
         "num_cpus": settings.num_cpus,
