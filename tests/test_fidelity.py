@@ -14,6 +14,7 @@ from gap3d.fidelity import (
     resized_normalised,
 )
 from gap3d.inception import InceptionV3Features
+from miniature.checkpoints.metric_extractors import write_tiny_clip
 
 # torchvision's inception_v3 has 27,161,264 parameters; less its classifier (2,049,000) and auxiliary head (3,326,696)
 TORCHVISION_FEATURE_PARAMETERS = 21_785_568
@@ -100,3 +101,13 @@ def test_clip_scorer_gives_one_cosine_per_view():
     cosines = scorer.cosines(views, "a red cube")
     assert cosines.shape == (3,) and np.all(np.abs(cosines) <= 1.0)
     assert cosines[0] == pytest.approx(cosines[1]) and cosines[0] != pytest.approx(cosines[2])
+
+
+def test_two_builds_of_the_tiny_clip_score_a_caption_alike(tmp_path):
+    # The same weights and token ids on every build, so Table 3's CLIP score does not move with the cache.
+    scores = []
+    for name in ("first", "second"):
+        scorer = ClipScorer(str(write_tiny_clip(tmp_path / name)))
+        scores.append(scorer.cosines([np.full((32, 32, 3), 90, np.uint8)], "the torus is purple on black"))
+    np.testing.assert_array_equal(scores[0], scores[1])
+    assert (tmp_path / "first" / "tokenizer.json").read_bytes() == (tmp_path / "second" / "tokenizer.json").read_bytes()

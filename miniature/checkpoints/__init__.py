@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 BUILDERS = {
     "vlm": (write_world_vlm, "4"),
     "dino": (write_tiny_dino, "3"),
-    "clip": (write_tiny_clip, "1"),  # Table 3's extractors (miniature.checkpoints.metric_extractors)
+    "clip": (write_tiny_clip, "2"),  # Table 3's extractors (miniature.checkpoints.metric_extractors)
     "inception": (write_random_inception, "1"),
 }
 SHIPPED = {"trellis": SHIPPED_RELEASE}

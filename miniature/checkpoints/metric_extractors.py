@@ -1,34 +1,28 @@
 """Tiny checkpoints of Table 3's metric extractors, built with the real classes: `tiny://clip` (a random
-transformers CLIPModel with its processor and a BPE tokenizer trained here on the world's words) and
+transformers CLIPModel with its processor and a character-level tokenizer of a fixed vocabulary) and
 `tiny://inception` (gap3d.inception's network, the paper's architecture at full size, with random weights in the
 layout of timm/inception_v3.tv_in1k). They exercise the plumbing; their scores mean nothing. DINOv2 features in the
 miniature come from tiny://dino.
 """
 
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from miniature.checkpoints.encoders import _TOKENIZER_CORPUS
-
 CLIP_IMAGE_SIZE = 32
 
 
-def _clip_tokenizer(vocab_size: int = 400):
-    """A CLIPTokenizer over a BPE vocabulary with CLIP's end-of-word suffix and special tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def _clip_tokenizer():
+    """A CLIPTokenizer over a fixed vocabulary, CLIP's special tokens and every byte symbol of its byte-level BPE alone
+    and as a word's end, with no merges (one token a character): the same ids on every build, which a BPE trained here
+    did not give (the trainer breaks ties between equally frequent pairs differently from run to run)."""
+    from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
-    bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    special = ["<|startoftext|>", "<|endoftext|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, end_of_word_suffix="</w>")
-    bpe.train_from_iterator(list(_TOKENIZER_CORPUS) * 4, trainer)
-    with tempfile.TemporaryDirectory() as directory:
-        bpe.model.save(directory)
-        return CLIPTokenizer(str(Path(directory) / "vocab.json"), str(Path(directory) / "merges.txt"))
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = ["<|startoftext|>", "<|endoftext|>", *symbols, *(symbol + "</w>" for symbol in symbols)]
+    return CLIPTokenizer(vocab={token: index for index, token in enumerate(tokens)}, merges=[])
 
 
 def write_tiny_clip(out_dir: str | Path, width: int = 32, seed: int = 0) -> Path:
