@@ -10,8 +10,9 @@ captions, a JSON list of which one is drawn per asset with --seed). Each mesh is
 every 45 degrees at pitch 30, radius 2, FoV 40, on black) and one of its yaw 0/90/180/270 views, drawn per asset, is
 cropped as TRELLIS crops its input and encoded by the preset's DINOv2 (dino.path, dino.image_size): the reference
 arm's condition. --cond-images DIR takes each mesh's `<file stem>.png` there instead (TRELLIS's own conditioning
-renders of the dataset, in the look TRELLIS was trained on). The layout is gap3d.evalset's; prints evalset.json as
-one JSON line.
+renders of the dataset, in the look TRELLIS was trained on), cropped the same way unless --cond-as-given (images
+already framed as the decoder's training images were, such as the miniature world's own). The layout is
+gap3d.evalset's; prints evalset.json as one JSON line.
 """
 
 import argparse
@@ -37,6 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=Protocol.resolution, help="render side in pixels")
     parser.add_argument("--shard-size", type=int, default=64, help="assets per Parquet shard")
     parser.add_argument("--cond-images", default=None, help="directory of <mesh stem>.png conditioning images")
+    parser.add_argument(
+        "--cond-as-given",
+        action="store_true",
+        help="encode the --cond-images as they are (only resized), not cropped as TRELLIS crops its input: for images "
+        "already in the look the decoder was trained on",
+    )
     add_config_arguments(parser)
     return parser.parse_args(argv)
 
@@ -47,8 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     config, _ = job_config_from_args(args, {})
     dino = DinoTargetEncoder.from_pretrained(config.dino)
     assets = assets_from_files(args.meshes, args.captions, args.seed, args.limit, args.up_axis, args.cond_images)
+    if args.cond_as_given and not args.cond_images:
+        raise SystemExit("make-evalset: --cond-as-given needs --cond-images")
     manifest = write_eval_set(
-        args.out, assets, Protocol(resolution=args.resolution), dino, config.dino.path, args.seed, args.shard_size
+        args.out,
+        assets,
+        Protocol(resolution=args.resolution),
+        dino,
+        config.dino.path,
+        args.seed,
+        args.shard_size,
+        crop_cond_images=not args.cond_as_given,
     )
     sys.stdout.write(json.dumps(manifest) + "\n")
     return 0

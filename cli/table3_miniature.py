@@ -31,7 +31,8 @@ def build_miniature_eval_set(workdir: Path, config: Gap3DConfig, seed: int, num_
     dino = DinoTargetEncoder.from_pretrained(config.dino)
     out = str(workdir / "evalset")
     assets = assets_from_files(str(meshes), str(captions), seed, up_axis="z", cond_images=str(images))
-    write_eval_set(out, assets, MINIATURE_PROTOCOL, dino, config.dino.path, seed)
+    # The world's images as they are: the look the tiny TRELLIS was trained on (uncropped renders of the world).
+    write_eval_set(out, assets, MINIATURE_PROTOCOL, dino, config.dino.path, seed, crop_cond_images=False)
     return out
 
 

@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from gap3d import storage
+from gap3d.data.images import resize_and_center_crop
 from gap3d.render import Protocol, crop_to_object, mesh_colors, normalized_to_unit_cube, render_views
 
 logger = logging.getLogger(__name__)
@@ -80,12 +82,24 @@ def conditioning_view(protocol: Protocol, seed: int, index: int) -> int:
     return int(np.random.default_rng([seed, index]).choice(protocol.fd_views))
 
 
-def asset_row(asset: Asset, index: int, protocol: Protocol, seed: int, dino, supersample: int = 2) -> dict:
-    """Render `asset` per the protocol and encode its conditioning view with `dino` (a DinoTargetEncoder)."""
+def asset_row(
+    asset: Asset, index: int, protocol: Protocol, seed: int, dino, supersample: int = 2, crop_cond_image: bool = True
+) -> dict:
+    """Render `asset` per the protocol and encode its conditioning image with `dino` (a DinoTargetEncoder): a view of
+    ours cropped as TRELLIS crops its input, or the asset's own image, cropped so too unless `crop_cond_image` is
+    False (then resized as preprocessing resizes training images)."""
     renders = render_views(asset.vertices, asset.faces, asset.colors, protocol, supersample)
-    view = conditioning_view(protocol, seed, index) if asset.cond_image is None else -1
-    image = renders[view] if asset.cond_image is None else asset.cond_image
-    targets = dino.encode(crop_to_object(image, dino.image_size)[None])[0].numpy().astype(np.float16)
+    if asset.cond_image is None:
+        view = conditioning_view(protocol, seed, index)
+        image = crop_to_object(renders[view], dino.image_size)
+    else:
+        view = -1
+        image = (
+            crop_to_object(asset.cond_image, dino.image_size)
+            if crop_cond_image
+            else resize_and_center_crop(Image.fromarray(asset.cond_image), dino.image_size)
+        )
+    targets = dino.encode(image[None])[0].numpy().astype(np.float16)
     return {
         "index": index,
         "key": asset.key,
@@ -105,8 +119,11 @@ def write_eval_set(
     dino_path: str,
     seed: int = 0,
     shard_size: int = 64,
+    crop_cond_images: bool = True,
 ) -> dict:
-    """Render and encode `assets` into shards under `out`, then evalset.json; returns the manifest."""
+    """Render and encode `assets` into shards under `out`, then evalset.json; returns the manifest. Assets' own
+    conditioning images are cropped as TRELLIS crops its input unless `crop_cond_images` is False (images already in
+    the look the decoder was trained on)."""
     fs, root = storage.filesystem(out)
     fs.makedirs(root, exist_ok=True)
     shards, rows, count = [], [], 0
@@ -120,7 +137,7 @@ def write_eval_set(
         rows.clear()
 
     for asset in assets:
-        rows.append(asset_row(asset, count, protocol, seed, dino))
+        rows.append(asset_row(asset, count, protocol, seed, dino, crop_cond_image=crop_cond_images))
         count += 1
         if len(rows) == shard_size:
             flush()
@@ -137,6 +154,7 @@ def write_eval_set(
         "dino": {"path": dino_path, "image_size": dino.image_size},
         "assets": count,
         "seed": seed,
+        "crop_cond_images": crop_cond_images,
         "shards": shards,
     }
     storage.publish_bytes(json.dumps(manifest, indent=2).encode(), storage.join(out, MANIFEST))

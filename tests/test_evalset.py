@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import trimesh
 
 from cli import make_evalset
@@ -100,3 +101,30 @@ def test_an_object_with_a_conditioning_image_of_its_own_is_conditioned_on_it(tmp
     expected = dino.encode(crop_to_object(image, dino.image_size)[None])[0].half().float().numpy()
     assert row["cond_view"] == -1
     np.testing.assert_allclose(row_targets(row), expected)
+
+
+def test_conditioning_images_given_as_the_decoders_look_are_encoded_uncropped(tmp_path, tiny_config):
+    from PIL import Image
+
+    from gap3d.data.images import resize_and_center_crop
+    from gap3d.dino import DinoTargetEncoder
+
+    index = next(index for index in range(40) if sample_scene(0, index).split == "eval")
+    meshes, captions, images = write_scene_meshes(tmp_path / "input", 0, [index], image_size=96)
+    out = tmp_path / "evalset"
+    args = ["--meshes", str(meshes), "--captions", str(captions), "--out", str(out), "--up-axis", "z"]
+    assert make_evalset.main([*args, "--resolution", "64", "--cond-images", str(images), "--cond-as-given"]) == 0
+    manifest = read_manifest(str(out))
+    row = pq.read_table(out / manifest["shards"][0]).to_pylist()[0]
+    image = Image.open(images / f"{index:08d}.png").convert("RGB")
+    dino = DinoTargetEncoder.from_pretrained(tiny_config.dino)
+    expected = dino.encode(resize_and_center_crop(image, dino.image_size)[None])[0].half().float().numpy()
+    assert manifest["crop_cond_images"] is False
+    np.testing.assert_allclose(row_targets(row), expected)
+
+
+def test_cond_as_given_without_conditioning_images_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="needs --cond-images"):
+        make_evalset.main(
+            ["--meshes", str(tmp_path), "--captions", "c.csv", "--out", str(tmp_path / "o"), "--cond-as-given"]
+        )

@@ -74,9 +74,42 @@ def test_kd_on_dinov2_features_ranks_gap3d_and_the_reference_far_below_an_untrai
     assert max(kd["reference"], kd["gap3d"]) < kd["untrained"] / 3, report["arms"]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="with the reference conditioned as the tiny TRELLIS was trained (uncropped world images), both arms decode "
+    "every shape and FD over 36 objects does not separate them (6.00 against 5.92); it ranked the reference first "
+    "only while a crop the decoder never saw turned its spheres into tori and cubes, which FD, a distribution "
+    "metric, did not see (docs/evaluation_3d.md)",
+)
 def test_fd_on_dinov2_features_ranks_the_reference_below_gap3d(report):
     fd = {arm: scores["fd_dinov2"] for arm, scores in report["arms"].items()}
     assert fd["reference"] < fd["gap3d"], report["arms"]
+
+
+def test_the_reference_arm_is_conditioned_on_tokens_that_decode_each_objects_own_shape(report):
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from gap3d.data.occupancy import downsample
+    from gap3d.evalset import read_manifest, row_targets
+    from gap3d.trellis.decoder import Decoder
+    from gap3d.trellis.structure_metrics import nearest_labels
+    from miniature.world import sample_scene, scene_occupancy
+
+    eval_set = report["eval_set"]
+    rows = [
+        row for shard in read_manifest(eval_set)["shards"] for row in pq.read_table(f"{eval_set}/{shard}").to_pylist()
+    ]
+    decoder = Decoder.from_pretrained(str(tiny_checkpoint("trellis")), device="cpu", stages="coarse")
+    tokens = torch.from_numpy(np.stack([row_targets(row) for row in rows]))
+    decoded = decoder.sample_sparse_structure(tokens, seed=[row["index"] for row in rows]).occupancy
+    scenes = [sample_scene(0, int(row["key"].split(".")[0])) for row in rows]
+    truth = torch.from_numpy(np.stack([downsample(scene_occupancy(s), decoder.structure_resolution) for s in scenes]))
+    named = nearest_labels(decoded, truth, [scene.shape for scene in scenes])
+    for shape in sorted({scene.shape for scene in scenes}):
+        rows_of_shape = [i for i, scene in enumerate(scenes) if scene.shape == shape]
+        assert np.mean([named[i] == shape for i in rows_of_shape]) >= 0.9, (shape, [named[i] for i in rows_of_shape])
 
 
 def test_every_arm_scores_every_object(report):
