@@ -50,12 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.cond_as_given and not args.cond_images:
+        raise SystemExit("make-evalset: --cond-as-given needs --cond-images")
     configure_logging()
     config, _ = job_config_from_args(args, {})
     dino = DinoTargetEncoder.from_pretrained(config.dino)
     assets = assets_from_files(args.meshes, args.captions, args.seed, args.limit, args.up_axis, args.cond_images)
-    if args.cond_as_given and not args.cond_images:
-        raise SystemExit("make-evalset: --cond-as-given needs --cond-images")
     manifest = write_eval_set(
         args.out,
         assets,

@@ -28,7 +28,7 @@ def surface_voxels(vertices: np.ndarray, faces: np.ndarray, resolution: int = SU
     for n in np.unique(splits):
         i, j = np.triu_indices(n + 1)  # i <= j: (i, j - i) runs over the lattice i + k <= n
         weights = np.stack([i, j - i, n - j], axis=1) / n  # (P, 3) barycentric weights
-        points = weights @ corners[splits == n]  # (F_n, P, 3); a matmul, three times faster than einsum here
+        points = weights @ corners[splits == n]  # (F_n, P, 3)
         index = np.clip(np.floor((points + 0.5) * resolution).astype(np.int64), 0, resolution - 1)
         grid.reshape(-1)[((index[..., 0] * resolution + index[..., 1]) * resolution + index[..., 2]).ravel()] = True
     return grid

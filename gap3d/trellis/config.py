@@ -145,6 +145,10 @@ class PipelineConfig:
             **samplers,
         )
 
+    def save(self, root: Path) -> None:
+        """Write `root`/pipeline.json."""
+        (Path(root) / "pipeline.json").write_text(json.dumps(self.to_json(), indent=2))
+
     def to_json(self) -> dict:
         args = {
             "models": dict(self.models),

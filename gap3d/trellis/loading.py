@@ -141,5 +141,5 @@ def write_trellis_checkpoint(
             for key, tensor in models[name].state_dict().items()
         }
         save_file(state, str(stem_path.with_suffix(".safetensors")))
-    (root / "pipeline.json").write_text(json.dumps(pipeline.to_json(), indent=2))
+    pipeline.save(root)
     return root

@@ -74,9 +74,14 @@ def recipe_scenes(recipe: TinyTrellisRecipe) -> tuple[list, list]:
     return scenes, [scene for scene in later if scene.split == "eval"][: recipe.eval_rows]
 
 
+def world_occupancy(scenes: list, resolution: int) -> torch.Tensor:
+    """Occupancy bool (n, R, R, R) of `scenes`."""
+    return torch.from_numpy(np.stack([downsample(scene_occupancy(scene), resolution) for scene in scenes]))
+
+
 def world_structures(scenes: list, resolution: int, dino: DinoTargetEncoder) -> tuple[torch.Tensor, torch.Tensor]:
     """Occupancy bool (n, R, R, R) and DINOv2 tokens of the renders (n, N, D) of `scenes`."""
-    occupancy = torch.from_numpy(np.stack([downsample(scene_occupancy(scene), resolution) for scene in scenes]))
+    occupancy = world_occupancy(scenes, resolution)
     tokens = []
     with torch.no_grad():
         for start in range(0, len(scenes), ENCODE_CHUNK):
@@ -220,11 +225,11 @@ def rescore_release(root: str | Path, recipe: TinyTrellisRecipe = RECIPE) -> dic
     pipeline.sparse_structure_sampler = recipe.stage1.sampler
     if recipe.stage2 is not None:
         pipeline.slat_sampler = recipe.stage2.sampler
-    (root / "pipeline.json").write_text(json.dumps(pipeline.to_json(), indent=2))
+    pipeline.save(root)
     dino = DinoTargetEncoder.from_pretrained(load_config("tiny").dino)
     scenes, eval_scenes = recipe_scenes(recipe)
     resolution = recipe.stage1.resolution
-    occupancy = torch.from_numpy(np.stack([downsample(scene_occupancy(scene), resolution) for scene in scenes]))
+    occupancy = world_occupancy(scenes, resolution)
     eval_occupancy, eval_tokens = world_structures(eval_scenes, resolution, dino)
     held_out = record["held_out"]
     held_out["stage1"]["from_true_tokens"] = stage1_decoded_scores(
