@@ -22,6 +22,7 @@ import dataclasses
 import json
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -65,8 +66,9 @@ def emit(**figure) -> None:
     sys.stdout.flush()
 
 
-def variant_config(config: Gap3DConfig, name: str) -> Gap3DConfig:
-    """The config a variant trains with: the tiny preset with one thing changed."""
+def variant_config(config: Gap3DConfig, name: str, scratch: str) -> Gap3DConfig:
+    """The config a variant trains with: the tiny preset with one thing changed (a random VLM is written under
+    `scratch`)."""
     replace = dataclasses.replace
     changes = {
         "gate_closed": {"aligner": {"cross_gate_init": 0.0}},
@@ -79,7 +81,7 @@ def variant_config(config: Gap3DConfig, name: str) -> Gap3DConfig:
         "soft_lr_full": {"train": {"soft_token_lr_scale": 1.0}},
     }.get(name, {})
     if name == "random_vlm":
-        changes = {"vlm": {"path": str(write_tiny_vlm(tempfile.mkdtemp(prefix="random-vlm-")))}}
+        changes = {"vlm": {"path": str(write_tiny_vlm(Path(scratch) / "random-vlm"))}}
     return derive_shapes(
         replace(config, **{section: replace(getattr(config, section), **fields) for section, fields in changes.items()})
     )
@@ -99,6 +101,35 @@ def variance_explained(world: World) -> dict:
         )
         result[name] = round((between / len(values) / total).item(), 3)
     return result
+
+
+def score_variant(name: str, config: Gap3DConfig, world: World, trained: dict, args, scratch: str) -> dict:
+    """Train variant `name` (once per base variant) and score its tokens for the held-out captions."""
+    base = "aligner" if name.startswith("cfg_") else name
+    if base not in trained:
+        variant = variant_config(config, base, scratch)
+        encoded = world if variant.vlm == config.vlm else encode_world(variant, args.num, args.seed)
+        trained[base] = (
+            variant,
+            encoded,
+            train_in_process(variant, encoded.train, args.steps, oracle=base == "oracle"),
+        )
+    variant, encoded, result = trained[base]
+    flow = dataclasses.replace(variant.flow, cfg_scale={"cfg_1": 1.0, "cfg_4": 4.0}.get(name, variant.flow.cfg_scale))
+    eval_set = encoded.eval_set()
+    cond = held_out_condition(variant, encoded, result, oracle=base == "oracle")
+    tokens = generate_tokens(result.aligner.eval(), cond, flow, seed=variant.train.seed)
+    metrics = alignment_metrics(tokens, eval_set.batch.dino, eval_set.probe, eval_set.labels)
+    reports = eval_set.probe.report(tokens, eval_set.labels)
+    return {
+        "figure": "conditioning_variant",
+        "variant": name,
+        **{k: round(metrics[k], 4) for k in KEEP},
+        # Per class: a pooled accuracy hides an unseen pair that never composes (docs/miniature.md).
+        **{f"{attribute}_per_class": rounded(report["per_class"]) for attribute, report in reports.items()},
+        "train_seconds": round(result.seconds, 1),
+        "cfg_scale": flow.cfg_scale,
+    }
 
 
 def main() -> None:
@@ -123,36 +154,10 @@ def main() -> None:
     emit(figure="target_variance_explained_by_caption", **variance_explained(world), **common)
     ceiling = caption_ceiling(world)
     emit(figure="caption_ceiling", **{k: round(ceiling[k], 4) for k in KEEP}, **common)
-    trained = {}
-    for name in args.variants.split(","):
-        base = "aligner" if name.startswith("cfg_") else name
-        if base not in trained:
-            variant = variant_config(config, base)
-            encoded = world if variant.vlm == config.vlm else encode_world(variant, args.num, args.seed)
-            trained[base] = (
-                variant,
-                encoded,
-                train_in_process(variant, encoded.train, args.steps, oracle=base == "oracle"),
-            )
-        variant, encoded, result = trained[base]
-        flow = dataclasses.replace(
-            variant.flow, cfg_scale={"cfg_1": 1.0, "cfg_4": 4.0}.get(name, variant.flow.cfg_scale)
-        )
-        eval_set = encoded.eval_set()
-        cond = held_out_condition(variant, encoded, result, oracle=base == "oracle")
-        tokens = generate_tokens(result.aligner.eval(), cond, flow, seed=variant.train.seed)
-        metrics = alignment_metrics(tokens, eval_set.batch.dino, eval_set.probe, eval_set.labels)
-        reports = eval_set.probe.report(tokens, eval_set.labels)
-        emit(
-            figure="conditioning_variant",
-            variant=name,
-            **{k: round(metrics[k], 4) for k in KEEP},
-            # Per class: a pooled accuracy hides an unseen pair that never composes (docs/miniature.md).
-            **{f"{attribute}_per_class": rounded(report["per_class"]) for attribute, report in reports.items()},
-            train_seconds=round(result.seconds, 1),
-            cfg_scale=flow.cfg_scale,
-            **common,
-        )
+    trained: dict = {}  # variant -> (config, encoded world, training result), shared by the cfg_* variants
+    with tempfile.TemporaryDirectory(prefix="gap3d-conditioning-") as scratch:
+        for name in args.variants.split(","):
+            emit(**score_variant(name, config, world, trained, args, scratch), **common)
 
 
 if __name__ == "__main__":
