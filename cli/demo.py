@@ -76,7 +76,9 @@ def run_demo(args: argparse.Namespace) -> dict:
     broker = None
     # Serve's proxy stops reading a request body past the upload limit, as on a deployed cluster (serve/proxy_guard.py).
     os.environ.setdefault(CALLBACK_ENV, CALLBACK)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)  # workers log training progress
+    # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls every second (without it,
+    # a warning a second); workers log training progress to the driver.
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_port=free_port(), log_to_driver=True)
     try:
         with stage("synthetic data", timings):
             # Rendered at the encoder's input size: real shards come larger and get resized, which only costs time.

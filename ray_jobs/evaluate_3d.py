@@ -77,7 +77,7 @@ def run_table3(
     # (a one-file eval set is one block, which one actor would take alone).
     rows = rows.repartition(target_num_rows_per_block=settings.batch_size)
     resources = {
-        "concurrency": settings.actors,
+        "compute": ray.data.ActorPoolStrategy(size=settings.actors),
         "num_cpus": settings.num_cpus,
         "num_gpus": settings.num_gpus,
         "batch_size": settings.batch_size,
