@@ -32,7 +32,8 @@ def dino_targets(last_hidden_state: torch.Tensor) -> torch.Tensor:
 
 def normalize_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (B, S, S, 3) RGB images -> ImageNet-normalised float (B, 3, S, S)."""
-    pixels = torch.as_tensor(np.asarray(images)).float().div(255.0).permute(0, 3, 1, 2)
+    # Converted in numpy: Ray Data hands batches over as read-only arrays, which torch warns of sharing.
+    pixels = torch.from_numpy(np.asarray(images, dtype=np.float32)).div(255.0).permute(0, 3, 1, 2)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (pixels - mean) / std

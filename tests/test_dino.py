@@ -1,5 +1,7 @@
 """DinoTargetEncoder: the exact TRELLIS conditioning format from a real (tiny) Dinov2WithRegistersModel."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -73,3 +75,14 @@ def test_loads_from_s3_uri_on_a_local_s3_server(tiny_checkpoints, s3_bucket, tmp
 def test_missing_checkpoint_directory_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "none")):
         DinoTargetEncoder.from_pretrained(DinoConfig(path=str(tmp_path / "none")))
+
+
+def test_read_only_images_as_ray_data_hands_them_over_normalise_alike_without_a_warning(images):
+    read_only = images.copy()
+    read_only.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pixels = normalize_images(read_only)
+    reference = (torch.from_numpy(images.copy()).float() / 255).permute(0, 3, 1, 2)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(pixels, (reference - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
