@@ -63,3 +63,9 @@ class GatewayDeployment(Gateway):
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self, self.api_keys)
+
+    def __del__(self):
+        """Stop the background loops as Serve stops the replica: it calls this, then shuts the executor they read
+        Serve's and Ray's state in (a loop still running would log a failed read until the process ended)."""
+        for task in getattr(self, "background", ()):
+            task.cancel()

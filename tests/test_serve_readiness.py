@@ -1,9 +1,14 @@
 """Readiness over real HTTP: /readyz follows the replicas the synchronous path needs, and only those."""
 
+import asyncio
+import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from serve.gateway import GatewayDeployment
+from serve.readiness import AppView
 from tests.serving import kill, replicas, wait_for, wait_for_replacement
 
 
@@ -39,3 +44,23 @@ def test_readyz_stays_200_while_the_job_runner_restarts(service):
         ]
 
     wait_for(runner_back, timeout_s=120, interval_s=0.5, what="a new JobRunner replica running")
+
+
+def test_a_stopping_gateway_ends_its_state_reads_before_serve_closes_their_executor(caplog):
+    async def stop_as_serve_does() -> None:
+        loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor(1)
+        loop.set_default_executor(executor)  # as Serve's replica does for user code
+        view = AppView("gap3d")
+        view.refresh = view.look = lambda: None  # reads that succeed, without a Serve application
+        gateway = GatewayDeployment.func_or_class.__new__(GatewayDeployment.func_or_class)
+        gateway.background = [loop.create_task(view.refresh_forever())]
+        await asyncio.sleep(0.3)
+        await gateway.__del__()  # Serve's order on a replica's graceful shutdown: the destructor, then the executor
+        executor.shutdown(wait=False)
+        await asyncio.sleep(1.0)  # two refresh periods and five looks
+        assert all(task.done() for task in gateway.background)
+
+    with caplog.at_level(logging.WARNING, logger="serve.readiness"):
+        asyncio.run(stop_as_serve_does())
+    assert "could not read the application's state" not in caplog.text
