@@ -66,8 +66,9 @@ def s3_bucket(s3_server, request):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray cluster for the whole test session (start-up costs seconds)."""
+def ray_cluster(s3_server):
+    """One local Ray cluster for the whole test session (start-up costs seconds). Started after the S3 server:
+    Ray's workers take the environment of the process that starts the cluster, the S3 endpoint and keys included."""
     import ray
 
     from serve.proxy_guard import CALLBACK, CALLBACK_ENV
