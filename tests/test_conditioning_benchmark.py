@@ -19,6 +19,8 @@ def test_the_random_vlm_variant_prints_its_per_class_figures_and_leaves_no_tempo
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     variants = [line for line in lines if line["figure"] == "conditioning_variant"]
     assert [line["variant"] for line in variants] == ["random_vlm"]
-    assert set(variants[0]["shape_per_class"]) <= {"cone", "cube", "pillar", "slab", "sphere", "torus"}
+    shapes = variants[0]["shape_per_class"]
+    assert shapes and set(shapes) <= {"cone", "cube", "pillar", "slab", "sphere", "torus"}
+    assert all(0.0 <= accuracy <= 1.0 for accuracy in shapes.values())
     left = [path.name for path in scratch.iterdir() if not path.name.startswith("torchinductor_")]  # torch's cache
     assert left == []
